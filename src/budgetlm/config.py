@@ -1,0 +1,218 @@
+"""Typed run configuration: dataclasses with defaults, loadable from TOML, overridden by flags.
+
+Each field of a section becomes a command-line flag of the same name (`n_layer` → `--n-layer`), so
+flags and code cannot drift apart. Field metadata holds the help text and the allowed values."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from budgetlm.errors import UserError
+
+
+def opt(default: Any = None, help: str = "", choices: tuple | None = None, factory=None, flag: str | None = None):
+    """A config field with its help text, allowed values and (rarely) a flag name of its own."""
+    meta = {"help": help, "choices": choices, "flag": flag}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+SIZES = {
+    # name: (n_layer, d_model, n_head)
+    "tiny": (2, 128, 2),
+    "small": (4, 256, 4),
+    "base": (6, 384, 6),
+    "medium": (8, 512, 8),
+    "large": (12, 768, 12),
+}
+
+
+@dataclass
+class DataConfig:
+    data: list[str] = opt(factory=list, help="text: .txt/.md files, folders, globs, .jsonl/.csv/.tsv/.parquet, "
+                          "or a Hugging Face dataset; several allowed (default: Shakespeare's complete works)")
+    val: list[str] = opt(factory=list, help="validation text (default: a held-out tail of --data)")
+    val_fraction: float = opt(0.1, help="share of the data held out for validation when --val is not given")
+    text_field: str = opt("text", help="field of .jsonl records holding the text")
+    text_column: str | None = opt(None, help="column of .csv/.tsv/.parquet files holding the text")
+    tokenizer: str | None = opt(None, help="a tokenizer.json to use instead of training one")
+    vocab_size: int | None = opt(None, help="BPE vocabulary size (default: from the corpus size)")
+
+
+@dataclass
+class ModelConfig:
+    size: str | None = opt(None, help="preset size", choices=tuple(SIZES))
+    n_layer: int | None = opt(None, help="Transformer blocks")
+    d_model: int | None = opt(None, help="width of the residual stream")
+    n_head: int | None = opt(None, help="attention heads")
+    context: int | None = opt(None, help="context length in tokens")
+    mlp: str = opt("relu2", help="feed-forward type", choices=("relu2", "swiglu"))
+    mlp_ratio: float = opt(4.0, help="feed-forward width ÷ d_model")
+    dropout: float = opt(0.0, help="dropout on embeddings, attention and residual branches")
+    logit_softcap: float = opt(0.0, help="cap logits at ±c with c·tanh(x/c); 0 turns it off")
+
+
+@dataclass
+class TrainConfig:
+    budget: str | None = opt(None, help="wall-clock budget, e.g. 90s, 5m, 1h30m (evaluation and saving count)")
+    max_steps: int | None = opt(None, help="stop after this many optimizer steps")
+    max_tokens: int | None = opt(None, help="stop after this many training tokens")
+    batch_tokens: int | None = opt(None, help="tokens per optimizer step (the effective batch)")
+    micro_batch: int | None = opt(None, help="sequences per forward pass; accumulation fills batch_tokens")
+    lr: float | None = opt(None, help="peak learning rate (default: from the model width)")
+    min_lr_ratio: float = opt(0.0, help="learning-rate floor as a fraction of the peak")
+    warmup: float = opt(0.02, help="linear warmup: a fraction of the budget (<1) or a number of steps (>=1)")
+    schedule: str = opt("wsd", help="decay after warmup", choices=("wsd", "cosine", "linear", "constant"))
+    decay_fraction: float = opt(0.4, help="wsd: share of the budget spent decaying to the floor")
+    weight_decay: float = opt(0.1, help="decoupled weight decay on weight matrices")
+    beta1: float = opt(0.9, help="Adam β1")
+    beta2: float = opt(0.95, help="Adam β2")
+    grad_clip: float = opt(1.0, help="clip the gradient norm to this (0: no clipping)")
+    precision: str = opt("auto", help="auto: bf16 where the device runs it fast, else fp32",
+                         choices=("auto", "fp32", "bf16", "fp16"))
+    compile: str = opt("auto", help="torch.compile the model", choices=("auto", "on", "off"))
+    device: str = opt("auto", help="auto, cpu, cuda, cuda:N or mps")
+    eval_every: str | None = opt(None, help="evaluate every N steps or a duration like 30s (default: ~12 times a run)")
+    eval_tokens: int | None = opt(None, help="validation tokens per periodic evaluation (default: fit ~0.5%% of the budget); "
+                                  "the final evaluation always uses all")
+    patience: int = opt(0, help="stop after this many evaluations without improvement (0: never)")
+    min_delta: float = opt(0.0, help="smallest drop in validation loss that counts as improvement")
+    seed: int = opt(0, help="seed for initialization and data order")
+    threads: int | None = opt(None, help="CPU threads for PyTorch (default: the machine's cores)")
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _base_type(tp) -> tuple[type, bool]:
+    """(scalar type, is_list) of an annotation like `int | None` or `list[str]`."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def add_section_flags(parser: argparse.ArgumentParser, cls, title: str) -> None:
+    group = parser.add_argument_group(title)
+    hints = _hints(cls)
+    for f in fields(cls):
+        tp, is_list = _base_type(hints[f.name])
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = tp
+            kw["metavar"] = f.name.upper()
+            if is_list:
+                kw.update(action="extend", nargs="+")
+        if f.metadata.get("choices"):
+            kw["choices"] = f.metadata["choices"]
+            kw.pop("metavar", None)
+        group.add_argument(_flag(f), **kw)
+
+
+def _coerce(cls, name: str, value: Any, where: str) -> Any:
+    f = next(x for x in fields(cls) if x.name == name)
+    tp, is_list = _base_type(_hints(cls)[name])
+    choices = f.metadata.get("choices")
+
+    def one(v):
+        if v is None:
+            return None
+        if tp is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if tp is str and isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = str(v)
+        if not isinstance(v, tp) or (tp is int and isinstance(v, bool)):
+            raise UserError(f"{where}{name}: expected {tp.__name__}, got {v!r}")
+        if choices and v not in choices:
+            raise UserError(f"{where}{name}: {v!r} is not allowed; choose one of {', '.join(map(str, choices))}")
+        return v
+
+    if is_list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise UserError(f"{where}{name}: expected a list of {tp.__name__}, got {value!r}")
+        return [one(v) for v in value]
+    return one(value)
+
+
+def load_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such config file")
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e})") from None
+
+
+def apply(config: Any, values: dict, where: str = "") -> None:
+    """Set the dataclass `config`'s fields from `values`, checking names, types and choices."""
+    names = {f.name for f in fields(config)}
+    for key, value in values.items():
+        if key not in names:
+            raise UserError(f"{where}unknown key {key!r}; allowed: {', '.join(sorted(names))}")
+        setattr(config, key, _coerce(type(config), key, value, where))
+
+
+def resolve(run_cls, sections: dict[str, type], toml_path: str | None, flags: dict) -> Any:
+    """Defaults ← TOML file ← flags. `sections` maps TOML table names to section dataclasses."""
+    run = run_cls()
+    if toml_path:
+        doc = load_toml(toml_path)
+        for table, values in doc.items():
+            if table not in sections:
+                raise UserError(f"{toml_path}: unknown table [{table}]; allowed: {', '.join('[' + s + ']' for s in sections)}")
+            if not isinstance(values, dict):
+                raise UserError(f"{toml_path}: {table} must be a table, like [{table}]")
+            apply(getattr(run, table), values, where=f"{toml_path} [{table}] ")
+    for table in sections:
+        section = getattr(run, table)
+        own = {f.name for f in fields(section)}
+        apply(section, {k: v for k, v in flags.items() if k in own})
+    return run
+
+
+def to_toml(config: Any) -> str:
+    """TOML of a run config. Hand-written: our configs are flat tables of scalars and string lists,
+    which tomllib (read-only) cannot write and which need no extra dependency."""
+    lines = []
+    for table, values in dataclasses.asdict(config).items():
+        if not isinstance(values, dict):
+            continue
+        lines.append(f"[{table}]")
+        for key, value in values.items():
+            if value is None:
+                lines.append(f"# {key} = (auto)")
+            else:
+                lines.append(f"{key} = {json.dumps(value) if not isinstance(value, bool) else str(value).lower()}")
+        lines.append("")
+    return "\n".join(lines)

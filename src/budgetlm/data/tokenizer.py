@@ -1,0 +1,50 @@
+"""Byte-level BPE tokenizers trained with Hugging Face `tokenizers` (any UTF-8 text round-trips)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from budgetlm.errors import UserError
+
+EOT = "<|endoftext|>"  # separates documents; id 0
+
+
+def default_vocab_size(n_bytes: int) -> int:
+    """A power of two near 2·sqrt(corpus bytes), in [512, 32768]: about 2k for 1 MB, 4k for 5 MB.
+    Small corpora cannot fill a large vocabulary with well-trained embeddings."""
+    guess = 2 ** round(math.log2(max(2 * math.sqrt(max(n_bytes, 1)), 1)))
+    return int(min(max(guess, 512), 32768))
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
+    if vocab_size < 257 + 1:
+        raise UserError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least 258 (256 bytes + specials)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2, show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return tok
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no tokenizer file; give a tokenizer.json saved by budgetlm or Hugging Face tokenizers")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception subclass with a parse message
+        raise UserError(f"{path}: not a valid tokenizer.json ({e})") from None
+    return tok
+
+
+def eot_id(tok: Tokenizer) -> int:
+    """The document separator's id; tokenizers from elsewhere may lack it, then 0 is used."""
+    found = tok.token_to_id(EOT)
+    return 0 if found is None else found

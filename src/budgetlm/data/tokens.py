@@ -1,0 +1,112 @@
+"""Token streams on disk (numpy memmaps, cached by content hash) and the batches cut from them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from budgetlm.data.tokenizer import eot_id
+
+ENCODE_CHUNK = 1024  # documents per encode_batch call: bounded memory, still parallel
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("BUDGETLM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "budgetlm")
+    return Path(root)
+
+
+def content_hash(texts: list[str], *extra: str) -> str:
+    h = hashlib.sha256()
+    for part in extra:
+        h.update(part.encode())
+        h.update(b"\x00")
+    for t in texts:
+        h.update(len(t).to_bytes(8, "little"))
+        h.update(t.encode("utf-8"))
+    return h.hexdigest()[:24]
+
+
+def encode_to_memmap(texts: list[str], tok: Tokenizer, path: Path) -> np.memmap:
+    """Tokenize documents into `path` (each document preceded by the separator) and map it.
+    Written to a temporary name and renamed, so a killed run never leaves a partial cache."""
+    vocab = tok.get_vocab_size()
+    dtype = np.uint16 if vocab <= 65536 else np.uint32
+    sep = eot_id(tok)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with tmp.open("wb") as f:
+        for i in range(0, len(texts), ENCODE_CHUNK):
+            for enc in tok.encode_batch(texts[i : i + ENCODE_CHUNK], add_special_tokens=False):
+                f.write(np.asarray([sep, *enc.ids], dtype=dtype).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def cached_tokens(texts: list[str], tok: Tokenizer, name: str) -> np.memmap:
+    """The token stream of `texts`, tokenized once per (data, tokenizer) and memory-mapped after."""
+    key = content_hash(texts, tok.to_str())
+    dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32
+    path = cache_dir() / "tokens" / f"{name}-{key}.{np.dtype(dtype).name}"
+    if path.exists():
+        return np.memmap(path, dtype=dtype, mode="r")
+    return encode_to_memmap(texts, tok, path)
+
+
+@dataclass
+class WindowSampler:
+    """Training batches of `context`+1 tokens. Each epoch visits every non-overlapping window once,
+    in a shuffled order and at a random phase; the batch for a step is a pure function of
+    (seed, step), so a resumed run sees exactly the data it would have seen."""
+
+    tokens: np.ndarray
+    context: int
+    batch: int
+    seed: int = 0
+
+    def __post_init__(self):
+        self.n_windows = (len(self.tokens) - 1) // self.context - 1
+        if self.n_windows < 1:
+            raise ValueError("token stream is shorter than two context windows")
+        self._epoch, self._order, self._phase = -1, None, 0
+
+    def _plan_epoch(self, epoch: int) -> None:
+        rng = np.random.default_rng([self.seed, epoch])
+        self._epoch, self._order = epoch, rng.permutation(self.n_windows)
+        self._phase = int(rng.integers(self.context))
+
+    def batch_at(self, step: int, micro: int = 0, micro_steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        first = (step * micro_steps + micro) * self.batch
+        rows = []
+        for sample in range(first, first + self.batch):
+            epoch, index = divmod(sample, self.n_windows)
+            if epoch != self._epoch:
+                self._plan_epoch(epoch)
+            start = self._phase + int(self._order[index]) * self.context
+            rows.append(self.tokens[start : start + self.context + 1])
+        chunk = torch.from_numpy(np.stack(rows).astype(np.int64))
+        return chunk[:, :-1], chunk[:, 1:]
+
+
+def eval_windows(tokens: np.ndarray, context: int, batch: int):
+    """Every token of the stream after the first, predicted exactly once: non-overlapping windows,
+    in batches of a fixed shape (the last one padded with ignored targets, -100)."""
+    n = len(tokens) - 1
+    starts = list(range(0, n, context))
+    for i in range(0, len(starts), batch):
+        x = torch.zeros(batch, context, dtype=torch.int64)
+        y = torch.full((batch, context), -100, dtype=torch.int64)
+        for row, s in enumerate(starts[i : i + batch]):
+            length = min(context, n - s)
+            window = torch.from_numpy(tokens[s : s + length + 1].astype(np.int64))
+            x[row, :length] = window[:-1]
+            y[row, :length] = window[1:]
+        yield x, y

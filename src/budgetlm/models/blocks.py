@@ -1,0 +1,155 @@
+"""Transformer building blocks shared by every model family (GPT now; BERT and T5 reuse them).
+
+Pre-norm residual blocks with RMSNorm, rotary position embeddings, QK-norm, no biases, and
+attention through `scaled_dot_product_attention`, so the fastest kernel of the device is used.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021): rotates pairs of channels by position-dependent angles."""
+
+    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        # Not saved with the weights: they are a pure function of the config.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """x: (batch, heads, time, head_dim); positions start at `offset` (for the KV cache)."""
+        t = x.shape[-2]
+        cos = self.cos[offset : offset + t].to(x.dtype)
+        sin = self.sin[offset : offset + t].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class KVCache:
+    """Keys and values of past positions for one attention layer, preallocated to the context length."""
+
+    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, device, dtype):
+        self.k = torch.zeros(batch, n_head, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[-2]
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (causal or bidirectional), or cross-attention when `memory` is given."""
+
+    def __init__(self, d_model: int, n_head: int, *, causal: bool, dropout: float = 0.0,
+                 qk_norm: bool = True, rotary: Rotary | None = None):
+        super().__init__()
+        if d_model % n_head:
+            raise ValueError(f"d_model {d_model} is not divisible by n_head {n_head}")
+        self.n_head, self.head_dim = n_head, d_model // n_head
+        self.causal, self.dropout, self.rotary = causal, dropout, rotary
+        self.q = nn.Linear(d_model, d_model, bias=False)
+        self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, *, memory: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        b, t, d = x.shape
+        source = x if memory is None else memory
+        q = self.q_norm(self._heads(self.q(x)))
+        k, v = self.kv(source).split(d, dim=-1)
+        k, v = self.k_norm(self._heads(k)), self._heads(v)
+        if self.rotary is not None and memory is None:
+            offset = cache.length if cache is not None else 0
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        # With a cache, a single new query attends to every cached key; a longer chunk needs the
+        # causal mask aligned to the end, which sdpa's is_causal only gives when the lengths match.
+        is_causal = self.causal and mask is None and q.shape[-2] == k.shape[-2]
+        if self.causal and not is_causal and q.shape[-2] > 1 and mask is None:
+            mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=x.device).tril(k.shape[-2] - q.shape[-2])
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class MLP(nn.Module):
+    """Feed-forward layer: ReLU² (Primer, So et al. 2021) or SwiGLU (Shazeer 2020)."""
+
+    def __init__(self, d_model: int, hidden: int, kind: str = "relu2"):
+        super().__init__()
+        if kind not in ("relu2", "swiglu"):
+            raise ValueError(f"unknown mlp kind {kind!r}: use relu2 or swiglu")
+        self.kind = kind
+        self.up = nn.Linear(d_model, hidden * (2 if kind == "swiglu" else 1), bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.kind == "swiglu":
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        else:
+            h = F.relu(h).square()
+        return self.down(h)
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: self-attention, optional cross-attention (T5 decoder), MLP."""
+
+    def __init__(self, d_model: int, n_head: int, mlp_hidden: int, *, causal: bool, mlp: str = "relu2",
+                 dropout: float = 0.0, qk_norm: bool = True, rotary: Rotary | None = None,
+                 cross_attention: bool = False, eps: float = 1e-6):
+        super().__init__()
+        self.attn_norm = RMSNorm(d_model, eps)
+        self.attn = Attention(d_model, n_head, causal=causal, dropout=dropout, qk_norm=qk_norm, rotary=rotary)
+        self.cross_norm = RMSNorm(d_model, eps) if cross_attention else None
+        self.cross = Attention(d_model, n_head, causal=False, dropout=dropout, qk_norm=qk_norm) if cross_attention else None
+        self.mlp_norm = RMSNorm(d_model, eps)
+        self.mlp = MLP(d_model, mlp_hidden, mlp)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, memory: torch.Tensor | None = None,
+                memory_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), mask=mask, cache=cache))
+        if self.cross is not None:
+            x = x + self.drop(self.cross(self.cross_norm(x), memory=memory, mask=memory_mask))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+def init_weights(module: nn.Module, n_layer: int, std: float = 0.02) -> None:
+    """GPT-2 style init; residual output projections are scaled by 1/sqrt(2·n_layer) so the
+    residual stream's variance does not grow with depth."""
+    for name, p in module.named_parameters():
+        if p.dim() < 2:
+            continue
+        scale = 1.0 / math.sqrt(2 * n_layer) if name.endswith(("proj.weight", "down.weight")) else 1.0
+        nn.init.normal_(p, mean=0.0, std=std * scale)

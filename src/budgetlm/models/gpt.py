@@ -1,0 +1,93 @@
+"""GPT: a decoder-only Transformer language model, in the spirit of nanoGPT's model.py."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from budgetlm.models.blocks import Block, KVCache, RMSNorm, Rotary, init_weights
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 4096
+    context: int = 256
+    n_layer: int = 6
+    n_head: int = 6
+    d_model: int = 384
+    mlp: str = "relu2"          # relu2 | swiglu
+    mlp_ratio: float = 4.0      # hidden width ÷ d_model
+    dropout: float = 0.0
+    qk_norm: bool = True
+    rope_base: float = 10000.0
+    logit_softcap: float = 0.0  # >0: logits = c·tanh(logits/c) (Gemma 2), 0 turns it off
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.mlp_ratio * self.d_model)
+
+    def to_dict(self) -> dict:
+        return {"arch": "gpt", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = c = config
+        self.embed = nn.Embedding(c.vocab_size, c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        rotary = Rotary(c.d_model // c.n_head, c.context, c.rope_base)
+        self.blocks = nn.ModuleList(
+            Block(c.d_model, c.n_head, c.mlp_hidden, causal=True, mlp=c.mlp, dropout=c.dropout,
+                  qk_norm=c.qk_norm, rotary=rotary)
+            for _ in range(c.n_layer)
+        )
+        self.norm = RMSNorm(c.d_model)
+        init_weights(self, c.n_layer)
+
+    def num_params(self, embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n if embedding else n - self.embed.weight.numel()
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6·N for the matmuls (incl. the tied output head) plus attention
+        scores and values (PaLM, appendix B): 12·layers·d_model·context."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.d_model * c.context
+
+    def hidden(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+        """Final normalized hidden states, (batch, time, d_model)."""
+        x = self.drop(self.embed(idx))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache=caches[i] if caches is not None else None)
+        return self.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, self.embed.weight)  # tied input/output embedding
+        if self.config.logit_softcap > 0:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                reduction: str = "mean", caches: list[KVCache] | None = None) -> torch.Tensor:
+        """Logits (batch, time, vocab) without targets; with targets, the cross-entropy loss in
+        nats (`reduction` as in F.cross_entropy; targets of -100 are ignored)."""
+        if idx.shape[1] > self.config.context and caches is None:
+            raise ValueError(f"sequence of {idx.shape[1]} tokens exceeds the context of {self.config.context}")
+        logits = self.logits(self.hidden(idx, caches))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
+
+    def new_caches(self, batch: int, device, dtype) -> list[KVCache]:
+        c = self.config
+        return [KVCache(batch, c.n_head, c.context, c.d_model // c.n_head, device, dtype) for _ in range(c.n_layer)]

@@ -1,0 +1,58 @@
+"""Language modelling as a task for the loop: next-token batches, summed cross-entropy, and
+validation loss with bits per byte (total nats ÷ (UTF-8 bytes × ln 2), tokenizer-independent)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+
+from budgetlm.data.tokens import WindowSampler, eval_windows
+
+
+def evaluate_lm(forward: Callable, tokens: np.ndarray, n_bytes: int, context: int, batch: int,
+                device: torch.device, max_batches: int | None = None) -> dict[str, float]:
+    """Loss per token, bits per byte and perplexity over the stream (or its first batches; bpb
+    then scales the bytes by the share of tokens seen)."""
+    total_nats, total_tokens = 0.0, 0
+    for i, (x, y) in enumerate(eval_windows(tokens, context, batch)):
+        if max_batches is not None and i >= max_batches:
+            break
+        nats = forward(x.to(device), y.to(device), reduction="sum")
+        total_nats += float(nats)
+        total_tokens += int((y != -100).sum())
+    all_tokens = len(tokens) - 1
+    bytes_seen = n_bytes * total_tokens / all_tokens
+    loss = total_nats / max(total_tokens, 1)
+    return {"val_loss": loss, "val_bpb": total_nats / (bytes_seen * math.log(2)),
+            "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": total_tokens}
+
+
+class LanguageModelTask:
+    unit = "tokens"
+
+    def __init__(self, train_tokens: np.ndarray, val_tokens: np.ndarray, val_bytes: int, context: int,
+                 micro_batch: int, device: torch.device, seed: int = 0):
+        self.sampler = WindowSampler(train_tokens, context, micro_batch, seed)
+        self.val_tokens, self.val_bytes = val_tokens, val_bytes
+        self.context, self.micro_batch, self.device = context, micro_batch, device
+        self.micro_steps = 1
+
+    def batch(self, step: int, micro: int):
+        return self.sampler.batch_at(step, micro, self.micro_steps)
+
+    def count(self, batch) -> int:
+        return batch[1].numel()
+
+    def loss(self, forward: Callable, batch) -> torch.Tensor:
+        x, y = batch
+        return forward(x, y, reduction="sum")
+
+    def eval_batch_count(self) -> int:
+        return math.ceil(math.ceil((len(self.val_tokens) - 1) / self.context) / self.micro_batch)
+
+    def evaluate(self, forward: Callable, max_batches: int | None) -> dict[str, float]:
+        return evaluate_lm(forward, self.val_tokens, self.val_bytes, self.context, self.micro_batch,
+                           self.device, max_batches)

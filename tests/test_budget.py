@@ -1,0 +1,52 @@
+import time
+
+import pytest
+
+from budgetlm.budget import Budget, format_duration, parse_duration
+from budgetlm.errors import UserError
+
+
+@pytest.mark.parametrize("text,seconds", [("90s", 90), ("5m", 300), ("1h30m", 5400), ("2.5h", 9000),
+                                          ("300", 300), ("1m30s", 90), ("250ms", 0.25), (" 2m ", 120)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "5 minutes", "m5", "-3s", "0s", "1x", "5m-"])
+def test_parse_duration_rejects(text):
+    with pytest.raises(UserError):
+        parse_duration(text)
+
+
+def test_format_duration():
+    assert format_duration(5) == "5s"
+    assert format_duration(125) == "2m05s"
+    assert format_duration(3725) == "1h02m05s"
+
+
+def test_progress_is_the_largest_share_of_any_limit():
+    b = Budget(seconds=1000, max_steps=100, max_tokens=10_000)
+    assert b.progress(50, 1000) == pytest.approx(0.5, abs=1e-3)
+    assert b.progress(10, 8000) == pytest.approx(0.8, abs=1e-3)
+    assert Budget(max_steps=10).progress(20, 0) == 1.0
+
+
+def test_time_progress_and_resumed_clock():
+    b = Budget(seconds=10, spent_s=5)
+    assert b.progress(0, 0) == pytest.approx(0.5, abs=0.01)
+    assert b.progress(0, 0, reserve_s=5) == 1.0
+    assert b.exhausted(0, 0, reserve_s=5) == "budget"
+    assert b.exhausted(0, 0) is None
+
+
+def test_exhausted_reasons():
+    assert Budget(max_steps=3).exhausted(3, 0) == "max_steps"
+    assert Budget(max_tokens=100).exhausted(1, 100) == "max_tokens"
+    b = Budget(seconds=0.05)
+    time.sleep(0.06)
+    assert b.exhausted(0, 0) == "budget"
+
+
+def test_no_limit_is_an_error():
+    with pytest.raises(UserError, match="--budget"):
+        Budget()

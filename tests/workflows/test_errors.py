@@ -1,0 +1,77 @@
+"""Bad input gets one clear line on stderr and a non-zero exit, never a traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+TINY = ["--n-layer", "1", "--d-model", "32", "--n-head", "1", "--context", "32", "--vocab-size", "300",
+        "--compile", "off", "--max-steps", "2"]
+
+
+def budgetlm(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "budgetlm", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def assert_one_line_error(done, *fragments):
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    lines = [l for l in done.stderr.splitlines() if l.strip()]
+    assert lines[-1].startswith("error: "), done.stderr
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+
+
+def test_missing_path(tmp_path):
+    assert_one_line_error(budgetlm("pretrain", "--data", str(tmp_path / "nope.txt"), *TINY), "no such file")
+
+
+def test_empty_corpus(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n   \n")
+    assert_one_line_error(budgetlm("pretrain", "--data", str(tmp_path / "empty.txt"), *TINY), "corpus is empty")
+
+
+def test_binary_or_wrongly_encoded_files_only(tmp_path):
+    (tmp_path / "a.txt").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "b.txt").write_bytes("déjà vu".encode("latin-1"))
+    done = budgetlm("pretrain", "--data", str(tmp_path), *TINY)
+    assert_one_line_error(done, "binary or not UTF-8")
+    assert "skipped 2 file(s)" in done.stderr
+
+
+def test_validation_shorter_than_one_context_window(tmp_path, play_text):
+    (tmp_path / "train.txt").write_text(play_text)
+    (tmp_path / "val.txt").write_text("Too short.\n")
+    done = budgetlm("pretrain", "--data", str(tmp_path / "train.txt"), "--val", str(tmp_path / "val.txt"), *TINY)
+    assert_one_line_error(done, "fewer than one context window")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--budget", "5 minutes"], "cannot read the duration"),
+    (["--val-fraction", "2"], "between 0 and 1"),
+])
+def test_bad_values(tmp_path, play_text, args, fragment):
+    (tmp_path / "t.txt").write_text(play_text)
+    assert_one_line_error(budgetlm("pretrain", "--data", str(tmp_path / "t.txt"), *TINY, *args), fragment)
+
+
+def test_unknown_choice_is_rejected_by_the_parser(tmp_path):
+    done = budgetlm("pretrain", "--precision", "fp8")
+    assert done.returncode == 2 and "invalid choice" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_generate_from_a_folder_that_is_not_a_model(tmp_path):
+    assert_one_line_error(budgetlm("generate", "--model", str(tmp_path), "--prompt", "x"), "not a budgetlm model folder")
+
+
+def test_corrupted_weights(tmp_path):
+    (tmp_path / "config.json").write_text('{"arch": "gpt", "vocab_size": 300, "context": 32, "n_layer": 1, "n_head": 1, "d_model": 32}')
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    assert_one_line_error(budgetlm("generate", "--model", str(tmp_path)), "corrupted")
+
+
+def test_bad_toml_config(tmp_path):
+    (tmp_path / "c.toml").write_text("[train]\nlearning_rate = 3\n")
+    assert_one_line_error(budgetlm("pretrain", "--config", str(tmp_path / "c.toml")), "unknown key 'learning_rate'")
+    (tmp_path / "d.toml").write_text("[train]\nschedule = 'zigzag'\n")
+    assert_one_line_error(budgetlm("pretrain", "--config", str(tmp_path / "d.toml")), "'zigzag' is not allowed")
