@@ -59,16 +59,23 @@ class Budget:
     def remaining(self) -> float | None:
         return None if self.seconds is None else self.seconds - self.elapsed()
 
-    def progress(self, step: int, tokens: int, reserve_s: float = 0.0) -> float:
+    def progress(self, step: int, tokens: int, reserve_s: float = 0.0, clock: str = "time",
+                 step_s: float | None = None) -> float:
         """Fraction of the budget used, in [0, 1]. `reserve_s` is time kept back for the final
-        evaluation and save, so the schedule ends when training must end."""
+        evaluation and save, so the schedule ends when training must end. With clock="steps" a time
+        budget counts optimizer steps against the number it affords at the measured step time."""
         parts = [0.0]
         if self.max_steps:
             parts.append(step / self.max_steps)
         if self.max_tokens:
             parts.append(tokens / self.max_tokens)
         if self.seconds:
-            parts.append(self.elapsed() / max(self.seconds - reserve_s, 1e-9))
+            training_s = max(self.seconds - reserve_s, 1e-9)
+            if clock == "time":
+                parts.append(self.elapsed() / training_s)
+            elif step_s:
+                planned = step + max(training_s - self.elapsed(), 0.0) / step_s
+                parts.append(step / max(planned, 1e-9))
         return min(1.0, max(parts))
 
     def exhausted(self, step: int, tokens: int, *, next_step_s: float = 0.0, reserve_s: float = 0.0) -> str | None:

@@ -9,7 +9,15 @@ import time
 from pathlib import Path
 
 from budgetlm import __version__
-from budgetlm.config import DataConfig, ModelConfig, RunConfig, TrainConfig, add_section_flags, resolve, to_toml
+from budgetlm.config import (
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    add_section_flags,
+    resolve,
+    to_toml,
+)
 from budgetlm.errors import UserError
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
@@ -48,6 +56,24 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _augment(args: argparse.Namespace) -> int:
+    from budgetlm.workflows import augment
+
+    result = augment.run(args.input, args.output, text_column=args.text_column, label_column=args.label_column,
+                         spec=args.augment, seed=args.seed, synonyms=args.synonyms)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _baseline(args: argparse.Namespace) -> int:
+    from budgetlm.workflows import baseline
+
+    result = baseline.run(args.data, args.val, text_column=args.text_column, label_column=args.label_column,
+                          val_fraction=args.val_fraction, seed=args.seed, out=Path(args.out) if args.out else None)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="budgetlm", description="Train the best language model a budget allows.")
     parser.add_argument("--version", action="version", version=f"budgetlm {__version__}")
@@ -82,7 +108,35 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.set_defaults(func=_eval)
 
-    for sp in (p, g, e):
+    a = sub.add_parser("augment", help="add EDA copies (synonyms, insertions, swaps, deletions) to labelled data",
+                       description="Write IN plus augmented copies of each row to OUT, in the same format. "
+                                   "Augment the training split only.")
+    a.add_argument("input", metavar="IN", help="labelled table: .tsv, .csv, .jsonl or .parquet")
+    a.add_argument("output", metavar="OUT", help="where to write the augmented table (same format as IN)")
+    a.add_argument("--text-column", default="sentence", help="column (or .jsonl field) holding the text")
+    a.add_argument("--label-column", default="label", help="column (or .jsonl field) holding the label")
+    a.add_argument("--augment", default="sr=0.1,ri=0.1,rs=0.1,rd=0.1,n=4",
+                   help="rates of synonym replacement, random insertion, swap and deletion, and copies per row "
+                        "(operations left out are off; default: %(default)s)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--synonyms", default=None,
+                   help="a WordNet database folder or a JSON file mapping words to synonym lists "
+                        "(default: NLTK's WordNet, else /usr/share/wordnet from apt-get install wordnet-base)")
+    a.set_defaults(func=_augment)
+
+    b = sub.add_parser("baseline", help="TF-IDF + logistic regression accuracy on labelled data",
+                       description="Fit TF-IDF (word 1-2 grams) + logistic regression; print validation "
+                                   "accuracy and macro-F1.")
+    b.add_argument("--data", required=True, help="training table: .tsv, .csv, .jsonl or .parquet")
+    b.add_argument("--val", default=None, help="validation table (default: a stratified share of --data)")
+    b.add_argument("--text-column", default="sentence", help="column (or .jsonl field) holding the text")
+    b.add_argument("--label-column", default="label", help="column (or .jsonl field) holding the label")
+    b.add_argument("--val-fraction", type=float, default=0.2, help="share held out when --val is not given")
+    b.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    b.add_argument("--out", default=None, help="folder to write baseline.json into")
+    b.set_defaults(func=_baseline)
+
+    for sp in (p, g, e, a, b):
         sp.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -16,11 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from budgetlm.errors import UserError
+from budgetlm.train.optim import OPTIMIZERS
+from budgetlm.train.schedule import SCHEDULES
 
 
-def opt(default: Any = None, help: str = "", choices: tuple | None = None, factory=None, flag: str | None = None):
-    """A config field with its help text, allowed values and (rarely) a flag name of its own."""
-    meta = {"help": help, "choices": choices, "flag": flag}
+def opt(default: Any = None, help: str = "", choices: tuple | None = None, factory=None, flag: str | None = None,
+        low: float | None = None, high: float | None = None, above: float | None = None):
+    """A config field with its help text, its allowed values (choices, or numbers in [low, high] or
+    above `above`) and (rarely) a flag name of its own."""
+    meta = {"help": help, "choices": choices, "flag": flag, "low": low, "high": high, "above": above}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -41,53 +46,68 @@ class DataConfig:
     data: list[str] = opt(factory=list, help="text: .txt/.md files, folders, globs, .jsonl/.csv/.tsv/.parquet, "
                           "or a Hugging Face dataset; several allowed (default: Shakespeare's complete works)")
     val: list[str] = opt(factory=list, help="validation text (default: a held-out tail of --data)")
-    val_fraction: float = opt(0.1, help="share of the data held out for validation when --val is not given")
+    val_fraction: float = opt(0.1, above=0, high=0.9, help="share of the data held out for validation when --val is not given")
     text_field: str = opt("text", help="field of .jsonl records holding the text")
     text_column: str | None = opt(None, help="column of .csv/.tsv/.parquet files holding the text")
     tokenizer: str | None = opt(None, help="a tokenizer.json to use instead of training one")
-    vocab_size: int | None = opt(None, help="BPE vocabulary size (default: from the corpus size)")
+    vocab_size: int | None = opt(None, low=258, help="BPE vocabulary size (default: from the corpus size)")
 
 
 @dataclass
 class ModelConfig:
     size: str | None = opt(None, help="preset size", choices=tuple(SIZES))
-    n_layer: int | None = opt(None, help="Transformer blocks")
-    d_model: int | None = opt(None, help="width of the residual stream")
-    n_head: int | None = opt(None, help="attention heads")
-    context: int | None = opt(None, help="context length in tokens")
+    n_layer: int | None = opt(None, low=1, help="Transformer blocks")
+    d_model: int | None = opt(None, low=8, help="width of the residual stream")
+    n_head: int | None = opt(None, low=1, help="attention heads")
+    context: int | None = opt(None, low=2, help="context length in tokens")
     mlp: str = opt("relu2", help="feed-forward type", choices=("relu2", "swiglu"))
-    mlp_ratio: float = opt(4.0, help="feed-forward width ÷ d_model")
-    dropout: float = opt(0.0, help="dropout on embeddings, attention and residual branches")
-    logit_softcap: float = opt(0.0, help="cap logits at ±c with c·tanh(x/c); 0 turns it off")
+    mlp_ratio: float = opt(4.0, above=0, help="feed-forward width ÷ d_model")
+    dropout: float = opt(0.0, low=0, high=0.95, help="dropout on embeddings, attention and residual branches")
+    logit_softcap: float = opt(0.0, low=0, help="cap logits at ±c with c·tanh(x/c); 0 turns it off")
 
 
 @dataclass
 class TrainConfig:
     budget: str | None = opt(None, help="wall-clock budget, e.g. 90s, 5m, 1h30m (evaluation and saving count)")
-    max_steps: int | None = opt(None, help="stop after this many optimizer steps")
-    max_tokens: int | None = opt(None, help="stop after this many training tokens")
-    batch_tokens: int | None = opt(None, help="tokens per optimizer step (the effective batch)")
-    micro_batch: int | None = opt(None, help="sequences per forward pass; accumulation fills batch_tokens")
-    lr: float | None = opt(None, help="peak learning rate (default: from the model width)")
-    min_lr_ratio: float = opt(0.0, help="learning-rate floor as a fraction of the peak")
-    warmup: float = opt(0.02, help="linear warmup: a fraction of the budget (<1) or a number of steps (>=1)")
-    schedule: str = opt("wsd", help="decay after warmup", choices=("wsd", "cosine", "linear", "constant"))
-    decay_fraction: float = opt(0.4, help="wsd: share of the budget spent decaying to the floor")
-    weight_decay: float = opt(0.1, help="decoupled weight decay on weight matrices")
-    beta1: float = opt(0.9, help="Adam β1")
-    beta2: float = opt(0.95, help="Adam β2")
-    grad_clip: float = opt(1.0, help="clip the gradient norm to this (0: no clipping)")
+    max_steps: int | None = opt(None, low=1, help="stop after this many optimizer steps")
+    max_tokens: int | None = opt(None, low=1, help="stop after this many training tokens")
+    batch_tokens: str | None = opt(None, help="tokens per optimizer step (the effective batch), or auto")
+    micro_batch: int | None = opt(None, low=1, help="sequences per forward pass; accumulation fills batch_tokens")
+    optim: str = opt("adamw", help="optimizer", choices=OPTIMIZERS)
+    optim_args: str | None = opt(None, help="extra optimizer arguments, e.g. momentum=0.9,nesterov=false")
+    lr: float | None = opt(None, above=0, help="peak learning rate (default: from the model width and optimizer)")
+    min_lr_ratio: float = opt(0.0, low=0, high=1, help="learning-rate floor as a fraction of the peak")
+    warmup: float = opt(0.02, low=0, help="linear warmup: a fraction of the budget (<1) or a number of steps (>=1)")
+    schedule: str = opt("wsd", help="learning-rate schedule after warmup", choices=SCHEDULES)
+    schedule_clock: str = opt("time", help="what schedules count: the budget's clock (time) or optimizer steps",
+                              choices=("time", "steps"))
+    decay_fraction: float = opt(0.4, low=0, high=1, help="wsd: share of the budget spent decaying to the floor")
+    gamma: float = opt(0.1, above=0, high=1, help="step and plateau: factor per reduction; exponential: total decay over the run")
+    step_size: float = opt(0.25, above=0, help="step: interval between reductions (<1: fraction of the budget; >=1: steps)")
+    plateau_patience: int = opt(2, low=1, help="plateau: evaluations without improvement before the rate is reduced")
+    weight_decay: float = opt(0.1, low=0, help="decoupled weight decay (L2) on weight matrices")
+    l1: float = opt(0.0, low=0, help="L1 penalty on weight matrices, added to the loss")
+    label_smoothing: float = opt(0.0, low=0, high=0.99, help="label smoothing of the training loss")
+    beta1: float = opt(0.9, low=0, high=0.9999, help="Adam β1")
+    beta2: float = opt(0.95, low=0, high=0.99999, help="Adam β2")
+    grad_clip: float = opt(1.0, low=0, help="clip the gradient norm to this (0: no clipping)")
     precision: str = opt("auto", help="auto: bf16 where the device runs it fast, else fp32",
                          choices=("auto", "fp32", "bf16", "fp16"))
-    compile: str = opt("auto", help="torch.compile the model", choices=("auto", "on", "off"))
+    compile: str = opt("auto", help="torch.compile the model (auto: on CUDA, and on CPU for budgets of 10m or more)",
+                       choices=("auto", "on", "off"))
     device: str = opt("auto", help="auto, cpu, cuda, cuda:N or mps")
     eval_every: str | None = opt(None, help="evaluate every N steps or a duration like 30s (default: ~12 times a run)")
-    eval_tokens: int | None = opt(None, help="validation tokens per periodic evaluation (default: fit ~0.5%% of the budget); "
-                                  "the final evaluation always uses all")
-    patience: int = opt(0, help="stop after this many evaluations without improvement (0: never)")
-    min_delta: float = opt(0.0, help="smallest drop in validation loss that counts as improvement")
-    seed: int = opt(0, help="seed for initialization and data order")
-    threads: int | None = opt(None, help="CPU threads for PyTorch (default: the machine's cores)")
+    eval_tokens: int | None = opt(None, low=1, help="validation tokens per periodic evaluation (default: fit ~0.5%% of the "
+                                  "budget); the final evaluation always uses all")
+    early_stop: str | None = opt(None, help="early stopping as metric,patience[,min_delta], e.g. val_bpb,3,0.001")
+    patience: int = opt(0, low=0, help="stop after this many evaluations without improvement in val_loss (0: never)")
+    min_delta: float = opt(0.0, low=0, help="smallest improvement of the monitored metric that counts")
+    save_every: str | None = opt(None, help="save a resumable checkpoint every N steps or a duration like 30s")
+    keep_checkpoints: int = opt(2, low=1, help="how many of the latest checkpoints to keep")
+    resume: str | None = opt(None, help="auto: the newest valid checkpoint in --out (a fresh start when none); "
+                             "or a checkpoint folder")
+    seed: int = opt(0, low=0, help="seed for initialization and data order")
+    threads: int | None = opt(None, low=1, help="CPU threads for PyTorch (default: the machine's cores)")
 
 
 @dataclass
@@ -152,6 +172,14 @@ def _coerce(cls, name: str, value: Any, where: str) -> Any:
             raise UserError(f"{where}{name}: expected {tp.__name__}, got {v!r}")
         if choices and v not in choices:
             raise UserError(f"{where}{name}: {v!r} is not allowed; choose one of {', '.join(map(str, choices))}")
+        if tp in (int, float):
+            low, high, above = f.metadata.get("low"), f.metadata.get("high"), f.metadata.get("above")
+            if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high) or \
+                    (above is not None and v <= above):
+                allowed = " and ".join(x for x in (f"> {above:g}" if above is not None else "",
+                                                   f">= {low:g}" if low is not None else "",
+                                                   f"<= {high:g}" if high is not None else "") if x)
+                raise UserError(f"{where}{name}: {v!r} is out of range; it must be {allowed or 'finite'}")
         return v
 
     if is_list:
@@ -216,3 +244,78 @@ def to_toml(config: Any) -> str:
                 lines.append(f"{key} = {json.dumps(value) if not isinstance(value, bool) else str(value).lower()}")
         lines.append("")
     return "\n".join(lines)
+
+
+FINETUNE_POOLINGS = ("mean", "last", "first")  # as budgetlm.models.classifier.POOLINGS
+
+
+@dataclass
+class FinetuneConfig:
+    """`budgetlm finetune`: one flat section. Defaults left as None depend on the model (see the help)."""
+    model: str = opt("scratch", help="the body: a budgetlm pretrain folder, hf:PATH (a Hugging Face encoder folder "
+                     "with config.json, weights and tokenizer) or scratch (see --arch)")
+    arch: str = opt("gpt", help="scratch: a small GPT with a BPE tokenizer, or the guides' LSTM baseline",
+                    choices=("gpt", "lstm"))
+    data: str | None = opt(None, help="labelled training data: .tsv, .csv, .jsonl or .parquet")
+    val: str | None = opt(None, help="labelled validation data (default: a stratified --val-fraction of --data)")
+    val_fraction: float = opt(0.1, help="share of each class held out for validation when --val is not given")
+    text_column: str = opt("text", help="column (or JSON field) holding the text")
+    label_column: str = opt("label", help="column (or JSON field) holding the label; any strings or numbers")
+    augment: str | None = opt(None, help="EDA on the training split only, e.g. sr=0.1,ri=0.1,rs=0.1,rd=0.1,n=4")
+    synonyms: str | None = opt(None, help="thesaurus for --augment: a WordNet database folder or a JSON file "
+                               "(default: NLTK's WordNet, else /usr/share/wordnet)")
+    tokenizer: str | None = opt(None, help="scratch lstm: a word vocabulary (default) or BPE trained on the data",
+                                choices=("word", "bpe"))
+    vocab_size: int | None = opt(None, help="scratch: words kept (word tokenizer, default 20000) or the BPE "
+                                 "vocabulary size (default: from the data size)")
+    size: str | None = opt(None, help="scratch gpt: preset size (default small)", choices=tuple(SIZES))
+    pooling: str | None = opt(None, help="how the head reads the body's states (default mean; lstm: last)",
+                              choices=FINETUNE_POOLINGS)
+    dropout: float | None = opt(None, help="dropout before the linear head (default 0.1; lstm 0.5)")
+    max_length: int = opt(128, help="inputs are truncated to this many tokens")
+    budget: str | None = opt(None, help="wall-clock budget, e.g. 90s, 10m (data preparation and evaluation count)")
+    max_steps: int | None = opt(None, help="stop after this many optimizer steps")
+    epochs: float | None = opt(None, help="stop after this many passes over the training split")
+    batch_size: int = opt(32, help="examples per optimizer step")
+    micro_batch: int | None = opt(None, help="examples per forward pass; gradient accumulation fills --batch-size")
+    optim: str | None = opt(None, help="optimizer (default adamw; lstm: adam)", choices=OPTIMIZERS)
+    optim_args: str | None = opt(None, help="extra optimizer arguments, e.g. eps=1e-6")
+    lr: float | None = opt(None, help="peak learning rate (default: 1e-4·384/width for a Hugging Face encoder, a "
+                       "tenth of the pretraining rate for a budgetlm GPT, 2e-3·256/width for a scratch GPT, "
+                       "1e-3 for the LSTM)")
+    layer_lr_decay: float = opt(1.0, help="learning-rate factor per layer below the head, e.g. 0.9 (1: off)")
+    freeze_steps: int = opt(0, help="train only the head for this many optimizer steps, then everything")
+    warmup: float = opt(0.06, help="linear warmup: a fraction of the budget (<1) or a number of steps (>=1)")
+    schedule: str = opt("linear", help="learning-rate schedule after warmup", choices=SCHEDULES)
+    min_lr_ratio: float = opt(0.0, help="learning-rate floor as a fraction of the peak")
+    decay_fraction: float = opt(0.4, help="wsd: share of the budget spent decaying to the floor")
+    gamma: float = opt(0.1, help="step and plateau: factor per reduction; exponential: total decay over the run")
+    step_size: float = opt(0.25, help="step: interval between reductions (<1: fraction of the budget; >=1: steps)")
+    plateau_patience: int = opt(2, help="plateau: evaluations without improvement before the rate is reduced")
+    weight_decay: float | None = opt(None, help="weight decay on weight matrices, embeddings excepted (default "
+                                     "0.01; lstm 0, as the guide's Adam)")
+    label_smoothing: float = opt(0.0, help="label smoothing of the training loss")
+    beta1: float = opt(0.9, help="Adam β1")
+    beta2: float = opt(0.999, help="Adam β2")
+    grad_clip: float = opt(1.0, help="clip the gradient norm to this (0: no clipping)")
+    precision: str = opt("auto", help="auto: bf16 where the device runs it fast, else fp32",
+                         choices=("auto", "fp32", "bf16", "fp16"))
+    device: str = opt("auto", help="auto, cpu, cuda, cuda:N or mps")
+    eval_every: str | None = opt(None, help="evaluate every N steps or a duration like 60s (default: ~6 times a run)")
+    early_stop: str | None = opt(None, help="metric,patience[,min_delta], e.g. val_loss,3: keep the best weights by "
+                                 "that metric and stop after patience evaluations without improvement (default: "
+                                 "keep the best val_accuracy, never stop early)")
+    save_every: str | None = opt(None, help="save a resumable checkpoint every N steps or a duration like 60s")
+    keep_checkpoints: int = opt(2, help="how many of the latest checkpoints to keep")
+    resume: str | None = opt(None, help="auto: the newest valid checkpoint in --out (a fresh start when none); "
+                             "or a checkpoint folder")
+    seed: int = opt(0, help="seed for initialization, data order and augmentation")
+    threads: int | None = opt(None, help="CPU threads for PyTorch (default: the machine's cores)")
+
+
+@dataclass
+class FinetuneRunConfig:
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -48,7 +48,9 @@ def test_validation_shorter_than_one_context_window(tmp_path, play_text):
 
 @pytest.mark.parametrize("args,fragment", [
     (["--budget", "5 minutes"], "cannot read the duration"),
-    (["--val-fraction", "2"], "between 0 and 1"),
+    (["--val-fraction", "2"], "val_fraction: 2.0 is out of range"),
+    (["--lr", "-1"], "lr: -1.0 is out of range"),
+    (["--d-model", "30", "--n-head", "4"], "not divisible"),
 ])
 def test_bad_values(tmp_path, play_text, args, fragment):
     (tmp_path / "t.txt").write_text(play_text)

@@ -56,12 +56,12 @@ def test_reported_bpb_is_the_saved_models_nats_per_validation_byte(play_file, tm
 def test_budget_stops_the_run_on_time(play_file, tmp_path):
     out = tmp_path / "run"
     started = time.monotonic()
-    assert main(["pretrain", "--data", str(play_file), "--budget", "12s", "--out", str(out), *TINY]) == 0
+    assert main(["pretrain", "--data", str(play_file), "--budget", "20s", "--out", str(out), *TINY]) == 0
     wall = time.monotonic() - started
     s = read_summary(out)
     assert s["stop_reason"] == "budget"
-    assert s["wall_s"] <= 12 * 1.03
-    assert wall <= 12 * 1.03 + 1.0  # the summary's clock and the outside clock agree
+    assert s["wall_s"] <= 20 * 1.03
+    assert wall <= 20 * 1.03 + 1.0  # the summary's clock and the outside clock agree
     assert s["steps"] > 10
 
 

@@ -77,8 +77,8 @@ class GPT(nn.Module):
             logits = cap * torch.tanh(logits / cap)
         return logits
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                reduction: str = "mean", caches: list[KVCache] | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, reduction: str = "mean",
+                label_smoothing: float = 0.0, caches: list[KVCache] | None = None) -> torch.Tensor:
         """Logits (batch, time, vocab) without targets; with targets, the cross-entropy loss in
         nats (`reduction` as in F.cross_entropy; targets of -100 are ignored)."""
         if idx.shape[1] > self.config.context and caches is None:
@@ -86,7 +86,8 @@ class GPT(nn.Module):
         logits = self.logits(self.hidden(idx, caches))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction,
+                               label_smoothing=label_smoothing)
 
     def new_caches(self, batch: int, device, dtype) -> list[KVCache]:
         c = self.config

@@ -5,9 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from budgetlm.errors import UserError
+from budgetlm.models.classifier import Classifier, ClassifierConfig
 from budgetlm.models.gpt import GPT, GPTConfig
 
-ARCHS = {"gpt": (GPT, GPTConfig)}
+ARCHS = {"gpt": (GPT, GPTConfig), "classifier": (Classifier, ClassifierConfig)}
 
 
 def build(config_dict: dict) -> nn.Module:

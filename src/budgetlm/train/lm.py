@@ -34,11 +34,23 @@ class LanguageModelTask:
     unit = "tokens"
 
     def __init__(self, train_tokens: np.ndarray, val_tokens: np.ndarray, val_bytes: int, context: int,
-                 micro_batch: int, device: torch.device, seed: int = 0):
+                 micro_batch: int, device: torch.device, seed: int = 0, label_smoothing: float = 0.0):
         self.sampler = WindowSampler(train_tokens, context, micro_batch, seed)
         self.val_tokens, self.val_bytes = val_tokens, val_bytes
         self.context, self.micro_batch, self.device = context, micro_batch, device
         self.micro_steps = 1
+        self.label_smoothing = label_smoothing
+        self._eval_micro_batch = micro_batch  # evaluation keeps its batch shape (and compiled graph)
+
+    def halve_micro_batch(self) -> bool:
+        """After running out of memory: half the sequences per forward pass, twice the micro-steps.
+        The sampler cuts the same windows either way, so the data order is unchanged."""
+        if self.micro_batch < 2:
+            return False
+        self.micro_batch //= 2
+        self.micro_steps *= 2
+        self.sampler.batch = self.micro_batch
+        return True
 
     def batch(self, step: int, micro: int):
         return self.sampler.batch_at(step, micro, self.micro_steps)
@@ -48,11 +60,11 @@ class LanguageModelTask:
 
     def loss(self, forward: Callable, batch) -> torch.Tensor:
         x, y = batch
-        return forward(x, y, reduction="sum")
+        return forward(x, y, reduction="sum", label_smoothing=self.label_smoothing)
 
     def eval_batch_count(self) -> int:
-        return math.ceil(math.ceil((len(self.val_tokens) - 1) / self.context) / self.micro_batch)
+        return math.ceil(math.ceil((len(self.val_tokens) - 1) / self.context) / self._eval_micro_batch)
 
     def evaluate(self, forward: Callable, max_batches: int | None) -> dict[str, float]:
-        return evaluate_lm(forward, self.val_tokens, self.val_bytes, self.context, self.micro_batch,
+        return evaluate_lm(forward, self.val_tokens, self.val_bytes, self.context, self._eval_micro_batch,
                            self.device, max_batches)

@@ -1,10 +1,12 @@
-"""The training loop, top to bottom: batch → forward → backward → clip → step → log / evaluate.
+"""The training loop, top to bottom: batch → forward → backward → clip → step → log / evaluate / save.
 
 It knows nothing of what is being learned: a task (language modelling, classification) supplies
-batches, the loss and the evaluation; the budget decides when to stop and drives the schedule."""
+batches, the loss and the evaluation; the budget decides when to stop and drives the schedule.
+Everything the loop must carry across a resume lives in `LoopState`."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -14,9 +16,16 @@ import torch
 from torch import nn
 
 from budgetlm.budget import Budget
+from budgetlm.errors import UserError
 from budgetlm.train.metrics import RunLog
+from budgetlm.train.resume import Checkpoints, Snapshot
 from budgetlm.train.runtime import Runtime
 from budgetlm.train.schedule import Schedule
+from budgetlm.train.signals import GracefulStop
+
+WARMUP_STEPS = 2      # steps left out of the steady-state throughput (compilation, allocator warm-up)
+FAULTS_BEFORE_ROLLBACK = 3
+MAX_ROLLBACKS = 3
 
 
 class Task(Protocol):
@@ -37,151 +46,348 @@ class FitConfig:
     schedule: Schedule
     micro_steps: int = 1
     grad_clip: float = 1.0
+    schedule_clock: str = "time"      # time: progress through the whole budget; steps: step / planned steps
     eval_every_steps: int | None = None
     eval_every_s: float | None = None
     eval_batches: int | None = None   # per periodic evaluation; None: sized to eval_share of the budget
     eval_share: float = 0.005         # time budget share of one periodic evaluation
-    monitor: str = "val_loss"         # lower is better
+    monitor: str = "val_loss"
+    monitor_mode: str = "min"         # min | max
     patience: int = 0
     min_delta: float = 0.0
     log_every_s: float = 5.0
+    save_every_steps: int | None = None
+    save_every_s: float | None = None
+    l1: float = 0.0                   # L1 penalty on weight matrices, added to the mean loss
+
+
+@dataclass
+class LoopState:
+    """The loop's own state, JSON-able so that a checkpoint can carry it."""
+    step: int = 0
+    seen: int = 0                      # training units (tokens or examples)
+    train_s: float = 0.0               # time in training steps (evaluation and saving excluded)
+    steady_seen: int = 0               # units and time after the warm-up steps of each session
+    steady_s: float = 0.0
+    step_s: float | None = None        # moving average of one step's duration
+    eval_s_per_batch: float = 0.0
+    eval_batches: int | None = None
+    last_eval_step: int = -1
+    last_eval_time: float = -math.inf
+    last_save_step: int = 0
+    last_save_time: float = 0.0
+    best_value: float | None = None
+    best_metrics: dict = field(default_factory=dict)
+    bad_evals: int = 0
+    evals: list = field(default_factory=list)
+    skipped_steps: int = 0             # updates skipped for a non-finite loss or gradient
+    consecutive_faults: int = 0
+    rollbacks: int = 0
+    lr_scale: float = 1.0              # halved by each rollback after repeated faults
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["last_eval_time"] = None if math.isinf(self.last_eval_time) else self.last_eval_time
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "LoopState":
+        d = dict(d)
+        d["last_eval_time"] = -math.inf if d.get("last_eval_time") is None else d["last_eval_time"]
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass
 class FitResult:
     stop_reason: str
-    steps: int
-    seen: int                  # training units (tokens or examples)
-    train_s: float             # time in training steps only (evaluation excluded)
+    state: LoopState
     best: dict = field(default_factory=dict)        # periodic-evaluation metrics of the kept weights
     final: dict = field(default_factory=dict)       # full-validation metrics of the kept weights
-    evals: list = field(default_factory=list)
+    checkpoint: str | None = None                   # the last checkpoint written, if any
+
+    @property
+    def steps(self) -> int:
+        return self.state.step
+
+    @property
+    def seen(self) -> int:
+        return self.state.seen
+
+    @property
+    def train_s(self) -> float:
+        return self.state.train_s
 
     @property
     def per_s(self) -> float:
-        return self.seen / self.train_s if self.train_s > 0 else 0.0
+        """Steady-state units per second of training (warm-up steps excluded when there are others)."""
+        s = self.state
+        if s.steady_s > 0:
+            return s.steady_seen / s.steady_s
+        return s.seen / s.train_s if s.train_s > 0 else 0.0
+
+    @property
+    def overall_per_s(self) -> float:
+        return self.state.seen / self.state.train_s if self.state.train_s > 0 else 0.0
 
 
-def _to_device(batch, device):
-    return tuple(t.to(device, non_blocking=True) for t in batch)
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
 
 
 def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.Optimizer, cfg: FitConfig,
-        budget: Budget, runtime: Runtime, log: RunLog) -> FitResult:
+        budget: Budget, runtime: Runtime, log: RunLog, *, checkpoints: Checkpoints | None = None,
+        resume: Snapshot | None = None, stop: GracefulStop | None = None,
+        scaler: torch.amp.GradScaler | None = None, run_meta: dict | None = None,
+        on_eval: Callable[[dict], bool] | None = None) -> FitResult:
+    """Train until the budget, early stopping, a signal or persistent faults end it; leave the best
+    weights in `model`. `on_eval(entry)` sees every periodic evaluation; returning True stops the
+    run as "pruned" (hyperparameter search)."""
     device = runtime.device
-    step, seen, train_s = 0, 0, 0.0
-    step_s = None          # moving average of one optimizer step's duration
-    eval_s_per_batch = 0.0
-    last_log = last_eval_time = -math.inf
-    last_eval_step = 0
+    st = LoopState()
+    best_state: dict[str, torch.Tensor] | None = None
+    last_checkpoint: str | None = None
+    session_steps = 0
+    if resume is not None:
+        st = LoopState.from_json(resume.meta["loop"])
+        model.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.optimizer)
+        cfg.schedule.load_state_dict(resume.meta.get("schedule", {}))
+        if scaler is not None and resume.meta.get("scaler"):
+            scaler.load_state_dict(resume.meta["scaler"])
+        best_state = resume.best
+        resume.restore_rng()
+        last_checkpoint = str(resume.path)
+    sign = 1.0 if cfg.monitor_mode == "min" else -1.0
     recent_loss, recent_units = 0.0, 0
-    best_value, best_state, best_metrics, bad_evals = math.inf, None, {}, 0
-    evals: list[dict] = []
-    stop_reason = None
+    last_log = -math.inf
 
     def evaluate(max_batches: int | None) -> dict:
-        nonlocal eval_s_per_batch
         model.eval()
         start = time.monotonic()
         with torch.no_grad(), runtime.autocast():
             metrics = task.evaluate(forward, max_batches)
         n = max_batches or task.eval_batch_count()
-        eval_s_per_batch = (time.monotonic() - start) / max(n, 1)
+        st.eval_s_per_batch = (time.monotonic() - start) / max(n, 1)
         model.train()
         return metrics
 
     def reserve_s() -> float:
         # the final evaluation on all validation batches, one periodic one, and saving
-        return eval_s_per_batch * (task.eval_batch_count() + (cfg.eval_batches or 0)) + 2.0
+        return st.eval_s_per_batch * (task.eval_batch_count() + (st.eval_batches or 0)) + 2.0
 
     def record_eval(metrics: dict) -> bool:
-        """Log an evaluation; keep the weights if they are the best so far. True: stop early."""
-        nonlocal best_value, best_state, best_metrics, bad_evals
-        value = metrics[cfg.monitor]
-        entry = {"step": step, "tokens" if task.unit == "tokens" else "examples": seen,
-                 "elapsed_s": budget.elapsed(), **metrics}
-        evals.append(entry)
+        """Log an evaluation and keep the weights if they are the best so far. True: stop early."""
+        nonlocal best_state
+        value = sign * metrics[cfg.monitor]
+        entry = {"step": st.step, task.unit: st.seen, "elapsed_s": budget.elapsed(), **metrics}
+        st.evals.append(entry)
+        st.last_eval_step, st.last_eval_time = st.step, budget.elapsed()
         log.record(kind="eval", **entry)
-        if value < best_value - cfg.min_delta or best_state is None:
-            best_value, best_metrics, bad_evals = value, dict(entry), 0
+        if st.best_value is None or value < st.best_value - cfg.min_delta:
+            st.best_value, st.best_metrics, st.bad_evals = value, dict(entry), 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
-            bad_evals += 1
-        return cfg.patience > 0 and bad_evals >= cfg.patience
+            st.bad_evals += 1
+        return cfg.patience > 0 and st.bad_evals >= cfg.patience
 
-    # Size the periodic evaluation: time two batches (after one to warm up or compile).
-    if cfg.eval_batches is None:
+    def save_checkpoint() -> None:
+        nonlocal last_checkpoint
+        if checkpoints is None:
+            return
+        meta = {"loop": st.to_json(), "schedule": cfg.schedule.state_dict(), "spent_s": budget.elapsed(),
+                "scaler": scaler.state_dict() if scaler is not None else None, **(run_meta or {})}
+        last_checkpoint = str(checkpoints.save(st.step, model=model.state_dict(), best=best_state,
+                                               optimizer=optimizer.state_dict(), meta=meta))
+        st.last_save_step, st.last_save_time = st.step, budget.elapsed()
+
+    def roll_back() -> None:
+        """After repeated faults: weights and optimizer state back to the last checkpoint (or the
+        best weights), the learning rate halved, and the data going on past the batches that failed
+        (as PaLM does after a loss spike), since replaying them could fail again."""
+        path = checkpoints.latest_valid() if checkpoints is not None else None
+        if path is not None:
+            from budgetlm.train.resume import load_snapshot
+            snap = load_snapshot(path)
+            model.load_state_dict(snap.model)
+            optimizer.load_state_dict(snap.optimizer)
+        elif best_state is not None:
+            model.load_state_dict(best_state)
+            optimizer.state.clear()
+        st.lr_scale *= 0.5
+        st.rollbacks += 1
+        st.consecutive_faults = 0
+        log.message(f"warning: {FAULTS_BEFORE_ROLLBACK} non-finite steps in a row; weights rolled back to "
+                    f"{path.name if path else 'the best so far'}, learning rate halved, data continues at step {st.step}")
+        log.record(kind="rollback", step=st.step, elapsed_s=budget.elapsed(), lr_scale=st.lr_scale,
+                   restored=str(path) if path else "best")
+
+    # Size the periodic evaluation from the time of two batches (after one to warm up or compile).
+    if st.eval_batches is None:
+        st.eval_batches = cfg.eval_batches
+    if st.eval_batches is None:
+        st.eval_batches = task.eval_batch_count()
         if budget.seconds:
             evaluate(1)
             evaluate(2)
-            affordable = int(cfg.eval_share * budget.seconds / max(eval_s_per_batch, 1e-6))
-            cfg.eval_batches = max(1, min(task.eval_batch_count(), affordable))
-        else:
-            cfg.eval_batches = task.eval_batch_count()
-    record_eval(evaluate(cfg.eval_batches))
-    last_eval_time = budget.elapsed()
+            affordable = int(cfg.eval_share * budget.seconds / max(st.eval_s_per_batch, 1e-6))
+            st.eval_batches = max(1, min(task.eval_batch_count(), affordable))
+    if not st.evals:
+        record_eval(evaluate(st.eval_batches))
     model.train()
+    stop_reason = None
 
     while True:
-        stop_reason = budget.exhausted(step, seen, next_step_s=step_s or 0.0, reserve_s=reserve_s())
+        stop_reason = budget.exhausted(st.step, st.seen, next_step_s=st.step_s or 0.0, reserve_s=reserve_s())
         if stop_reason:
+            if st.step == 0 and stop_reason == "budget":
+                raise UserError(f"the budget of {budget.seconds:g}s ran out before the first training step "
+                                f"({budget.elapsed():.1f}s went to setup and the first evaluation); give a larger --budget")
             break
-        progress = budget.progress(step, seen, reserve_s=reserve_s())
-        lr = cfg.lr * cfg.schedule.factor(progress, step)
+        if stop is not None and stop.requested:
+            stop_reason = "interrupted"
+            break
+        progress = budget.progress(st.step, st.seen, reserve_s=reserve_s(), clock=cfg.schedule_clock,
+                                   step_s=st.step_s)
+        lr = cfg.lr * cfg.schedule.factor(progress, st.step) * st.lr_scale
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
         # One optimizer step over micro_steps micro-batches, the loss weighted by units, so the
         # update equals that of the whole batch at once.
         started = time.monotonic()
-        batches = [task.batch(step, m) for m in range(cfg.micro_steps)]
-        units = sum(task.count(b) for b in batches)
-        step_loss = torch.zeros((), device=device)
-        for b in batches:
-            with runtime.autocast():
-                loss_sum = task.loss(forward, _to_device(b, device))
-            (loss_sum / units).backward()
-            step_loss += loss_sum.detach()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()  # honest step timing (once per step, not per kernel)
+        try:
+            step_loss, units, grad_norm = _train_step(model, forward, task, optimizer, cfg, runtime, st.step, scaler)
+        except (RuntimeError, torch.OutOfMemoryError) as e:
+            if not is_out_of_memory(e):
+                raise
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if not (hasattr(task, "halve_micro_batch") and task.halve_micro_batch()):
+                raise UserError("out of memory even at the smallest micro-batch; use a smaller model, --context "
+                                "or --micro-batch") from None
+            cfg.micro_steps *= 2
+            log.message(f"warning: out of memory; retrying with micro-batch {task.micro_batch} × {cfg.micro_steps}")
+            continue
         duration = time.monotonic() - started
-        train_s += duration
-        step_s = duration if step_s is None or step < 2 else 0.8 * step_s + 0.2 * duration
-        step += 1
-        seen += units
-        recent_loss += step_loss.item()
+        st.train_s += duration
+        session_steps += 1
+        if session_steps > WARMUP_STEPS:
+            st.steady_seen += units
+            st.steady_s += duration
+        st.step_s = duration if st.step_s is None or session_steps <= WARMUP_STEPS else 0.8 * st.step_s + 0.2 * duration
+        st.step += 1
+        st.seen += units
+
+        finite = math.isfinite(step_loss) and (grad_norm is None or math.isfinite(grad_norm))
+        if not finite:
+            st.skipped_steps += 1
+            st.consecutive_faults += 1
+            log.record(kind="fault", step=st.step, elapsed_s=budget.elapsed(), loss=_json_number(step_loss),
+                       grad_norm=_json_number(grad_norm), skipped_steps=st.skipped_steps)
+            if st.consecutive_faults >= FAULTS_BEFORE_ROLLBACK:
+                if st.rollbacks >= MAX_ROLLBACKS:
+                    stop_reason = "diverged"
+                    log.message(f"error: training keeps producing non-finite values after {MAX_ROLLBACKS} rollbacks "
+                                "with a halved learning rate; stopping and keeping the best weights. Try a lower --lr, "
+                                "--precision fp32 or a smaller --grad-clip.")
+                    break
+                roll_back()
+            continue
+        st.consecutive_faults = 0
+        recent_loss += step_loss
         recent_units += units
 
         now = budget.elapsed()
-        if now - last_log >= cfg.log_every_s or step == 1:
+        if now - last_log >= cfg.log_every_s or st.step == 1:
             train_loss = recent_loss / max(recent_units, 1)
-            log.record(kind="train", step=step, **{task.unit: seen}, elapsed_s=now, lr=lr,
-                       train_loss=train_loss, tokens_per_s=seen / train_s if task.unit == "tokens" else None,
-                       examples_per_s=seen / train_s if task.unit == "examples" else None)
-            log.show(progress, loss=train_loss, val_bpb=best_metrics.get("val_bpb"), tokens_per_s=seen / train_s,
+            rate = st.seen / st.train_s
+            log.record(kind="train", step=st.step, **{task.unit: st.seen}, elapsed_s=now, lr=lr,
+                       train_loss=train_loss, **{f"{task.unit}_per_s": rate}, grad_norm=_json_number(grad_norm),
+                       skipped_steps=st.skipped_steps)
+            log.show(progress, loss=train_loss, val=_val_text(st.evals[-1]), rate=rate, unit=task.unit,
                      left_s=budget.remaining())
             last_log, recent_loss, recent_units = now, 0.0, 0
 
-        due = (cfg.eval_every_steps and step - last_eval_step >= cfg.eval_every_steps) or \
-              (cfg.eval_every_s and now - last_eval_time >= cfg.eval_every_s)
+        due = (cfg.eval_every_steps and st.step - st.last_eval_step >= cfg.eval_every_steps) or \
+              (cfg.eval_every_s and now - st.last_eval_time >= cfg.eval_every_s)
         if due:
-            stop = record_eval(evaluate(cfg.eval_batches))
-            last_eval_time, last_eval_step = budget.elapsed(), step
-            log.show(progress, loss=None, val_bpb=evals[-1].get("val_bpb"), tokens_per_s=seen / train_s,
+            metrics = evaluate(st.eval_batches)
+            early = record_eval(metrics)
+            if hasattr(cfg.schedule, "observe"):
+                cfg.schedule.observe(sign * metrics[cfg.monitor])
+            log.show(progress, loss=None, val=_val_text(metrics), rate=st.seen / st.train_s, unit=task.unit,
                      left_s=budget.remaining(), force=True)
-            if stop:
+            if early:
                 stop_reason = "early_stop"
                 break
+            if on_eval is not None and on_eval(st.evals[-1]):
+                stop_reason = "pruned"
+                break
+        if (cfg.save_every_steps and st.step - st.last_save_step >= cfg.save_every_steps) or \
+           (cfg.save_every_s and budget.elapsed() - st.last_save_time >= cfg.save_every_s):
+            save_checkpoint()
 
-    if last_eval_step != step:  # the last weights, unless just evaluated
-        record_eval(evaluate(cfg.eval_batches))
+    if stop_reason == "interrupted":
+        save_checkpoint()
+    elif st.last_eval_step != st.step:  # the last weights, unless just evaluated
+        record_eval(evaluate(st.eval_batches))
+    if stop_reason not in ("interrupted",) and checkpoints is not None and (cfg.save_every_steps or cfg.save_every_s):
+        save_checkpoint()
     model.load_state_dict(best_state)
-    final = evaluate(None) if cfg.eval_batches < task.eval_batch_count() else {
-        k: v for k, v in best_metrics.items() if k.startswith("val_")}
+    if stop_reason == "interrupted":
+        final = {k: v for k, v in st.best_metrics.items() if k.startswith("val_")}
+    elif st.eval_batches < task.eval_batch_count():
+        final = evaluate(None)
+    else:
+        final = {k: v for k, v in st.best_metrics.items() if k.startswith("val_")}
     log.close()
-    return FitResult(stop_reason=stop_reason, steps=step, seen=seen, train_s=train_s,
-                     best=best_metrics, final=final, evals=evals)
+    return FitResult(stop_reason=stop_reason, state=st, best=st.best_metrics, final=final, checkpoint=last_checkpoint)
+
+
+def _train_step(model, forward, task, optimizer, cfg: FitConfig, runtime: Runtime, step: int,
+                scaler: torch.amp.GradScaler | None) -> tuple[float, int, float | None]:
+    """(summed loss, units, gradient norm or None) of one optimizer step; the update is skipped when
+    the loss or gradient is not finite."""
+    batches = [task.batch(step, m) for m in range(cfg.micro_steps)]
+    units = sum(task.count(b) for b in batches)
+    step_loss = torch.zeros((), device=runtime.device)
+    if cfg.l1 > 0:
+        # added once per step, so its weight does not depend on the number of micro-batches
+        penalty = cfg.l1 * sum(p.abs().sum() for p in model.parameters() if p.dim() >= 2 and p.requires_grad)
+        (scaler.scale(penalty) if scaler is not None else penalty).backward()
+    for b in batches:
+        b = tuple(t.to(runtime.device, non_blocking=True) for t in b)
+        with runtime.autocast():
+            loss_sum = task.loss(forward, b)
+        scaled = loss_sum / units
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        step_loss += loss_sum.detach().float()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    loss_value = float(step_loss)  # one host sync per step: the fault check needs it
+    if scaler is not None:
+        # the scaler skips steps with inf/nan gradients itself and lowers its scale
+        scaler.step(optimizer)
+        scaler.update()
+        grad_norm = None
+    elif math.isfinite(loss_value) and math.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, units, grad_norm
+
+
+def _val_text(metrics: dict) -> str:
+    for key, label in (("val_bpb", "val bpb"), ("val_accuracy", "val acc"), ("val_loss", "val loss")):
+        if metrics.get(key) is not None:
+            return f"{label} {metrics[key]:.3f}"
+    return ""
+
+
+def _json_number(x: float | None):
+    return x if x is None or math.isfinite(x) else str(x)

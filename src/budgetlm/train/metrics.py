@@ -17,13 +17,22 @@ class RunLog:
     """Appends one JSON record per log or evaluation to metrics.jsonl and keeps a progress bar on
     stderr (a plain line per record when stderr is not a terminal)."""
 
-    def __init__(self, path: Path | None, *, quiet: bool = False, append: bool = False):
+    def __init__(self, path: Path | None, *, quiet: bool = False, resume_step: int | None = None):
+        """A fresh log, or with `resume_step` the existing one cut back to that step (records of steps
+        after the checkpoint are redone by the resumed run)."""
         self.path = path
         self.records: list[dict] = []
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            if path.exists() and append:
-                self.records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if path.exists() and resume_step is not None:
+                for line in path.read_text().splitlines():
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut short by a kill
+                        continue
+                    if record.get("step", 0) <= resume_step:
+                        self.records.append(record)
+                path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
             elif path.exists():
                 path.unlink()
         self.quiet = quiet
@@ -40,14 +49,15 @@ class RunLog:
             with self.path.open("a") as f:
                 f.write(json.dumps(fields) + "\n")
 
-    def show(self, progress: float, *, loss: float | None, val_bpb: float | None, tokens_per_s: float,
+    def show(self, progress: float, *, loss: float | None, val: str | None, rate: float, unit: str = "tokens",
              left_s: float | None, force: bool = False) -> None:
+        """Update the progress line: loss, latest validation figure, throughput, time left."""
         parts = []
         if loss is not None:
             parts.append(f"loss {loss:.3f}")
-        if val_bpb is not None:
-            parts.append(f"val bpb {val_bpb:.3f}")
-        parts.append(f"{tokens_per_s:,.0f} tok/s")
+        if val:
+            parts.append(val)
+        parts.append(f"{rate:,.0f} {'tok' if unit == 'tokens' else 'ex'}/s")
         if left_s is not None:
             parts.append(f"{format_duration(left_s)} left")
         text = " | ".join(parts)

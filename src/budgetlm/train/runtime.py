@@ -64,8 +64,11 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def set_threads(threads: int | None) -> int:
-    """Use one thread per physical core the process may run on (hyper-threads slow GEMMs)."""
+def set_threads(threads: int | None = None) -> int:
+    """Threads for PyTorch's CPU kernels: the given number, else OMP_NUM_THREADS, else one per core
+    this process may run on."""
+    if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        threads = int(os.environ["OMP_NUM_THREADS"])
     if threads is None:
         try:
             threads = len(os.sched_getaffinity(0))
@@ -85,6 +88,24 @@ def can_compile() -> str | None:
     if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang", "g++")):
         return "no C/C++ compiler found (Inductor needs one on CPU)"
     return None
+
+
+def should_compile(mode: str, device: torch.device, budget_s: float | None = None) -> bool:
+    """Whether to torch.compile. auto: always on CUDA; on CPU only for budgets long enough to
+    repay a cold compile (about 45 s for a small GPT on 2 cores, for a 15-35% faster step)."""
+    if mode == "off":
+        return False
+    reason = can_compile()
+    if reason:
+        if mode == "on":
+            print(f"warning: not compiling: {reason}", file=sys.stderr)
+        return False
+    if mode == "on" or device.type == "cuda":
+        return True
+    return device.type == "cpu" and budget_s is not None and budget_s >= CPU_COMPILE_MIN_BUDGET_S
+
+
+CPU_COMPILE_MIN_BUDGET_S = 600.0
 
 
 @dataclass

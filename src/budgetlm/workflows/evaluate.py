@@ -10,11 +10,12 @@ from budgetlm.data.tokenizer import eot_id
 from budgetlm.errors import UserError
 from budgetlm.train.checkpoint import load_model
 from budgetlm.train.lm import evaluate_lm
-from budgetlm.train.runtime import autocast, pick_device, pick_precision
+from budgetlm.train.runtime import autocast, pick_device, pick_precision, set_threads
 
 
 def run(model_dir: str, data: list[str], *, text_field: str = "text", text_column: str | None = None,
         batch: int = 8, device: str = "auto", precision: str = "auto") -> dict:
+    set_threads()
     dev = pick_device(device)
     model, config, tokenizer = load_model(model_dir, dev)
     if config.get("arch") != "gpt":

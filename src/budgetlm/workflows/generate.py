@@ -12,7 +12,7 @@ from budgetlm.data.tokenizer import eot_id
 from budgetlm.errors import UserError
 from budgetlm.models.sampling import generate
 from budgetlm.train.checkpoint import load_model
-from budgetlm.train.runtime import pick_device
+from budgetlm.train.runtime import pick_device, set_threads
 
 
 def run(model_dir: str, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
@@ -24,6 +24,7 @@ def run(model_dir: str, prompt: str, *, max_new_tokens: int = 200, temperature: 
         raise UserError("--temperature must be 0 (greedy) or more")
     if top_p is not None and not 0 < top_p <= 1:
         raise UserError("--top-p must be in (0, 1]")
+    set_threads()
     dev = pick_device(device)
     model, config, tokenizer = load_model(model_dir, dev)
     if config.get("arch") != "gpt":

@@ -21,12 +21,22 @@ from budgetlm.data.tokenizer import default_vocab_size, load_tokenizer, train_to
 from budgetlm.data.tokens import cache_dir, cached_tokens, content_hash
 from budgetlm.errors import UserError
 from budgetlm.models.gpt import GPT, GPTConfig
-from budgetlm.train.checkpoint import save_model
+from budgetlm.plan import Plan, plan
+from budgetlm.train.checkpoint import atomic_write_bytes, save_model
+from budgetlm.train.lm import LanguageModelTask
 from budgetlm.train.loop import FitConfig, fit
 from budgetlm.train.metrics import RunLog, plot_losses
-from budgetlm.train.optim import build_optimizer
-from budgetlm.train.runtime import Runtime, can_compile, pick_device, pick_precision, set_threads
+from budgetlm.train.optim import build_optimizer, parse_optim_args
+from budgetlm.train.resume import Checkpoints, load_snapshot
+from budgetlm.train.runtime import (
+    Runtime,
+    pick_device,
+    pick_precision,
+    set_threads,
+    should_compile,
+)
 from budgetlm.train.schedule import Schedule
+from budgetlm.train.signals import GracefulStop
 
 
 def say(text: str) -> None:
@@ -50,29 +60,84 @@ def tokenizer_for(train_docs: list[str], cfg: RunConfig):
     return tok
 
 
-def model_config(cfg: RunConfig, vocab_size: int) -> GPTConfig:
+def model_config(cfg: RunConfig, vocab_size: int, planned: Plan | None) -> GPTConfig:
+    """Explicit flags first, then the size preset, then the plan, then the `small` preset."""
     m = cfg.model
-    n_layer, d_model, n_head = SIZES[m.size or "small"]
+    if m.size:
+        n_layer, d_model, n_head = SIZES[m.size]
+    elif planned is not None:
+        n_layer, d_model, n_head = planned.n_layer, planned.d_model, planned.n_head
+    else:
+        n_layer, d_model, n_head = SIZES["small"]
+    d_model = m.d_model or d_model
     return GPTConfig(
         vocab_size=math.ceil(vocab_size / 64) * 64,  # a multiple of 64 keeps the head's matmul fast
-        context=m.context or 256,
+        context=m.context or (planned.context if planned else 256),
         n_layer=m.n_layer or n_layer,
-        d_model=m.d_model or d_model,
-        n_head=m.n_head or (n_head if not m.d_model else max(1, (m.d_model) // 64)),
+        d_model=d_model,
+        n_head=m.n_head or (n_head if not m.d_model else max(1, d_model // 64)),
         mlp=m.mlp, mlp_ratio=m.mlp_ratio, dropout=m.dropout, logit_softcap=m.logit_softcap,
     )
 
 
-def default_lr(d_model: int) -> float:
-    """Peak AdamW learning rate shrinking with width (µP-like 1/width scaling, anchored at 2e-3 for 256)."""
-    return 2e-3 * 256 / d_model
+# Peak learning rate of each optimizer relative to AdamW's (Muon's update is matched to AdamW's RMS).
+LR_RELATIVE_TO_ADAMW = {"adamw": 1.0, "adam": 1.0, "muon": 1.0, "rmsprop": 0.5, "lamb": 5.0, "adafactor": 5.0,
+                        "sgd": 100.0}
 
 
-def run(cfg: RunConfig, out: Path, *, quiet: bool = False) -> dict:
+def default_lr(d_model: int, optim: str = "adamw") -> float:
+    """Peak learning rate shrinking with width (µP-like 1/width scaling, AdamW anchored at 2e-3 for 256)."""
+    return 2e-3 * 256 / d_model * LR_RELATIVE_TO_ADAMW[optim]
+
+
+def parse_every(text: str | None) -> tuple[int | None, float | None]:
+    """"100" → every 100 steps; "30s" → every 30 seconds."""
+    if not text:
+        return None, None
+    if text.strip().isdigit():
+        if int(text) < 1:
+            raise UserError(f"an interval of {text} steps must be at least 1")
+        return int(text), None
+    return None, parse_duration(text)
+
+
+def parse_early_stop(text: str | None, patience: int, min_delta: float) -> tuple[str, int, float]:
+    """"val_bpb,3,0.001" → (metric, patience, min_delta); without it, val_loss with --patience."""
+    if not text:
+        return "val_loss", patience, min_delta
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        if not 2 <= len(parts) <= 3:
+            raise ValueError
+        return parts[0], int(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0
+    except ValueError:
+        raise UserError(f"--early-stop {text!r}: write metric,patience[,min_delta], e.g. val_bpb,3,0.001") from None
+
+
+HIGHER_IS_BETTER = {"val_accuracy", "val_macro_f1"}
+
+
+def prepare_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to the output folder {out} ({e.strerror or e}); choose another --out") from None
+
+
+def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict:
+    """Train, save the best weights and the run's files in `out`; return the summary.
+    `on_eval(entry) -> bool` sees each periodic evaluation and may stop the run (see loop.fit)."""
     t = cfg.train
     budget = Budget(seconds=parse_duration(t.budget) if t.budget else None, max_steps=t.max_steps,
                     max_tokens=t.max_tokens)  # the clock starts now: data preparation counts
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out(out)
+    checkpoints = Checkpoints(out / "checkpoints", keep=t.keep_checkpoints)
+    snapshot = _find_resume(t.resume, out, checkpoints)
+    if snapshot is not None:
+        budget.spent_s = snapshot.meta["spent_s"]
     threads = set_threads(t.threads)
     torch.manual_seed(t.seed)
     device = pick_device(t.device)
@@ -86,61 +151,88 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False) -> dict:
         val_docs = load_corpus(cfg.data.val, text_field=cfg.data.text_field, text_column=cfg.data.text_column).documents
     else:
         train_docs, val_docs = split_validation(corpus.documents, cfg.data.val_fraction)
-    tokenizer = tokenizer_for(train_docs, cfg)
+    # a resumed run keeps the tokenizer it started with
+    tokenizer = load_tokenizer(out / "tokenizer.json") if snapshot is not None else tokenizer_for(train_docs, cfg)
     train_tokens = cached_tokens(train_docs, tokenizer, "train")
     val_tokens = cached_tokens(val_docs, tokenizer, "val")
     val_bytes = sum(len(d.encode("utf-8")) for d in val_docs)
 
-    mc = model_config(cfg, tokenizer.get_vocab_size())
+    planned = None
+    if budget.seconds and not (cfg.model.size or cfg.model.n_layer or cfg.model.d_model or cfg.model.n_head):
+        planned = plan(budget.seconds - budget.elapsed(), train_tokens=len(train_tokens),
+                       vocab=tokenizer.get_vocab_size(), device=device, precision=precision, micro_batch=t.micro_batch)
+        say(planned.describe())
+    mc = model_config(cfg, tokenizer.get_vocab_size(), planned)
+    if mc.d_model % mc.n_head:
+        raise UserError(f"--d-model {mc.d_model} is not divisible by --n-head {mc.n_head}; choose sizes that divide")
     if len(val_tokens) < mc.context + 1:
         raise UserError(f"the validation text has {len(val_tokens)} tokens, fewer than one context window "
                         f"({mc.context + 1}); give more validation text (--val, --val-fraction) or a smaller --context")
     if len(train_tokens) < 2 * mc.context + 2:
         raise UserError(f"the training text has {len(train_tokens)} tokens, too few for two context windows of "
                         f"{mc.context}; give more text or a smaller --context")
+    identity = {"model": mc.to_dict(), "train_tokens": Path(train_tokens.filename).name}
+    if snapshot is not None:
+        _check_same_run(snapshot, identity)
 
     model = GPT(mc).to(device)
-    micro_batch = t.micro_batch or 8
-    batch_tokens = t.batch_tokens or micro_batch * mc.context
+    micro_batch = t.micro_batch or (planned.micro_batch if planned else 8)
+    if t.batch_tokens and t.batch_tokens != "auto":
+        batch_tokens = _positive_int(t.batch_tokens, "--batch-tokens")
+    else:
+        batch_tokens = planned.batch_tokens if planned and mc.context == planned.context else micro_batch * mc.context
     micro_steps = max(1, round(batch_tokens / (micro_batch * mc.context)))
-    compile_reason = can_compile() if t.compile != "off" else "off"
-    compiled = t.compile == "on" or (t.compile == "auto" and device.type == "cuda")
-    if compiled and compile_reason:
-        say(f"warning: not compiling: {compile_reason}")
-        compiled = False
+    compiled = should_compile(t.compile, device, budget.seconds)
     forward = torch.compile(model) if compiled else model
     runtime = Runtime(device, precision, compiled)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
-    lr = t.lr or default_lr(mc.d_model)
-    optimizer = build_optimizer(model, lr=lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), device=device)
-    schedule = Schedule(t.schedule, t.warmup, t.decay_fraction, t.min_lr_ratio)
-    eval_steps, eval_s = None, None
-    if t.eval_every:
-        if t.eval_every.isdigit():
-            eval_steps = int(t.eval_every)
+    lr = t.lr or default_lr(mc.d_model, t.optim)
+    optimizer = build_optimizer(model, t.optim, lr=lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
+                                extra=parse_optim_args(t.optim_args or ""), device=device)
+    schedule = Schedule(t.schedule, t.warmup, t.decay_fraction, t.min_lr_ratio, gamma=t.gamma,
+                        step_size=t.step_size, patience=t.plateau_patience)
+    eval_steps, eval_s = parse_every(t.eval_every)
+    if not (eval_steps or eval_s):
+        if budget.seconds:
+            eval_s = budget.seconds / 12
         else:
-            eval_s = parse_duration(t.eval_every)
-    elif budget.seconds:
-        eval_s = budget.seconds / 12
-    else:
-        eval_steps = max(1, (t.max_steps or 1200) // 12)
+            eval_steps = max(1, (t.max_steps or 1200) // 12)
+    save_steps, save_s = parse_every(t.save_every)
+    monitor, patience, min_delta = parse_early_stop(t.early_stop, t.patience, t.min_delta)
     eval_batches = None if t.eval_tokens is None else max(1, math.ceil(t.eval_tokens / (micro_batch * mc.context)))
     fit_cfg = FitConfig(lr=lr, schedule=schedule, micro_steps=micro_steps, grad_clip=t.grad_clip,
-                        eval_every_steps=eval_steps, eval_every_s=eval_s, eval_batches=eval_batches,
-                        patience=t.patience, min_delta=t.min_delta)
+                        schedule_clock=t.schedule_clock, eval_every_steps=eval_steps, eval_every_s=eval_s,
+                        eval_batches=eval_batches, monitor=monitor,
+                        monitor_mode="max" if monitor in HIGHER_IS_BETTER else "min", patience=patience,
+                        min_delta=min_delta, save_every_steps=save_steps, save_every_s=save_s, l1=t.l1)
 
-    from budgetlm.train.lm import LanguageModelTask
-    task = LanguageModelTask(train_tokens, val_tokens, val_bytes, mc.context, micro_batch, device, t.seed)
+    task = LanguageModelTask(train_tokens, val_tokens, val_bytes, mc.context, micro_batch, device, t.seed,
+                             label_smoothing=t.label_smoothing)
     task.micro_steps = micro_steps
+    if monitor not in ("val_loss", "val_bpb", "val_ppl"):
+        raise UserError(f"--early-stop: pretraining measures val_loss, val_bpb and val_ppl, not {monitor!r}")
+    if snapshot is not None:
+        fit_cfg.micro_steps = snapshot.meta.get("micro_steps", micro_steps)
+        say(f"resuming from {snapshot.path} (step {snapshot.meta['loop']['step']}, "
+            f"{format_duration(snapshot.meta['spent_s'])} of the budget spent)")
+    else:
+        # the tokenizer and config go out first: a resume must find them whatever happens next
+        atomic_write_bytes(out / "tokenizer.json", tokenizer.to_str().encode())
+        atomic_write_bytes(out / "config.json", json.dumps(mc.to_dict(), indent=2).encode())
     say(f"budgetlm pretrain: {model.num_params() / 1e6:.2f}M parameters ({mc.n_layer} layers, d_model {mc.d_model}, "
         f"{mc.n_head} heads, context {mc.context}), vocab {tokenizer.get_vocab_size()}, "
         f"{len(train_tokens):,} training / {len(val_tokens):,} validation tokens")
     say(f"  device {device} ({threads} threads), {precision}, {'compiled' if compiled else 'eager'}, "
         f"batch {micro_steps * micro_batch * mc.context} tokens (micro-batch {micro_batch} × {micro_steps}), "
-        f"lr {lr:.2e} {t.schedule}, budget {_describe(budget)}")
+        f"{t.optim} lr {lr:.2e} {t.schedule}, budget {_describe(budget)}")
 
-    log = RunLog(out / "metrics.jsonl", quiet=quiet)
-    result = fit(model, forward, task, optimizer, fit_cfg, budget, runtime, log)
+    log = RunLog(out / "metrics.jsonl", quiet=quiet,
+                 resume_step=snapshot.meta["loop"]["step"] if snapshot is not None else None)
+    with GracefulStop() as stop:
+        result = fit(model, forward, task, optimizer, fit_cfg, budget, runtime, log, checkpoints=checkpoints,
+                     resume=snapshot, stop=stop, scaler=scaler,
+                     run_meta={**identity, "micro_steps": fit_cfg.micro_steps}, on_eval=on_eval)
 
     save_model(out, model, mc.to_dict(), tokenizer)
     summary = {
@@ -154,22 +246,73 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False) -> dict:
         "wall_s": round(budget.elapsed(), 2),
         "budget_s": budget.seconds,
         "train_s": round(result.train_s, 2),
+        # steady state: the first steps of a session (compilation, warm-up) are left out, as in the
+        # peer benchmarks; tokens_per_s_overall counts every step
         "tokens_per_s": round(result.per_s, 1),
+        "tokens_per_s_overall": round(result.overall_per_s, 1),
         "model_flops_per_s": round(result.per_s * model.flops_per_token(), 1),
         "device": _device_name(device),
         "precision": precision,
         "compiled": compiled,
         "stop_reason": result.stop_reason,
+        "skipped_steps": result.state.skipped_steps,
         "epochs": round(result.seen / max(len(train_tokens), 1), 3),
         "config": cfg.to_dict(),
         "model": mc.to_dict(),
     }
     plot_losses(log.records, out / "loss.png", title=f"{mc.n_layer}×{mc.d_model} GPT, {summary['tokens_seen']:,} tokens")
     summary["wall_s"] = round(budget.elapsed(), 2)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    say(f"done ({result.stop_reason}) in {format_duration(summary['wall_s'])}: best validation {summary['best_val_bpb']:.4f} "
-        f"bits/byte (loss {summary['best_val_loss']:.4f}), {summary['tokens_per_s']:,.0f} tokens/s; files in {out}")
+    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
+    if result.stop_reason == "interrupted":
+        say(f"stopped at step {result.steps}; best weights so far are in {out}. Resume with the same command "
+            f"and --resume auto --out {out}")
+    else:
+        say(f"done ({result.stop_reason}) in {format_duration(summary['wall_s'])}: best validation "
+            f"{summary['best_val_bpb']:.4f} bits/byte (loss {summary['best_val_loss']:.4f}), "
+            f"{summary['tokens_per_s']:,.0f} tokens/s; files in {out}")
     return summary
+
+
+def _find_resume(resume: str | None, out: Path, checkpoints: Checkpoints):
+    if not resume:
+        return None
+    if resume == "auto":
+        path = checkpoints.latest_valid(warn=say)
+        if path is None:
+            return None
+    else:
+        path = Path(resume)
+        if (path / "checkpoints").is_dir():
+            path = Checkpoints(path / "checkpoints").latest_valid(warn=say)
+            if path is None:
+                raise UserError(f"{resume}: no valid checkpoint to resume from")
+        elif not path.is_dir():
+            raise UserError(f"--resume {resume}: no such checkpoint folder; use --resume auto or a checkpoint path")
+    if not (out / "tokenizer.json").is_file():
+        raise UserError(f"cannot resume into {out}: its tokenizer.json is missing; resume with the run's own --out")
+    return load_snapshot(path)
+
+
+def _check_same_run(snapshot, identity: dict) -> None:
+    saved = snapshot.meta.get("model")
+    if saved != identity["model"]:
+        diff = {k: (saved.get(k) if saved else None, v) for k, v in identity["model"].items()
+                if not saved or saved.get(k) != v}
+        raise UserError(f"checkpoint {snapshot.path} belongs to another model (checkpoint vs now: {diff}); "
+                        "resume with the same model flags or start a new --out")
+    if snapshot.meta.get("train_tokens") != identity["train_tokens"]:
+        raise UserError(f"checkpoint {snapshot.path} was trained on other data; resume with the same --data "
+                        "or start a new --out")
+
+
+def _positive_int(text: str, flag: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UserError(f"{flag} {text!r}: give a positive number of tokens or auto")
+    return value
 
 
 def _describe(budget: Budget) -> str:

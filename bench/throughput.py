@@ -1,0 +1,176 @@
+"""Training throughput of budgetlm's GPT against Hugging Face's LlamaForCausalLM at one shape, on this machine.
+
+    .venv/bin/python bench/throughput.py [--rounds 2] [--steps 8] [--out docs/throughput.json]
+
+In one run, alternating: the matmul peak (fp32, bf16), budgetlm training tokens/s and model FLOP/s (6·N per token
+plus attention), HF Llama configured to the same shape (SwiGLU of the same width, tied embeddings, sdpa attention,
+same precision, same fused AdamW, same clipping), their ratio and peak memory, and generation tokens/s with and
+without the KV cache. Each training measurement runs in a fresh subprocess, so peak memory is its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+SHAPE = dict(n_layer=6, d_model=384, n_head=6, context=256, vocab_size=8192, micro_batch=8)
+
+
+def matmul_peak(dtype: torch.dtype, seconds: float = 3.0) -> float:
+    """GFLOP/s of large square matmuls; the size shrinks until one product takes under a second."""
+    n = 2048
+    while True:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        start = time.perf_counter()
+        a @ b
+        if time.perf_counter() - start < 1.0 or n <= 256:
+            break
+        n //= 2
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def worker(which: str, steps: int, precision: str, compile_mode: str) -> dict:
+    """Train `steps` timed steps (after 2 warm-up steps) and report tokens/s; runs in a subprocess."""
+    from budgetlm.models.gpt import GPT, GPTConfig
+    from budgetlm.train.optim import build_optimizer
+    from budgetlm.train.runtime import autocast, pick_device, pick_precision, set_threads, should_compile
+
+    set_threads(None)
+    device = pick_device("auto")
+    precision = pick_precision(precision, device)
+    s = SHAPE
+    torch.manual_seed(0)
+    if which == "budgetlm":
+        model = GPT(GPTConfig(vocab_size=s["vocab_size"], context=s["context"], n_layer=s["n_layer"], n_head=s["n_head"],
+                              d_model=s["d_model"], mlp="swiglu", mlp_ratio=4.0)).to(device)
+        compiled = should_compile(compile_mode, device)
+        forward = torch.compile(model) if compiled else model
+        step_loss = lambda x, y: forward(x, y)
+        flops_per_token = model.flops_per_token()
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+        config = LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["d_model"], intermediate_size=4 * s["d_model"],
+                             num_hidden_layers=s["n_layer"], num_attention_heads=s["n_head"],
+                             num_key_value_heads=s["n_head"], max_position_embeddings=s["context"],
+                             tie_word_embeddings=True, attn_implementation="sdpa")
+        model = LlamaForCausalLM(config).to(device)
+        compiled = False
+        step_loss = lambda x, y: model(input_ids=x, labels=y).loss
+        flops_per_token = None
+    optimizer = build_optimizer(model, lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), device=device)
+    x = torch.randint(0, s["vocab_size"], (s["micro_batch"], s["context"]), device=device)
+    y = torch.randint(0, s["vocab_size"], (s["micro_batch"], s["context"]), device=device)
+
+    def step():
+        with autocast(device, precision):
+            loss = step_loss(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    started = time.perf_counter()
+    for _ in range(2):
+        step()
+    warmup_s = time.perf_counter() - started
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    tps = steps * s["micro_batch"] * s["context"] / (time.perf_counter() - started)
+    params = sum(p.numel() for p in model.parameters())
+    return {"which": which, "tokens_per_s": tps, "params": params, "precision": precision, "compiled": compiled,
+            "warmup_s": warmup_s, "peak_memory_mb": _peak_memory_mb(device),
+            "model_gflops": tps * (flops_per_token or 0) / 1e9}
+
+
+def generation_speed(new_tokens: int = 256) -> dict:
+    from budgetlm.models.gpt import GPT, GPTConfig
+    from budgetlm.models.sampling import generate
+
+    s = SHAPE
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=s["vocab_size"], context=s["context"], n_layer=s["n_layer"], n_head=s["n_head"],
+                          d_model=s["d_model"])).eval()
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    result = {}
+    for cached in (True, False):
+        list(generate(model, prompt, 8, temperature=0, use_cache=cached))  # warm up
+        started = time.perf_counter()
+        list(generate(model, prompt, new_tokens, temperature=0, use_cache=cached))
+        result["cached" if cached else "uncached"] = new_tokens / (time.perf_counter() - started)
+    result["speedup"] = result["cached"] / result["uncached"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of budgetlm and HF")
+    parser.add_argument("--steps", type=int, default=8, help="timed training steps per measurement")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"))
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--worker", choices=("budgetlm", "hf"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.steps, args.precision, args.compile)))
+        return
+
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s", flush=True)
+    runs: dict[str, list[dict]] = {"budgetlm": [], "hf": []}
+    for r in range(args.rounds):
+        for which in ("budgetlm", "hf"):
+            cmd = [sys.executable, __file__, "--worker", which, "--steps", str(args.steps),
+                   "--precision", args.precision, "--compile", args.compile]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            runs[which].append(result)
+            print(f"round {r + 1} {which:8s} {result['tokens_per_s']:8.0f} tok/s  peak {result['peak_memory_mb']:.0f} MB"
+                  f"  ({result['precision']}, {'compiled' if result['compiled'] else 'eager'})", flush=True)
+    ours = statistics.median(r["tokens_per_s"] for r in runs["budgetlm"])
+    theirs = statistics.median(r["tokens_per_s"] for r in runs["hf"])
+    gflops = statistics.median(r["model_gflops"] for r in runs["budgetlm"])
+    precision = runs["budgetlm"][0]["precision"]
+    peak = peaks["bf16"] if precision == "bf16" else peaks["fp32"]
+    gen = generation_speed()
+    report = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "shape": SHAPE, "matmul_peak_gflops": peaks, "budgetlm": runs["budgetlm"], "hf_llama": runs["hf"],
+        "budgetlm_tokens_per_s": ours, "hf_tokens_per_s": theirs, "ratio_vs_hf": ours / theirs,
+        "budgetlm_model_gflops": gflops, "mfu_vs_bf16_peak": gflops / peaks["bf16"],
+        "mfu_vs_peak_of_precision_used": gflops / peak, "generation": gen,
+    }
+    print(f"budgetlm {ours:.0f} tok/s ({gflops:.0f} GFLOP/s: {gflops / peaks['bf16']:.0%} of the bf16 peak, "
+          f"{gflops / peak:.0%} of the {precision} peak) vs HF Llama {theirs:.0f} tok/s: ratio {ours / theirs:.2f}")
+    print(f"generation at 256 new tokens: cached {gen['cached']:.0f} tok/s, uncached {gen['uncached']:.0f} tok/s "
+          f"({gen['speedup']:.1f}x)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Scoring trained models: classification metrics, confusion matrices and their plots."""

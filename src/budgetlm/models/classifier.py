@@ -1,0 +1,124 @@
+"""A text classifier: a body that turns token ids into hidden states, and a head (pooling → dropout
+→ linear) that turns them into class logits.
+
+Bodies share one small interface: `forward(ids, mask) -> (batch, time, width)`, `width`,
+`max_length` (the longest input it takes) and `layers()` (parameter lists from the input up, for
+layer-wise learning-rate decay). Inputs are right-padded; `mask` is 1 on real tokens."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from budgetlm.models.gpt import GPT, GPTConfig
+
+POOLINGS = ("mean", "last", "first")
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """(batch, time, width) → (batch, width) over the real tokens of each right-padded row."""
+    if how == "mean":
+        weights = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    if how == "last":
+        last = (mask.sum(1) - 1).clamp(min=0)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if how == "first":
+        return hidden[:, 0]
+    raise ValueError(f"unknown pooling {how!r}; choose one of {', '.join(POOLINGS)}")
+
+
+class ClassificationHead(nn.Module):
+    def __init__(self, width: int, n_classes: int, pooling: str = "mean", dropout: float = 0.1):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        self.pooling = pooling
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(width, n_classes)
+        # small weights: every class starts near equally likely, so early gradients do not jolt the body
+        nn.init.normal_(self.out.weight, std=0.02)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.out(self.drop(pool(hidden, mask, self.pooling)))
+
+
+class GPTBody(nn.Module):
+    """A budgetlm GPT without its language-model head. Causal attention over right-padded rows needs
+    no mask: a real token only attends to earlier positions, never to the padding after it."""
+
+    kind = "gpt"
+
+    def __init__(self, gpt: GPT):
+        super().__init__()
+        self.gpt = gpt
+        self.width = gpt.config.d_model
+        self.max_length = gpt.config.context
+
+    @classmethod
+    def from_config(cls, config: dict) -> "GPTBody":
+        return cls(GPT(GPTConfig.from_dict(config)))
+
+    def config_dict(self) -> dict:
+        return self.gpt.config.to_dict()
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.gpt.hidden(ids)
+
+    def layers(self) -> list[list[nn.Parameter]]:
+        blocks = [list(b.parameters()) for b in self.gpt.blocks]
+        blocks[-1] += list(self.gpt.norm.parameters())
+        return [list(self.gpt.embed.parameters()), *blocks]
+
+
+def body_class(kind: str) -> type[nn.Module]:
+    from budgetlm.models.hf_encoder import HFEncoder
+    from budgetlm.models.lstm import LSTMEncoder
+
+    bodies = {"gpt": GPTBody, "hf": HFEncoder, "lstm": LSTMEncoder}
+    if kind not in bodies:
+        raise ValueError(f"unknown classifier body {kind!r}; known: {', '.join(bodies)}")
+    return bodies[kind]
+
+
+@dataclass
+class ClassifierConfig:
+    body: str                            # gpt | hf | lstm
+    body_config: dict                    # the body's own config, enough to rebuild it offline
+    labels: list[str]                    # class index → label as written in the training data
+    pooling: str = "mean"
+    dropout: float = 0.1
+    max_length: int = 128                # inputs are truncated to this many tokens
+    text_column: str = "text"            # what the training data called its columns (predict's default)
+    label_column: str = "label"
+    source: str = ""                     # where the body's weights came from
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"arch": "classifier", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ClassifierConfig":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+class Classifier(nn.Module):
+    def __init__(self, config: ClassifierConfig, body: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        self.body = body if body is not None else body_class(config.body).from_config(config.body_config)
+        self.head = ClassificationHead(self.body.width, len(config.labels), config.pooling, config.dropout)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Class logits (batch, classes) in fp32, whatever precision the body ran in."""
+        return self.head(self.body(ids, mask), mask).float()
+
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Parameters from the input up: the body's layers, then the head."""
+        return [*self.body.layers(), list(self.head.parameters())]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

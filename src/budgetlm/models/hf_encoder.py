@@ -1,0 +1,112 @@
+"""A Hugging Face encoder (BERT, MiniLM, RoBERTa, ...) as a classifier body, loaded offline from a
+folder with config.json, weights and a tokenizer. `transformers` is imported only when one is used."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+
+from budgetlm.errors import UserError
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("hf: models need the transformers package: pip install transformers") from None
+    return transformers
+
+
+@contextlib.contextmanager
+def _quiet(transformers):
+    """No weight-loading progress bar or info messages, and the user's settings restored after."""
+    logging = transformers.utils.logging
+    bar, level = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bar:
+            logging.enable_progress_bar()
+
+
+class HFEncoder(nn.Module):
+    kind = "hf"
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.width = model.config.hidden_size
+        self.max_length = getattr(model.config, "max_position_embeddings", None)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "HFEncoder":
+        """The architecture from a saved config dict (randomly initialized; load the weights after)."""
+        transformers = _transformers()
+        with _quiet(transformers):
+            hf_config = transformers.AutoConfig.for_model(**config)
+            return cls(transformers.AutoModel.from_config(hf_config))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "HFEncoder":
+        transformers = _transformers()
+        with _quiet(transformers):
+            try:
+                model = transformers.AutoModel.from_pretrained(str(folder), local_files_only=True)
+            except (OSError, ValueError, KeyError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise UserError(f"hf:{folder}: cannot load the encoder ({first})") from None
+        return cls(model.float())  # fp32 master weights whatever the checkpoint's dtype
+
+    def config_dict(self) -> dict:
+        return self.model.config.to_dict()
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def layers(self) -> list[list[nn.Parameter]]:
+        """Embeddings (and whatever else lies outside the stack of layers) first, then each layer.
+        The stack is the module list as long as the config's num_hidden_layers."""
+        n = getattr(self.model.config, "num_hidden_layers", None)
+        stack = next((m for m in self.model.modules() if isinstance(m, nn.ModuleList) and len(m) == n), None)
+        if stack is None:
+            return [list(self.model.parameters())]
+        inside = {id(p) for p in stack.parameters()}
+        rest = [p for p in self.model.parameters() if id(p) not in inside]
+        return [rest, *[list(layer.parameters()) for layer in stack]]
+
+
+def load_hf_tokenizer(folder: str | Path) -> Tokenizer:
+    """The folder's tokenizer.json, or the fast tokenizer transformers builds from its vocabulary files."""
+    folder = Path(folder)
+    path = folder / "tokenizer.json"
+    if path.is_file():
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception with the parse error
+            raise UserError(f"{path}: not a valid tokenizer.json ({e})") from None
+    transformers = _transformers()
+    with _quiet(transformers):
+        try:
+            fast = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"hf:{folder}: no tokenizer.json and no tokenizer transformers can load ({e})") from None
+    if not getattr(fast, "is_fast", False):
+        raise UserError(f"hf:{folder}: no tokenizer.json and no fast tokenizer for it; save one with "
+                        "AutoTokenizer.from_pretrained(...).save_pretrained(folder)")
+    return fast.backend_tokenizer
+
+
+def load_hf_encoder(folder: str | Path) -> tuple[HFEncoder, Tokenizer]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"hf:{folder}: no such folder; give a Hugging Face model folder (config.json, weights, tokenizer)")
+    if not (folder / "config.json").is_file():
+        raise UserError(f"hf:{folder}: no config.json; give a Hugging Face model folder")
+    return HFEncoder.from_pretrained(folder), load_hf_tokenizer(folder)

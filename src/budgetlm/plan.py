@@ -1,0 +1,104 @@
+"""The planner: from a time budget, the device's speed and the corpus size to a model size, batch and
+learning rate.
+
+For each shape of a ladder of GPTs it estimates how many tokens the budget lets that shape see
+(measured matmul peak × an efficiency that grows with width ÷ FLOPs per token), discounts repeated
+epochs of a small corpus (Muennighoff et al. 2023), and picks the shape with the lowest loss predicted
+by the Chinchilla fit L(N, D) = E + A/N^α + B/D^β (Hoffmann et al. 2022, approach 3). On this
+project's reference CPU the pick agrees with a sweep of sizes (see docs/planner.md)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+# (n_layer, d_model, n_head): width grows faster than depth at small scale, as in the GPT-2/Pythia families
+LADDER = [(2, 64, 2), (3, 96, 2), (4, 128, 2), (4, 192, 3), (6, 256, 4), (6, 384, 6), (8, 512, 8),
+          (12, 768, 12), (16, 1024, 16), (24, 1536, 16), (32, 2048, 16)]
+
+CHINCHILLA = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+REPEAT_HALF_LIFE = 15.4  # R*: epochs of repetition after which more repeats are worth little (Muennighoff)
+OVERHEAD = 0.85          # share of the budget left for training steps (data, evaluation, saving, warm-up)
+STEPS_TARGET = 2000      # optimizer steps a run should get: small budgets need many small steps
+
+
+@dataclass
+class Plan:
+    n_layer: int
+    d_model: int
+    n_head: int
+    context: int
+    batch_tokens: int
+    micro_batch: int
+    expected_tokens: int
+    peak_flops: float
+
+    def describe(self) -> str:
+        return (f"planned {self.n_layer}×{self.d_model} at context {self.context}, batch {self.batch_tokens} tokens, "
+                f"about {self.expected_tokens / 1e6:.1f}M training tokens in the budget "
+                f"(matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s)")
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
+    """FLOP/s of repeated square matmuls large enough to reach the device's steady state."""
+    n = 1024 if device.type == "cpu" else 4096
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while True:
+        c = a @ b
+        count += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if time.perf_counter() - start >= seconds:
+            break
+    del c
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def efficiency(d_model: int, device: torch.device) -> float:
+    """Share of the matmul peak a training step reaches at this width. CPU: measured here (2-core
+    EPYC, fp32) at 0.42 for d_model 128, 0.58 for 192 and 0.63 for 384. GPU: an uncalibrated guess,
+    since small models there are bound by kernel launches."""
+    if device.type == "cpu":
+        return min(0.7, 0.25 + d_model / 1000)
+    return min(0.5, d_model / 3000)
+
+
+def context_for(d_model: int) -> int:
+    return 128 if d_model < 256 else 256 if d_model < 768 else 512 if d_model < 1536 else 1024
+
+
+def flops_per_token(n_layer: int, d_model: int, vocab: int, context: int, mlp_ratio: float = 4.0) -> float:
+    params = n_layer * (4 + 2 * mlp_ratio) * d_model**2 + vocab * d_model
+    return 6 * params + 12 * n_layer * d_model * context
+
+
+def predicted_loss(n_params: float, tokens: float, unique_tokens: float) -> float:
+    c = CHINCHILLA
+    repeats = max(tokens / max(unique_tokens, 1.0) - 1.0, 0.0)
+    effective = min(tokens, unique_tokens * (1 + REPEAT_HALF_LIFE * (1 - math.exp(-repeats / REPEAT_HALF_LIFE))))
+    return c["E"] + c["A"] / n_params ** c["alpha"] + c["B"] / max(effective, 1.0) ** c["beta"]
+
+
+def plan(budget_s: float, *, train_tokens: int, vocab: int, device: torch.device, precision: str,
+         micro_batch: int | None = None, peak_flops: float | None = None) -> Plan:
+    """The ladder shape with the lowest predicted loss after `budget_s` seconds of training."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    peak = peak_flops or matmul_peak(device, dtype)
+    best = None
+    for n_layer, d_model, n_head in LADDER:
+        context = context_for(d_model)
+        tokens = efficiency(d_model, device) * peak * budget_s * OVERHEAD / flops_per_token(n_layer, d_model, vocab, context)
+        loss = predicted_loss(12 * n_layer * d_model**2, tokens, train_tokens)
+        if best is None or loss < best[0]:
+            best = (loss, n_layer, d_model, n_head, context, tokens)
+    _, n_layer, d_model, n_head, context, tokens = best
+    micro = micro_batch or (8 if device.type == "cpu" else max(8, 32768 // context))
+    batch = max(micro * context, 2 ** round(math.log2(max(tokens / STEPS_TARGET, 1))))
+    batch = micro * context * max(1, round(batch / (micro * context)))
+    return Plan(n_layer, d_model, n_head, context, batch, micro, int(tokens), peak)

@@ -1,0 +1,359 @@
+"""`budgetlm compare`: train several variants of one config on the same data and budget, one after
+another, and report them side by side.
+
+Variants come from `--vary KEY=V1,V2,...` (repeatable: the cartesian product of the axes; KEY is any
+field of the [data], [model] or [train] sections, with _ or -) or from a sweep file of `[[variant]]`
+tables:
+
+    [[variant]]
+    name = "muon-fast"          # optional; default: the settings, like optim=muon,lr=0.01
+    optim = "muon"              # flat keys of any section...
+    lr = 0.01
+    [variant.model]             # ...or keys under [variant.data], [variant.model], [variant.train]
+    n_layer = 4
+
+Each variant runs with `pretrain.run` in OUT/<name>/ (its log in pretrain.log there); OUT gets
+compare.json, compare.md and compare.png."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import time
+import tomllib
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from budgetlm.budget import format_duration, parse_duration
+from budgetlm.config import RunConfig, apply, load_toml
+from budgetlm.errors import UserError
+from budgetlm.train.checkpoint import atomic_write_bytes
+from budgetlm.workflows import pretrain
+from budgetlm.workflows.pretrain import prepare_out, say
+
+LIMITS = ("budget", "max_steps", "max_tokens")
+
+
+@dataclass
+class Variant:
+    name: str
+    settings: dict          # config key → value, as applied over the base config
+    config: RunConfig
+
+    @property
+    def folder(self) -> str:
+        return re.sub(r"[^A-Za-z0-9._=,+-]", "_", self.name)
+
+
+# ---------------------------------------------------------------- overrides
+
+def _sections(cfg: RunConfig) -> list[str]:
+    return [f.name for f in fields(cfg)]
+
+
+def config_keys(cfg: RunConfig) -> list[str]:
+    return sorted(f.name for s in _sections(cfg) for f in fields(getattr(cfg, s)))
+
+
+def section_of(cfg: RunConfig, key: str) -> str | None:
+    return next((s for s in _sections(cfg) if key in {f.name for f in fields(getattr(cfg, s))}), None)
+
+
+def normalize_key(cfg: RunConfig, key: str, where: str) -> str:
+    """`n-layer` or `n_layer` → `n_layer`; unknown keys are an error listing the allowed ones."""
+    name = key.strip().replace("-", "_")
+    if section_of(cfg, name) is None:
+        close = difflib.get_close_matches(name, config_keys(cfg), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"{where}unknown key {key!r}{hint}; allowed: {', '.join(config_keys(cfg))}")
+    return name
+
+
+def with_overrides(base: RunConfig, settings: dict, where: str = "") -> RunConfig:
+    """A copy of `base` with flat `settings` (key → value) applied and validated by config.apply."""
+    cfg = copy.deepcopy(base)
+    for key, value in settings.items():
+        name = normalize_key(cfg, key, where)
+        apply(getattr(cfg, section_of(cfg, name)), {name: value}, where)
+    return cfg
+
+
+def value_types(cfg: RunConfig, key: str) -> set[type]:
+    """The scalar types a config key holds: `int | None` → {int}, `list[str]` → {str}."""
+    hint = typing.get_type_hints(type(getattr(cfg, section_of(cfg, key))))[key]
+    parts = typing.get_args(hint) if typing.get_origin(hint) is not list else ()
+    found = set()
+    for part in parts or (hint,):
+        found |= set(typing.get_args(part)) if typing.get_origin(part) is list else {part}
+    return found - {type(None)}
+
+
+def parse_value(cfg: RunConfig, key: str, text: str):
+    """Command-line text → a value for `key`: kept as text for text fields, else read as a TOML
+    literal (1e-3, 4, true); what stays unreadable goes to config.apply, which names the problem."""
+    if str in value_types(cfg, key):
+        return text
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+# ---------------------------------------------------------------- variants
+
+def variants(base: RunConfig, *, vary: list[str] | None = None, sweep: str | None = None) -> list[Variant]:
+    """The variants of `--vary` axes or of a sweep file, each validated, before anything runs."""
+    if bool(vary) == bool(sweep):
+        raise UserError("give --vary KEY=V1,V2,... (repeatable) or --sweep FILE.toml, not both")
+    found = variants_from_vary(base, vary) if vary else variants_from_sweep(base, sweep)
+    names = [v.name for v in found]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise UserError(f"variant names must differ; repeated: {', '.join(duplicated)}")
+    folders = [v.folder for v in found]
+    if len(set(folders)) != len(folders):
+        raise UserError("variant names must differ in their letters, digits and ._=,+- (they name the run folders)")
+    for v in found:
+        t = v.config.train
+        if not any(getattr(t, limit) for limit in LIMITS):
+            raise UserError(f"variant {v.name}: give a limit, e.g. --budget 60s (or --max-steps, --max-tokens)")
+        if t.budget:
+            parse_duration(t.budget)
+    return found
+
+
+def variants_from_vary(base: RunConfig, specs: list[str]) -> list[Variant]:
+    axes: dict[str, list[tuple[str, object]]] = {}
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        texts = [v.strip() for v in values.split(",")]
+        if not sep or not key.strip() or not all(texts):
+            raise UserError(f"--vary {spec!r}: write KEY=V1,V2,..., e.g. optim=adamw,muon "
+                            "(values with commas need a --sweep file)")
+        name = normalize_key(base, key, f"--vary {spec!r}: ")
+        if name in axes:
+            raise UserError(f"--vary: {name} is given twice; put all its values in one --vary {name}=V1,V2,...")
+        if len(set(texts)) != len(texts):
+            raise UserError(f"--vary {spec!r}: a value is repeated")
+        axes[name] = [(text, parse_value(base, name, text)) for text in texts]
+    found = []
+    for combo in itertools.product(*axes.values()):
+        raw = {key: value for key, (_, value) in zip(axes, combo)}
+        cfg = with_overrides(base, raw, "--vary ")
+        settings = {key: getattr(getattr(cfg, section_of(cfg, key)), key) for key in raw}
+        name = ",".join(f"{key}={text}" for key, (text, _) in zip(axes, combo))
+        found.append(Variant(name, settings, cfg))
+    return found
+
+
+def variants_from_sweep(base: RunConfig, path: str) -> list[Variant]:
+    doc = load_toml(path)
+    extra = sorted(set(doc) - {"variant"})
+    tables = doc.get("variant")
+    if extra or not isinstance(tables, list) or not tables:
+        raise UserError(f"{path}: a sweep file holds [[variant]] tables only (name = \"...\" plus config keys)"
+                        + (f"; found {', '.join(extra)}" if extra else ""))
+    found = []
+    for i, table in enumerate(tables, 1):
+        where = f"{path} variant {i}: "
+        table = dict(table)
+        name = table.pop("name", None)
+        settings: dict = {}
+        for key, value in table.items():
+            if key in _sections(base) and isinstance(value, dict):
+                for inner in value:
+                    if section_of(base, inner.replace("-", "_")) != key:
+                        raise UserError(f"{where}{inner!r} is not a key of [{key}]; allowed: "
+                                        f"{', '.join(f.name for f in fields(getattr(base, key)))}")
+                settings.update(value)
+            else:
+                settings[key] = value
+        cfg = with_overrides(base, settings, where)
+        settings = {k.replace("-", "_"): v for k, v in settings.items()}
+        settings = {k: getattr(getattr(cfg, section_of(cfg, k)), k) for k in settings}
+        if name is None:
+            name = ",".join(f"{k}={_text(v)}" for k, v in settings.items()) or "base"
+        if not isinstance(name, str) or not name.strip():
+            raise UserError(f"{where}name must be a non-empty string")
+        found.append(Variant(name.strip(), settings, cfg))
+    return found
+
+
+def _text(value) -> str:
+    if isinstance(value, list):
+        return "+".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+# ---------------------------------------------------------------- running
+
+def run(base: RunConfig, found: list[Variant], out: Path) -> list[dict]:
+    """Run every variant in turn; write compare.json after each, then compare.md and compare.png.
+    Raises UserError (after writing the files) only when every variant failed."""
+    prepare_out(out)
+    warm_up(found[0].config, out / ".warm-up")
+    records: list[dict] = []
+    for i, variant in enumerate(found, 1):
+        say(f"[{i}/{len(found)}] {variant.name}: running in {out / variant.folder}")
+        record = run_variant(variant, out / variant.folder)
+        records.append(record)
+        say(f"[{i}/{len(found)}] {variant.name}: {_outcome(record)}")
+        atomic_write_bytes(out / "compare.json", json.dumps(records, indent=2).encode())
+        if record["stop_reason"] == "interrupted":
+            say(f"interrupted: {len(found) - i} variant(s) not run")
+            break
+    report = markdown(base, records)
+    atomic_write_bytes(out / "compare.md", report.encode())
+    plot(records, out / "compare.png")
+    print(report, flush=True)
+    say(f"files in {out}: compare.json, compare.md, compare.png")
+    if all(r["error"] for r in records):
+        raise UserError(f"every variant failed; see {out / 'compare.md'} and each variant's pretrain.log")
+    return records
+
+
+# A one-step run of a tiny model: what it leaves behind is all the warm-up is for.
+WARM_UP = {"budget": None, "max_tokens": None, "max_steps": 1, "size": None, "n_layer": 1, "d_model": 32,
+           "n_head": 1, "context": 32, "micro_batch": 16, "batch_tokens": None, "compile": "off", "eval_every": "1",
+           "eval_tokens": 512, "early_stop": None, "patience": 0, "save_every": None, "resume": None}
+
+
+def warm_up(cfg: RunConfig, folder: Path) -> None:
+    """Pay the process's one-time costs (imports, device start, tokenizer training, token caches)
+    outside any budget, so that the first run's budget buys as much training as the others'.
+    Errors are left for the real runs to report."""
+    say("warming up (imports, tokenizer, token cache) outside the budgets")
+    try:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+            pretrain.run(with_overrides(cfg, WARM_UP), folder, quiet=True)
+    except UserError:
+        pass
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_variant(variant: Variant, folder: Path) -> dict:
+    """One pretrain run, its log in folder/pretrain.log; a failure becomes the record's error."""
+    record = {"name": variant.name, "settings": variant.settings, "run": str(folder), "best_val_bpb": None,
+              "best_val_loss": None, "start_val_loss": None, "tokens_seen": None, "tokens_per_s": None,
+              "wall_s": None, "steps": None, "params": None, "model": None, "stop_reason": "failed", "device": None,
+              "error": None}
+    started = time.monotonic()
+    try:
+        prepare_out(folder)
+        with (folder / "pretrain.log").open("w") as log, contextlib.redirect_stderr(log):
+            summary = pretrain.run(variant.config, folder, quiet=True)
+    except UserError as e:
+        record.update(error=str(e), wall_s=round(time.monotonic() - started, 2))
+        return record
+    except Exception as e:  # unforeseen: keep it with the variant so the others still run
+        record.update(error=f"{type(e).__name__}: {e}", wall_s=round(time.monotonic() - started, 2))
+        return record
+    evals = eval_records(folder / "metrics.jsonl")
+    start = next((e for e in evals if e.get("step") == 0), None)
+    record.update({key: summary[key] for key in ("best_val_bpb", "best_val_loss", "tokens_seen", "tokens_per_s",
+                                                  "wall_s", "steps", "params", "stop_reason", "device")})
+    record["start_val_loss"] = start["val_loss"] if start else None
+    m = summary["model"]
+    record["model"] = f"{m['n_layer']}×{m['d_model']}, context {m['context']}"
+    return record
+
+
+def eval_records(path: Path) -> list[dict]:
+    """The `kind: eval` records of a run's metrics.jsonl (lines cut short by a kill are skipped)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("kind") == "eval" and record.get("val_bpb") is not None:
+            records.append(record)
+    return records
+
+
+def _outcome(record: dict) -> str:
+    if record["error"]:
+        return f"failed: {record['error']}"
+    return (f"best val bpb {record['best_val_bpb']:.4f} (loss {record['start_val_loss'] or math.nan:.3f} → "
+            f"{record['best_val_loss']:.3f}), {record['tokens_seen']:,} tokens at {record['tokens_per_s']:,.0f}/s, "
+            f"{format_duration(record['wall_s'])}, {record['stop_reason']}")
+
+
+# ---------------------------------------------------------------- reports
+
+def ranked(records: list[dict]) -> list[dict]:
+    """Best validation bpb first; failed variants last, in their order."""
+    return sorted(records, key=lambda r: (r["best_val_bpb"] is None, r["best_val_bpb"] or 0.0))
+
+
+def markdown(base: RunConfig, records: list[dict]) -> str:
+    t = base.train
+    limit = " / ".join(f"{name.replace('_', ' ')} {getattr(t, name)}" for name in LIMITS if getattr(t, name))
+    varied = sorted({k for r in records for k in r["settings"] if k in LIMITS})
+    data = ", ".join(base.data.data) or "Shakespeare's complete works (default corpus)"
+    device = next((r["device"] for r in records if r["device"]), "unknown")
+    lines = [
+        "# budgetlm compare",
+        "",
+        f"Each variant: {limit or 'no limit'}{' (varied: ' + ', '.join(varied) + ')' if varied else ''}; "
+        f"data: {data}; machine: {device}; {time.strftime('%Y-%m-%d %H:%M')}.",
+        "",
+        "| rank | variant | best val bpb | best val loss | start val loss | tokens seen | tokens/s | wall | stop | model |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for rank, r in enumerate(ranked(records), 1):
+        name = r["name"].replace("|", "\\|")
+        if r["error"]:
+            error = r["error"].replace("|", "\\|")
+            lines.append(f"| – | {name} | | | | | | | failed: {error} | |")
+            continue
+        lines.append(f"| {rank} | {name} | {r['best_val_bpb']:.4f} | {r['best_val_loss']:.4f} | "
+                     f"{_number(r['start_val_loss'], '.4f')} | {r['tokens_seen']:,} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['wall_s']:.1f}s | {r['stop_reason']} | {r['model']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _number(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def plot(records: list[dict], path: Path) -> None:
+    """Validation bpb against wall-clock seconds, one line per variant (from its metrics.jsonl)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    later = []  # evaluations after the first, to keep the untrained start from flattening the curves
+    drawn = False
+    for r in ranked(records):
+        evals = eval_records(Path(r["run"]) / "metrics.jsonl")
+        if r["error"] or not evals:
+            continue
+        ax.plot([e["elapsed_s"] for e in evals], [e["val_bpb"] for e in evals], "o-", ms=3, lw=1.2,
+                label=f"{r['name']} ({r['best_val_bpb']:.3f})")
+        later += [e["val_bpb"] for e in evals[1:]]
+        drawn = True
+    if later:
+        low, high = min(later), max(later)
+        ax.set_ylim(low - 0.05 * (high - low + 1e-3), high + 0.1 * (high - low + 1e-3))
+    if drawn:
+        ax.legend(title="variant (best val bpb)", fontsize=8)
+    ax.set_xlabel("wall-clock seconds")
+    ax.set_ylabel("validation bits per byte")
+    ax.set_title("budgetlm compare")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

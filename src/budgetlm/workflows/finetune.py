@@ -1,0 +1,364 @@
+"""`budgetlm finetune`: train a text classifier within a budget and keep the best weights.
+
+setup (budget clock, labelled data, body + tokenizer, head) → fit → full validation → save → report,
+top to bottom. The body is a budgetlm GPT from `pretrain`, a Hugging Face encoder (`hf:PATH`), or a
+new GPT or LSTM (`scratch`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from budgetlm.budget import Budget, format_duration, parse_duration
+from budgetlm.config import SIZES, FinetuneConfig
+from budgetlm.data.labelled import LabelMap, load_labelled, stratified_split
+from budgetlm.data.tokenizer import (
+    EOT,
+    default_vocab_size,
+    load_tokenizer,
+    train_tokenizer,
+)
+from budgetlm.data.tokens import content_hash
+from budgetlm.errors import UserError
+from budgetlm.eval.classification import plot_confusion, plot_training, report
+from budgetlm.models.classifier import Classifier, ClassifierConfig, GPTBody
+from budgetlm.models.gpt import GPT, GPTConfig
+from budgetlm.models.lstm import LSTMConfig, LSTMEncoder, word_tokenizer
+from budgetlm.train.checkpoint import (
+    atomic_write_bytes,
+    load_model,
+    read_config,
+    save_model,
+)
+from budgetlm.train.classify import (
+    EVAL_BATCH,
+    ClassificationTask,
+    classification_tokenizer,
+    encode_texts,
+    layer_scaled,
+    predict_probs,
+)
+from budgetlm.train.loop import FitConfig, fit
+from budgetlm.train.metrics import RunLog
+from budgetlm.train.optim import build_optimizer, parse_optim_args
+from budgetlm.train.resume import Checkpoints, load_snapshot
+from budgetlm.train.runtime import Runtime, pick_device, pick_precision, set_threads
+from budgetlm.train.schedule import Schedule
+from budgetlm.train.signals import GracefulStop
+from budgetlm.workflows.pretrain import (
+    HIGHER_IS_BETTER,
+    default_lr,
+    parse_early_stop,
+    parse_every,
+    prepare_out,
+    say,
+)
+
+EVALS_PER_RUN = 6
+MONITORS = ("val_accuracy", "val_macro_f1", "val_loss")
+WORD_VOCAB = 20000
+
+
+def load_data(c: FinetuneConfig) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(train texts, train labels, validation texts, validation labels), labels as written."""
+    if not c.data:
+        raise UserError("give the labelled training data with --data (a .tsv, .csv, .jsonl or .parquet file)")
+    texts, labels = load_labelled(c.data, c.text_column, c.label_column)
+    if c.val:
+        val_texts, val_labels = load_labelled(c.val, c.text_column, c.label_column)
+        return texts, labels, val_texts, val_labels
+    train_idx, val_idx = stratified_split(texts, labels, c.val_fraction, c.seed)
+    pick = lambda xs, idx: [xs[i] for i in idx]
+    return pick(texts, train_idx), pick(labels, train_idx), pick(texts, val_idx), pick(labels, val_idx)
+
+
+def check_labels(label_map: LabelMap, n_train: int, c: FinetuneConfig) -> None:
+    n = len(label_map)
+    if n > 1000 or (n_train >= 20 and n > n_train / 2):
+        raise UserError(f"{c.data}: column {c.label_column!r} has {n} distinct values in {n_train} rows, too many "
+                        "for classes; is it the label? Choose the label with --label-column")
+
+
+def augment_training(texts: list[str], labels: list[str], c: FinetuneConfig) -> tuple[list[str], list[str]]:
+    from budgetlm.data.augment import augment_dataset, parse_augment_spec
+    from budgetlm.data.wordnet import load_synonyms
+
+    spec = parse_augment_spec(c.augment)
+    if not spec.enabled:
+        return texts, labels
+    synonyms = load_synonyms(c.synonyms) if spec.needs_synonyms else None
+    return augment_dataset(texts, labels, spec, synonyms, c.seed)
+
+
+def build_body(c: FinetuneConfig, train_texts: list[str]) -> tuple[torch.nn.Module, Tokenizer, str]:
+    """(body, its tokenizer set up for classification, the token wrapped around each text or None)."""
+    source = c.model
+    if source.startswith("hf:"):
+        from budgetlm.models.hf_encoder import load_hf_encoder
+
+        body, tok = load_hf_encoder(source[3:])
+        return body, tok, None
+    if source == "scratch":
+        if c.arch == "lstm":
+            if (c.tokenizer or "word") == "word":
+                tok = word_tokenizer(train_texts, c.vocab_size or WORD_VOCAB)
+            else:
+                tok = _bpe(train_texts, c)
+            return LSTMEncoder(LSTMConfig(vocab_size=tok.get_vocab_size())), tok, None
+        if c.tokenizer == "word":
+            raise UserError("--tokenizer word is for --arch lstm; a GPT uses BPE")
+        tok = _bpe(train_texts, c)
+        n_layer, d_model, n_head = SIZES[c.size or "small"]
+        config = GPTConfig(vocab_size=math.ceil(tok.get_vocab_size() / 64) * 64, context=c.max_length,
+                           n_layer=n_layer, d_model=d_model, n_head=n_head, dropout=0.1)
+        return GPTBody(GPT(config)), tok, EOT
+    folder = Path(source)
+    if not folder.is_dir():
+        raise UserError(f"--model {source}: no such folder; give a budgetlm pretrain folder, hf:PATH for a Hugging "
+                        "Face encoder, or scratch")
+    arch = read_config(folder).get("arch")
+    if arch != "gpt":
+        raise UserError(f"--model {source}: finetune starts from a pretrained GPT (config.json arch 'gpt'), "
+                        f"not arch {arch!r}")
+    pretrained, _, tok = load_model(folder)
+    if tok is None:
+        raise UserError(f"--model {source}: no tokenizer.json; give the --out folder of budgetlm pretrain")
+    if tok.token_to_id(EOT) is None:
+        raise UserError(f"--model {source}: its tokenizer has no {EOT} token; use the tokenizer it was pretrained with")
+    # the head's dropout inside the body too (unless pretraining used more): labelled data seen for
+    # many epochs overfits a body that pretraining left without any
+    config = GPTConfig.from_dict({**pretrained.config.to_dict(),
+                                  "dropout": max(pretrained.config.dropout, c.dropout if c.dropout is not None else 0.1)})
+    gpt = GPT(config)
+    gpt.load_state_dict(pretrained.state_dict())
+    return GPTBody(gpt), tok, EOT
+
+
+def _bpe(texts: list[str], c: FinetuneConfig) -> Tokenizer:
+    return train_tokenizer(texts, c.vocab_size or default_vocab_size(sum(len(t.encode()) for t in texts)))
+
+
+def defaults(c: FinetuneConfig, body: torch.nn.Module) -> dict:
+    """The settings left unset, chosen for the body: fine-tuning a pretrained network wants a rate
+    well below its pretraining one; a network from scratch wants a pretraining-sized rate."""
+    lstm = body.kind == "lstm"
+    if c.lr:
+        lr = c.lr
+    elif lstm:
+        lr = 1e-3
+    elif body.kind == "hf":
+        lr = 1e-4 * 384 / body.width
+    elif c.model == "scratch":
+        lr = default_lr(body.width)
+    else:
+        lr = default_lr(body.width) / 10
+    return {
+        "lr": lr,
+        "optim": c.optim or ("adam" if lstm else "adamw"),
+        "weight_decay": c.weight_decay if c.weight_decay is not None else (0.0 if lstm else 0.01),
+        "pooling": c.pooling or ("last" if lstm else "mean"),
+        "dropout": c.dropout if c.dropout is not None else (0.5 if lstm else 0.1),
+    }
+
+
+def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False) -> dict:
+    c = cfg
+    if not (c.budget or c.max_steps or c.epochs):
+        raise UserError("give a limit: --budget (e.g. 10m), --max-steps or --epochs")
+    # the clock starts now: data preparation counts; an epoch limit is set once the data is read
+    budget = Budget(seconds=parse_duration(c.budget) if c.budget else None, max_steps=c.max_steps,
+                    max_tokens=math.inf if c.epochs else None)
+    if c.max_length < 3:
+        raise UserError(f"--max-length {c.max_length} is too short; give at least 3 tokens")
+    if c.batch_size < 1 or (c.micro_batch is not None and c.micro_batch < 1):
+        raise UserError("--batch-size and --micro-batch must be at least 1")
+    prepare_out(out)
+    checkpoints = Checkpoints(out / "checkpoints", keep=c.keep_checkpoints)
+    snapshot = _find_resume(c.resume, out, checkpoints)
+    if snapshot is not None:
+        budget.spent_s = snapshot.meta["spent_s"]
+    threads = set_threads(c.threads)
+    torch.manual_seed(c.seed)
+    device = pick_device(c.device)
+    precision = pick_precision(c.precision, device)
+
+    # Data: labelled rows → train/validation split → label map → augmented training split.
+    train_texts, train_labels, val_texts, val_labels = load_data(c)
+    label_map = LabelMap.from_labels(train_labels)
+    check_labels(label_map, len(train_texts), c)
+    val_y = label_map.encode(val_labels, source=c.val or "the validation split")
+    n_original = len(train_texts)
+    if c.augment:
+        train_texts, train_labels = augment_training(train_texts, train_labels, c)
+    train_y = label_map.encode(train_labels, source=c.data)
+    if c.epochs:
+        budget.max_tokens = math.ceil(c.epochs * len(train_texts))
+    identity = {"data": content_hash(train_texts, str(c.seed), *train_labels, "\x00val", *val_texts, *val_labels)}
+
+    # Model: the body and its tokenizer, the head; a resumed run rebuilds both from --out.
+    if snapshot is not None:
+        _check_same_run(snapshot, identity)
+        saved = read_config(out)
+        model = Classifier(ClassifierConfig.from_dict(saved))
+        tokenizer = classification_tokenizer(load_tokenizer(out / "tokenizer.json"), saved["max_length"])
+        mc = model.config
+        settings = saved["extra"]["settings"]
+    else:
+        body, tokenizer, wrap = build_body(c, train_texts)
+        settings = defaults(c, body)
+        max_length = min(c.max_length, body.max_length or c.max_length)
+        tokenizer = classification_tokenizer(tokenizer, max_length, wrap)
+        mc = ClassifierConfig(body=body.kind, body_config=body.config_dict(), labels=list(label_map.labels),
+                              pooling=settings["pooling"], dropout=settings["dropout"], max_length=max_length,
+                              text_column=c.text_column, label_column=c.label_column, source=c.model,
+                              extra={"settings": settings})
+        model = Classifier(mc, body)
+    model.to(device)
+    train_ids, val_ids = encode_texts(tokenizer, train_texts), encode_texts(tokenizer, val_texts)
+
+    micro_batch = min(c.micro_batch or c.batch_size, c.batch_size)
+    micro_steps = max(1, round(c.batch_size / micro_batch))
+    runtime = Runtime(device, precision, compiled=False)  # batch shapes vary, so compiling would recompile
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    optimizer = build_optimizer(model, settings["optim"], lr=settings["lr"], weight_decay=settings["weight_decay"],
+                                betas=(c.beta1, c.beta2), extra=parse_optim_args(c.optim_args or ""), device=device)
+    if c.layer_lr_decay != 1.0:
+        optimizer = layer_scaled(optimizer, model.layer_groups(), c.layer_lr_decay)
+    schedule = Schedule(c.schedule, c.warmup, c.decay_fraction, c.min_lr_ratio, gamma=c.gamma, step_size=c.step_size,
+                        patience=c.plateau_patience)
+    eval_steps, eval_s = parse_every(c.eval_every)
+    if not (eval_steps or eval_s):
+        if budget.seconds:
+            eval_s = budget.seconds / EVALS_PER_RUN
+        else:
+            planned = min(x for x in (c.max_steps, c.epochs and math.ceil(budget.max_tokens / c.batch_size)) if x)
+            eval_steps = max(1, planned // EVALS_PER_RUN)
+    save_steps, save_s = parse_every(c.save_every)
+    monitor, patience, min_delta = parse_early_stop(c.early_stop, 0, 0.0) if c.early_stop else ("val_accuracy", 0, 0.0)
+    if monitor not in MONITORS:
+        raise UserError(f"--early-stop: fine-tuning measures {', '.join(MONITORS)}, not {monitor!r}")
+    fit_cfg = FitConfig(lr=settings["lr"], schedule=schedule, micro_steps=micro_steps, grad_clip=c.grad_clip,
+                        eval_every_steps=eval_steps, eval_every_s=eval_s, eval_share=0.02, monitor=monitor,
+                        monitor_mode="max" if monitor in HIGHER_IS_BETTER else "min", patience=patience,
+                        min_delta=min_delta, log_every_s=2.0, save_every_steps=save_steps, save_every_s=save_s)
+    task = ClassificationTask(train_ids, train_y, val_ids, val_y, micro_batch, micro_steps=micro_steps, seed=c.seed,
+                              device=device, label_smoothing=c.label_smoothing,
+                              body=model.body, freeze_steps=c.freeze_steps)
+
+    if snapshot is not None:
+        say(f"resuming from {snapshot.path} (step {snapshot.meta['loop']['step']}, "
+            f"{format_duration(snapshot.meta['spent_s'])} of the budget spent)")
+    else:
+        # the tokenizer and config go out first: a resume must find them whatever happens next
+        atomic_write_bytes(out / "tokenizer.json", tokenizer.to_str().encode())
+        atomic_write_bytes(out / "config.json", json.dumps(mc.to_dict(), indent=2).encode())
+    lengths = np.array([len(s) for s in train_ids])
+    say(f"budgetlm finetune: {mc.body} body from {c.model}, {model.num_params() / 1e6:.2f}M parameters, "
+        f"{len(label_map)} classes, {len(train_ids):,} training examples"
+        f"{f' ({n_original:,} before augmentation)' if len(train_ids) != n_original else ''} "
+        f"(mean {lengths.mean():.1f} tokens), {len(val_ids):,} validation")
+    say(f"  device {device} ({threads} threads), {precision}, batch {micro_batch * micro_steps} "
+        f"(micro-batch {micro_batch} × {micro_steps}), {settings['optim']} lr {settings['lr']:.2e} {c.schedule}, "
+        f"{mc.pooling} pooling, budget {_describe(budget, c)}")
+
+    log = RunLog(out / "metrics.jsonl", quiet=quiet,
+                 resume_step=snapshot.meta["loop"]["step"] if snapshot is not None else None)
+    with GracefulStop() as stop:
+        result = fit(model, model, task, optimizer, fit_cfg, budget, runtime, log, checkpoints=checkpoints,
+                     resume=snapshot, stop=stop, scaler=scaler, run_meta=identity)
+    model.requires_grad_(True)
+
+    # The kept weights over the whole validation set, as `predict` computes it (same batches, no autocast).
+    model.eval()
+    probs = predict_probs(model, val_ids, EVAL_BATCH, device)
+    scored = report(np.asarray(val_y), probs.argmax(1), list(label_map.labels))
+    val_loss = float(-np.mean(np.log(np.maximum(probs[np.arange(len(val_y)), val_y], 1e-12))))
+    save_model(out, model, mc.to_dict(), tokenizer)
+    atomic_write_bytes(out / "confusion.json", json.dumps(
+        {"labels": list(label_map.labels), "rows": "true label", "columns": "predicted label",
+         "matrix": scored["confusion"]}, indent=2).encode())
+    plot_confusion(scored["confusion"], list(label_map.labels), out / "confusion.png",
+                   title=f"validation accuracy {scored['accuracy']:.4f}")
+    plot_training(log.records, out / "loss.png", title=f"{mc.body} classifier, {result.seen:,} examples")
+    summary = {
+        "best_val_accuracy": scored["accuracy"],
+        "best_val_macro_f1": scored["macro_f1"],
+        "best_val_loss": val_loss,
+        "per_class": scored["per_class"],
+        "best_step": result.best.get("step"),
+        "monitor": monitor,
+        "examples_seen": result.seen,
+        "epochs": round(result.seen / max(len(train_ids), 1), 3),
+        "steps": result.steps,
+        "train_examples": len(train_ids),
+        "train_examples_before_augmentation": n_original,
+        "val_examples": len(val_ids),
+        "labels": list(label_map.labels),
+        "params": model.num_params(),
+        "wall_s": round(budget.elapsed(), 2),
+        "budget_s": budget.seconds,
+        "train_s": round(result.train_s, 2),
+        "examples_per_s": round(result.per_s, 1),
+        "device": str(device),
+        "precision": precision,
+        "stop_reason": result.stop_reason,
+        "skipped_steps": result.state.skipped_steps,
+        "body": mc.body,
+        "source": c.model,
+        "pooling": mc.pooling,
+        "settings": settings,
+        "config": {"finetune": dataclasses.asdict(c)},
+    }
+    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
+    if result.stop_reason == "interrupted":
+        say(f"stopped at step {result.steps}; best weights so far are in {out}. Resume with the same command "
+            f"and --resume auto --out {out}")
+    else:
+        say(f"done ({result.stop_reason}) in {format_duration(summary['wall_s'])}: validation accuracy "
+            f"{scored['accuracy']:.4f}, macro-F1 {scored['macro_f1']:.4f}, {summary['examples_per_s']:,.0f} "
+            f"examples/s, {summary['epochs']} epochs; files in {out}")
+    return summary
+
+
+def _find_resume(resume: str | None, out: Path, checkpoints: Checkpoints):
+    if not resume:
+        return None
+    if resume == "auto":
+        path = checkpoints.latest_valid(warn=say)
+        if path is None:
+            return None
+    else:
+        path = Path(resume)
+        if (path / "checkpoints").is_dir():
+            path = Checkpoints(path / "checkpoints").latest_valid(warn=say)
+            if path is None:
+                raise UserError(f"{resume}: no valid checkpoint to resume from")
+        elif not path.is_dir():
+            raise UserError(f"--resume {resume}: no such checkpoint folder; use --resume auto or a checkpoint path")
+    for name in ("tokenizer.json", "config.json"):
+        if not (out / name).is_file():
+            raise UserError(f"cannot resume into {out}: its {name} is missing; resume with the run's own --out")
+    return load_snapshot(path)
+
+
+def _check_same_run(snapshot, identity: dict) -> None:
+    if snapshot.meta.get("data") != identity["data"]:
+        raise UserError(f"checkpoint {snapshot.path} was trained on other data (or another --augment or --seed); "
+                        "resume with the same data and flags, or start a new --out")
+
+
+def _describe(budget: Budget, c: FinetuneConfig) -> str:
+    parts = []
+    if budget.seconds:
+        parts.append(format_duration(budget.seconds))
+    if budget.max_steps:
+        parts.append(f"{budget.max_steps} steps")
+    if c.epochs:
+        parts.append(f"{c.epochs:g} epochs")
+    return " / ".join(parts)

@@ -1,0 +1,114 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from budgetlm.data.labelled import (
+    LabelMap,
+    load_labelled,
+    read_rows,
+    stratified_split,
+    write_rows,
+)
+from budgetlm.errors import UserError
+
+
+def test_tsv_keeps_quotes_as_text(tmp_path):
+    path = tmp_path / "train.tsv"
+    path.write_text('sentence\tlabel\n"quoted" start , and a " stray quote \t1\nplain text \t0\n')
+    texts, labels = load_labelled(path)
+    assert texts == ['"quoted" start , and a " stray quote ', "plain text "]
+    assert labels == ["1", "0"]
+
+
+def test_csv_jsonl_parquet(tmp_path):
+    (tmp_path / "d.csv").write_text('id,text,y\n1,"hello, world",pos\n2,bye,neg\n')
+    records = [json.dumps({"text": "a", "y": 1}), "", json.dumps({"text": "b", "y": 0})]
+    (tmp_path / "d.jsonl").write_text("\n".join(records) + "\n")
+    pq.write_table(pa.table({"text": ["a", "b"], "y": [1, 0]}), tmp_path / "d.parquet")
+    assert load_labelled(tmp_path / "d.csv", "text", "y") == (["hello, world", "bye"], ["pos", "neg"])
+    assert load_labelled(tmp_path / "d.jsonl", "text", "y") == (["a", "b"], ["1", "0"])
+    assert load_labelled(tmp_path / "d.parquet", "text", "y") == (["a", "b"], ["1", "0"])
+
+
+@pytest.mark.parametrize("content, fragments", [
+    ("text\tlabel\na\t1\nb\t0\n", ["no column 'sentence'", "text, label", "--text-column"]),
+    ("sentence\ty\na\t1\nb\t0\n", ["no column 'label'", "--label-column"]),
+    ("sentence\tlabel\na\t1\nb\t\n", ["row 2", "empty label"]),
+    ("sentence\tlabel\na\t1\nb\t1\n", ["every label is '1'", "two classes"]),
+    ("sentence\tlabel\n", ["no rows"]),
+    ("sentence\tlabel\na\t1\textra\nb\t0\n", ["row 1", "more fields"]),
+])
+def test_tsv_errors(tmp_path, content, fragments):
+    path = tmp_path / "d.tsv"
+    path.write_text(content)
+    with pytest.raises(UserError) as e:
+        load_labelled(path)
+    for fragment in fragments:
+        assert fragment in str(e.value)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        load_labelled(tmp_path / "absent.tsv")
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(UserError, match=r"\.tsv"):
+        load_labelled(tmp_path / "d.txt")
+    (tmp_path / "d.jsonl").write_text('{"sentence": "a", "label": 1}\n[1, 2]\n')
+    with pytest.raises(UserError, match="d.jsonl:2"):
+        load_labelled(tmp_path / "d.jsonl")
+    (tmp_path / "latin.tsv").write_bytes("sentence\tlabel\ndéjà\t1\n".encode("latin-1"))
+    with pytest.raises(UserError, match="UTF-8"):
+        load_labelled(tmp_path / "latin.tsv")
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv", ".jsonl", ".parquet"])
+def test_write_then_read_round_trip(tmp_path, suffix):
+    rows = [{"sentence": 'say "hi" , friend', "label": "1"}, {"sentence": "no", "label": "0"}]
+    write_rows(tmp_path / f"out{suffix}", ["sentence", "label"], rows)
+    assert read_rows(tmp_path / f"out{suffix}") == (["sentence", "label"], rows)
+
+
+def test_tsv_cannot_hold_a_tab(tmp_path):
+    with pytest.raises(UserError, match="tab or line break"):
+        write_rows(tmp_path / "o.tsv", ["sentence", "label"], [{"sentence": "a\tb", "label": "1"}])
+
+
+def test_label_map_orders_numbers_numerically_and_round_trips():
+    m = LabelMap.from_labels(["10", "2", "1", "2", "-1"])
+    assert m.labels == ("-1", "1", "2", "10")
+    assert m.encode(["2", "10"]) == [2, 3]
+    assert m.decode([0, 3]) == ["-1", "10"]
+    assert LabelMap.from_json(m.to_json()) == m
+    words = LabelMap.from_labels(["pos", "neg", "neutral", "neg"])
+    assert words.labels == ("neg", "neutral", "pos") and len(words) == 3
+
+
+def test_label_map_errors():
+    m = LabelMap.from_labels(["0", "1"])
+    with pytest.raises(UserError, match="'2'.*never occur"):
+        m.encode(["0", "2"], "dev.tsv")
+    for bad in ("not json", "[1]", '{"labels": [1, 2]}', '{"labels": ["a", "a"]}'):
+        with pytest.raises(UserError, match="label map"):
+            LabelMap.from_json(bad)
+
+
+def test_stratified_split_is_deterministic_and_covers_every_class():
+    labels = ["a"] * 50 + ["b"] * 7 + ["c"] * 2 + ["d"]
+    texts = [str(i) for i in range(len(labels))]
+    train, val = stratified_split(texts, labels, 0.2, seed=3)
+    assert sorted(train + val) == list(range(len(labels)))
+    assert (train, val) == stratified_split(texts, labels, 0.2, seed=3)
+    assert (train, val) != stratified_split(texts, labels, 0.2, seed=4)
+    val_labels = [labels[i] for i in val]
+    assert val_labels.count("a") == 10 and val_labels.count("b") == 1 and val_labels.count("c") == 1
+    assert "d" not in val_labels  # a single example stays in training
+    assert {labels[i] for i in train} == {"a", "b", "c", "d"}
+
+
+def test_stratified_split_errors():
+    with pytest.raises(UserError, match="between 0 and 1"):
+        stratified_split(["x", "y"], ["a", "b"], 1.0, 0)
+    with pytest.raises(UserError, match="--val"):
+        stratified_split(["x", "y"], ["a", "b"], 0.5, 0)

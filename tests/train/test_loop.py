@@ -1,0 +1,180 @@
+"""The loop's own behaviour on a tiny regression task: accumulation, faults, out-of-memory, limits."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from budgetlm.budget import Budget
+from budgetlm.errors import UserError
+from budgetlm.train.loop import FitConfig, fit
+from budgetlm.train.metrics import RunLog
+from budgetlm.train.optim import build_optimizer
+from budgetlm.train.resume import Checkpoints
+from budgetlm.train.runtime import Runtime
+from budgetlm.train.schedule import Schedule
+
+CPU = torch.device("cpu")
+
+
+class Regression:
+    """y = x·w* with a 2-layer net; batches are a pure function of (step, micro)."""
+    unit = "examples"
+
+    def __init__(self, micro_batch=8, poison_steps=(), oom_steps=()):
+        self.micro_batch, self.micro_steps = micro_batch, 1
+        self.poison_steps, self.oom_steps = set(poison_steps), set(oom_steps)
+        self.w = torch.randn(6, 1, generator=torch.Generator().manual_seed(0))
+        val = torch.Generator().manual_seed(99)
+        self.val_x = torch.randn(64, 6, generator=val)
+
+    def batch(self, step, micro):
+        g = torch.Generator().manual_seed(step * 1000 + micro)
+        x = torch.randn(self.micro_batch, 6, generator=g)
+        return x, x @ self.w, torch.tensor(step)
+
+    def count(self, batch):
+        return batch[0].shape[0]
+
+    def loss(self, forward, batch):
+        x, y, step = batch
+        if int(step) in self.oom_steps:
+            self.oom_steps.discard(int(step))
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+        loss = ((forward(x) - y) ** 2).sum()
+        return loss * float("nan") if int(step) in self.poison_steps else loss
+
+    def halve_micro_batch(self):
+        if self.micro_batch < 2:
+            return False
+        self.micro_batch //= 2
+        return True
+
+    def eval_batch_count(self):
+        return 2
+
+    def evaluate(self, forward, max_batches):
+        with torch.no_grad():
+            loss = ((forward(self.val_x) - self.val_x @ self.w) ** 2).mean().item()
+        return {"val_loss": loss}
+
+
+def make(task_kwargs=None, **cfg_kwargs):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+    task = Regression(**(task_kwargs or {}))
+    opt = build_optimizer(model, "adamw", lr=1e-2, weight_decay=0.0, device=CPU)
+    cfg = FitConfig(lr=1e-2, schedule=Schedule("constant", warmup=0), eval_every_steps=5, **cfg_kwargs)
+    return model, task, opt, cfg
+
+
+def run(model, task, opt, cfg, budget, **kw):
+    return fit(model, model, task, opt, cfg, budget, Runtime(CPU, "fp32", False), RunLog(None, quiet=True), **kw)
+
+
+def test_learns_and_counts():
+    model, task, opt, cfg = make()
+    result = run(model, task, opt, cfg, Budget(max_steps=60))
+    assert result.stop_reason == "max_steps" and result.steps == 60 and result.seen == 60 * 8
+    assert result.final["val_loss"] < result.state.evals[0]["val_loss"] / 5
+
+
+class Slices(Regression):
+    """Micro-batch `micro` is a slice of the same batch of 8 examples, whatever the micro-batch size."""
+
+    def batch(self, step, micro):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(8, 6, generator=g)
+        y, s = x @ self.w, torch.tensor(step)
+        part = slice(micro * self.micro_batch, (micro + 1) * self.micro_batch)
+        return x[part], y[part], s
+
+
+def test_accumulation_equals_the_big_batch():
+    """4 micro-batches of 2 give the same update as 1 batch of 8."""
+    params = []
+    for micro_batch, micro_steps in ((8, 1), (2, 4)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+        opt = build_optimizer(model, "adamw", lr=0.1, weight_decay=0.0, device=CPU)
+        cfg = FitConfig(lr=0.1, schedule=Schedule("constant", warmup=0), micro_steps=micro_steps, grad_clip=0,
+                        eval_every_steps=100)
+        run(model, Slices(micro_batch=micro_batch), opt, cfg, Budget(max_steps=3))
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.allclose(params[0], params[1], atol=1e-6)
+    untrained = torch.cat([p.detach().flatten() for p in make()[0].parameters()])
+    assert not torch.allclose(params[0], untrained, atol=1e-3)
+
+
+def test_a_non_finite_step_is_skipped_and_counted():
+    model, task, opt, cfg = make({"poison_steps": {3, 7}})
+    result = run(model, task, opt, cfg, Budget(max_steps=20))
+    assert result.state.skipped_steps == 2
+    assert result.state.rollbacks == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_repeated_faults_roll_back_with_half_the_rate(tmp_path):
+    model, task, opt, cfg = make({"poison_steps": {12, 13, 14}}, save_every_steps=5)
+    result = run(model, task, opt, cfg, Budget(max_steps=30), checkpoints=Checkpoints(tmp_path))
+    assert result.state.rollbacks == 1 and result.state.lr_scale == 0.5
+    assert result.stop_reason == "max_steps"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_persistent_faults_stop_the_run_and_keep_the_best_weights():
+    model, task, opt, cfg = make({"poison_steps": set(range(10, 1000))})
+    result = run(model, task, opt, cfg, Budget(max_steps=200))
+    assert result.stop_reason == "diverged"
+    assert result.state.rollbacks == 3
+    assert math.isfinite(result.final["val_loss"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_out_of_memory_retries_with_half_the_micro_batch():
+    model, task, opt, cfg = make({"oom_steps": {2}})
+    result = run(model, task, opt, cfg, Budget(max_steps=5))
+    assert task.micro_batch == 4 and cfg.micro_steps == 2
+    assert result.steps == 5
+
+
+def test_out_of_memory_at_the_smallest_batch_explains():
+    model, task, opt, cfg = make({"micro_batch": 1, "oom_steps": {0}})
+    with pytest.raises(UserError, match="out of memory"):
+        run(model, task, opt, cfg, Budget(max_steps=5))
+
+
+def test_a_budget_too_small_for_one_step_is_a_clear_error():
+    model, task, opt, cfg = make()
+    budget = Budget(seconds=0.01)
+    with pytest.raises(UserError, match="before the first training step"):
+        run(model, task, opt, cfg, budget)
+
+
+def test_early_stopping_restores_the_best_weights():
+    class Worsening(Regression):
+        calls = 0
+
+        def evaluate(self, forward, max_batches):
+            Worsening.calls += 1
+            return {"val_loss": [5.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0][min(Worsening.calls - 1, 6)]}
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = build_optimizer(model, "adamw", lr=1e-2, weight_decay=0.0, device=CPU)
+    cfg = FitConfig(lr=1e-2, schedule=Schedule("constant", warmup=0), eval_every_steps=5, patience=2)
+    snapshots = {}
+    task = Worsening()
+    original = task.evaluate
+
+    def spy(forward, max_batches):
+        out = original(forward, max_batches)
+        snapshots[Worsening.calls] = [p.detach().clone() for p in model.parameters()]
+        return out
+
+    task.evaluate = spy
+    result = run(model, task, opt, cfg, Budget(max_steps=100))
+    assert result.stop_reason == "early_stop" and result.steps == 15  # evals at 0, 5 (best), 10, 15
+    assert result.best["step"] == 5
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), snapshots[2]))

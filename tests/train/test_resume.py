@@ -1,0 +1,110 @@
+"""Crash safety: killed runs resume exactly; damaged checkpoints are skipped; signals save and stop."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from budgetlm.train.resume import Checkpoints
+
+TINY = ["--n-layer", "2", "--d-model", "64", "--n-head", "2", "--context", "64", "--micro-batch", "4",
+        "--vocab-size", "400", "--compile", "off", "--threads", "1", "--dropout", "0.1", "--seed", "5"]
+
+
+def command(data, out, *extra):
+    return [sys.executable, "-m", "budgetlm", "pretrain", "--data", str(data), "--out", str(out), *TINY, *extra]
+
+
+def same_weights(a, b) -> bool:
+    x, y = load_file(str(a)), load_file(str(b))
+    return x.keys() == y.keys() and all((x[k] == y[k]).all() for k in x)
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {**os.environ, "BUDGETLM_CACHE": str(tmp_path / "cache")}
+
+
+def test_killed_three_times_and_resumed_ends_bitwise_equal(play_file, tmp_path, env):
+    steps = ["--max-steps", "150", "--save-every", "10"]
+    started = time.monotonic()
+    subprocess.run(command(play_file, tmp_path / "ref", *steps), env=env, check=True, capture_output=True)
+    ref_s = time.monotonic() - started
+    rng = random.Random(0)
+    out = tmp_path / "killed"
+    kills = 0
+    for fraction in sorted(rng.uniform(0.3, 0.9) for _ in range(3)):
+        proc = subprocess.Popen(command(play_file, out, *steps, "--resume", "auto"), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(ref_s * fraction)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 2, "the runs finished before they could be killed; the test proves nothing"
+    done = subprocess.run(command(play_file, out, *steps, "--resume", "auto"), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resuming from" in done.stderr
+    assert same_weights(tmp_path / "ref" / "model.safetensors", out / "model.safetensors")
+    ref_summary = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == ref_summary["steps"] == 150
+    assert summary["best_val_loss"] == ref_summary["best_val_loss"]
+    steps_logged = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()
+                    if json.loads(l)["kind"] == "eval"]
+    assert steps_logged == sorted(set(steps_logged)), "a resumed run must not log an evaluation twice"
+
+
+def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(play_file, tmp_path, env):
+    out = tmp_path / "run"
+    subprocess.run(command(play_file, out, "--max-steps", "30", "--save-every", "10", "--keep-checkpoints", "3"),
+                   env=env, check=True, capture_output=True)
+    checkpoints = Checkpoints(out / "checkpoints").all()
+    assert [p.name for p in checkpoints] == ["step-00000010", "step-00000020", "step-00000030"]
+    weights = checkpoints[-1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncate the newest
+    done = subprocess.run(command(play_file, out, "--max-steps", "30", "--save-every", "10", "--resume", "auto"),
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "skipping checkpoint" in done.stderr and "step-00000030" in done.stderr
+    assert "resuming from" in done.stderr and "step-00000020" in done.stderr
+
+
+def test_resume_auto_without_checkpoints_starts_fresh(play_file, tmp_path, env):
+    done = subprocess.run(command(play_file, tmp_path / "new", "--max-steps", "3", "--resume", "auto"),
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "resuming" not in done.stderr
+
+
+def test_resuming_with_another_model_is_refused(play_file, tmp_path, env):
+    out = tmp_path / "run"
+    subprocess.run(command(play_file, out, "--max-steps", "10", "--save-every", "5"), env=env, check=True,
+                   capture_output=True)
+    changed = [a if a != "64" else "96" for a in command(play_file, out, "--max-steps", "20", "--resume", "auto")]
+    done = subprocess.run(changed, env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "belongs to another model" in done.stderr.splitlines()[-1]
+
+
+def test_sigint_finishes_the_step_saves_and_says_how_to_resume(play_file, tmp_path, env):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(command(play_file, out, "--budget", "2m"), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "--resume auto" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "interrupted"
+    assert Checkpoints(out / "checkpoints").latest_valid() is not None
+    assert (out / "model.safetensors").exists()
