@@ -11,6 +11,8 @@ from pathlib import Path
 from budgetlm import __version__
 from budgetlm.config import (
     DataConfig,
+    FinetuneConfig,
+    FinetuneRunConfig,
     ModelConfig,
     RunConfig,
     TrainConfig,
@@ -71,6 +73,45 @@ def _baseline(args: argparse.Namespace) -> int:
     result = baseline.run(args.data, args.val, text_column=args.text_column, label_column=args.label_column,
                           val_fraction=args.val_fraction, seed=args.seed, out=Path(args.out) if args.out else None)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from budgetlm.workflows import finetune
+
+    cfg = resolve(FinetuneRunConfig, {"finetune": FinetuneConfig}, args.config, vars(args))
+    if args.print_config:
+        print(to_toml(cfg))
+        return 0
+    out = Path(args.out) if args.out else _default_out()
+    finetune.run(cfg.finetune, out, quiet=args.quiet)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from budgetlm.workflows import predict
+
+    predict.run(args.model, texts=args.text, data=args.data, text_column=args.text_column, out=args.out,
+                device=args.device, threads=args.threads)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from budgetlm.workflows import compare
+
+    cfg = resolve(RunConfig, SECTIONS, args.config, vars(args))
+    variants = compare.variants(cfg, vary=args.vary, sweep=args.sweep)
+    compare.run(cfg, variants, Path(args.out) if args.out else _default_out())
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from budgetlm.workflows import tune
+
+    cfg, table = tune.load_config(args.config, vars(args), SECTIONS)
+    space = tune.parse_space(table if table is not None else tune.DEFAULT_SPACE, cfg)
+    tune.run(cfg, space, Path(args.out) if args.out else _default_out(), total_budget=args.total_budget,
+             trial_budget=args.trial_budget, trials=args.trials)
     return 0
 
 
@@ -136,7 +177,58 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="folder to write baseline.json into")
     b.set_defaults(func=_baseline)
 
-    for sp in (p, g, e, a, b):
+    f = sub.add_parser("finetune", help="train a text classifier within a budget",
+                       description="Fine-tune a budgetlm GPT, a Hugging Face encoder (hf:PATH) or a new GPT or LSTM "
+                                   "(scratch) on labelled text; keeps the best weights.")
+    f.add_argument("--config", help="TOML file with a [finetune] table; flags override it")
+    f.add_argument("--out", help="run folder (default: runs/<timestamp>)")
+    f.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    f.add_argument("--quiet", action="store_true", help="no progress output")
+    add_section_flags(f, FinetuneConfig, "finetune")
+    f.set_defaults(func=_finetune)
+
+    r = sub.add_parser("predict", help="labels and probabilities from a fine-tuned classifier",
+                       description="Classify texts with a budgetlm finetune folder: one JSON object per text, "
+                                   "in input order, with label and probs.")
+    r.add_argument("--model", required=True, help="the --out folder of budgetlm finetune")
+    r.add_argument("--text", nargs="+", action="extend", help="text(s) to classify")
+    r.add_argument("--data", help="a .txt file (one text per line) or a .tsv/.csv/.jsonl/.parquet table")
+    r.add_argument("--text-column", default=None, help="the table's text column (default: the training data's)")
+    r.add_argument("--out", help="write the JSON lines to this file instead of stdout")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--threads", type=int, default=None, help="CPU threads (default: the machine's cores)")
+    r.set_defaults(func=_predict)
+
+    c = sub.add_parser("compare", help="train variants of a config on the same data and budget, side by side",
+                       description="Run each variant with the same data and budget, one after another; write "
+                       "compare.json, compare.md and compare.png to --out.")
+    c.add_argument("--vary", action="append", metavar="KEY=V1,V2,...",
+                   help="values of a config key to compare, e.g. optim=adamw,muon; repeat it for a grid")
+    c.add_argument("--sweep", metavar="FILE.toml",
+                   help="variants as [[variant]] tables: name = \"...\" plus config keys, flat or under "
+                   "[variant.data], [variant.model], [variant.train]")
+    c.add_argument("--config", help="TOML file with [data], [model] and [train] tables: the base of every variant; "
+                   "flags override it")
+    c.add_argument("--out", help="folder for the variants' runs and the reports (default: runs/<timestamp>)")
+    for name, cls in SECTIONS.items():
+        add_section_flags(c, cls, name)
+    c.set_defaults(func=_compare)
+
+    t = sub.add_parser("tune", help="search hyperparameters with Optuna within a total budget",
+                       description="TPE search with median pruning; each trial in OUT/trial-NNN; writes best.toml, "
+                       "trials.json, trials.md and tune.png to --out.")
+    t.add_argument("--total-budget", help="wall-clock time of the whole search, e.g. 30m; no trial starts that "
+                   "would not fit")
+    t.add_argument("--trial-budget", help="wall-clock budget of each trial, e.g. 60s (default: --budget)")
+    t.add_argument("--trials", type=int, help="at most this many trials")
+    t.add_argument("--config", help="TOML file with [data], [model], [train] and a [tune] search space "
+                   "(default space: optim, lr_factor, warmup, weight_decay, batch_tokens); flags override it")
+    t.add_argument("--out", help="folder for the trials and the reports (default: runs/<timestamp>)")
+    for name, cls in SECTIONS.items():
+        add_section_flags(t, cls, name)
+    t.set_defaults(func=_tune)
+
+    for sp in (p, g, e, a, b, f, r, c, t):
         sp.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 

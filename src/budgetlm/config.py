@@ -258,7 +258,8 @@ class FinetuneConfig:
                     choices=("gpt", "lstm"))
     data: str | None = opt(None, help="labelled training data: .tsv, .csv, .jsonl or .parquet")
     val: str | None = opt(None, help="labelled validation data (default: a stratified --val-fraction of --data)")
-    val_fraction: float = opt(0.1, help="share of each class held out for validation when --val is not given")
+    val_fraction: float = opt(0.1, above=0, high=0.9,
+                              help="share of each class held out for validation when --val is not given")
     text_column: str = opt("text", help="column (or JSON field) holding the text")
     label_column: str = opt("label", help="column (or JSON field) holding the label; any strings or numbers")
     augment: str | None = opt(None, help="EDA on the training split only, e.g. sr=0.1,ri=0.1,rs=0.1,rd=0.1,n=4")
@@ -266,38 +267,43 @@ class FinetuneConfig:
                                "(default: NLTK's WordNet, else /usr/share/wordnet)")
     tokenizer: str | None = opt(None, help="scratch lstm: a word vocabulary (default) or BPE trained on the data",
                                 choices=("word", "bpe"))
-    vocab_size: int | None = opt(None, help="scratch: words kept (word tokenizer, default 20000) or the BPE "
+    vocab_size: int | None = opt(None, low=1, help="scratch: words kept (word tokenizer, default 20000) or the BPE "
                                  "vocabulary size (default: from the data size)")
     size: str | None = opt(None, help="scratch gpt: preset size (default small)", choices=tuple(SIZES))
     pooling: str | None = opt(None, help="how the head reads the body's states (default mean; lstm: last)",
                               choices=FINETUNE_POOLINGS)
-    dropout: float | None = opt(None, help="dropout before the linear head (default 0.1; lstm 0.5)")
-    max_length: int = opt(128, help="inputs are truncated to this many tokens")
+    dropout: float | None = opt(None, low=0, high=0.95, help="dropout before the linear head (default 0.1; lstm 0.5)")
+    max_length: int = opt(128, low=3, help="inputs are truncated to this many tokens")
     budget: str | None = opt(None, help="wall-clock budget, e.g. 90s, 10m (data preparation and evaluation count)")
-    max_steps: int | None = opt(None, help="stop after this many optimizer steps")
-    epochs: float | None = opt(None, help="stop after this many passes over the training split")
-    batch_size: int = opt(32, help="examples per optimizer step")
-    micro_batch: int | None = opt(None, help="examples per forward pass; gradient accumulation fills --batch-size")
+    max_steps: int | None = opt(None, low=1, help="stop after this many optimizer steps")
+    epochs: float | None = opt(None, above=0, help="stop after this many passes over the training split")
+    batch_size: int = opt(32, low=1, help="examples per optimizer step")
+    micro_batch: int | None = opt(None, low=1,
+                                  help="examples per forward pass; gradient accumulation fills --batch-size")
     optim: str | None = opt(None, help="optimizer (default adamw; lstm: adam)", choices=OPTIMIZERS)
     optim_args: str | None = opt(None, help="extra optimizer arguments, e.g. eps=1e-6")
-    lr: float | None = opt(None, help="peak learning rate (default: 1e-4·384/width for a Hugging Face encoder, a "
-                       "tenth of the pretraining rate for a budgetlm GPT, 2e-3·256/width for a scratch GPT, "
-                       "1e-3 for the LSTM)")
-    layer_lr_decay: float = opt(1.0, help="learning-rate factor per layer below the head, e.g. 0.9 (1: off)")
-    freeze_steps: int = opt(0, help="train only the head for this many optimizer steps, then everything")
-    warmup: float = opt(0.06, help="linear warmup: a fraction of the budget (<1) or a number of steps (>=1)")
+    lr: float | None = opt(None, above=0,
+                           help="peak learning rate (default: 1e-4·384/width for a Hugging Face encoder, a quarter "
+                           "of pretrain's default for a budgetlm GPT, pretrain's default for a scratch GPT, 1e-3 for "
+                           "the LSTM)")
+    layer_lr_decay: float | None = opt(None, above=0, high=1, help="learning-rate factor per layer below the head "
+                                       "(default 0.9 for a pretrained body, 1 = off from scratch)")
+    freeze_steps: int = opt(0, low=0, help="train only the head for this many optimizer steps, then everything")
+    warmup: float = opt(0.06, low=0, help="linear warmup: a fraction of the budget (<1) or a number of steps (>=1)")
     schedule: str = opt("linear", help="learning-rate schedule after warmup", choices=SCHEDULES)
-    min_lr_ratio: float = opt(0.0, help="learning-rate floor as a fraction of the peak")
-    decay_fraction: float = opt(0.4, help="wsd: share of the budget spent decaying to the floor")
-    gamma: float = opt(0.1, help="step and plateau: factor per reduction; exponential: total decay over the run")
-    step_size: float = opt(0.25, help="step: interval between reductions (<1: fraction of the budget; >=1: steps)")
-    plateau_patience: int = opt(2, help="plateau: evaluations without improvement before the rate is reduced")
-    weight_decay: float | None = opt(None, help="weight decay on weight matrices, embeddings excepted (default "
+    min_lr_ratio: float = opt(0.0, low=0, high=1, help="learning-rate floor as a fraction of the peak")
+    decay_fraction: float = opt(0.4, low=0, high=1, help="wsd: share of the budget spent decaying to the floor")
+    gamma: float = opt(0.1, above=0, high=1,
+                       help="step and plateau: factor per reduction; exponential: total decay over the run")
+    step_size: float = opt(0.25, above=0,
+                           help="step: interval between reductions (<1: fraction of the budget; >=1: steps)")
+    plateau_patience: int = opt(2, low=1, help="plateau: evaluations without improvement before the rate is reduced")
+    weight_decay: float | None = opt(None, low=0, help="weight decay on weight matrices, embeddings excepted (default "
                                      "0.01; lstm 0, as the guide's Adam)")
-    label_smoothing: float = opt(0.0, help="label smoothing of the training loss")
-    beta1: float = opt(0.9, help="Adam β1")
-    beta2: float = opt(0.999, help="Adam β2")
-    grad_clip: float = opt(1.0, help="clip the gradient norm to this (0: no clipping)")
+    label_smoothing: float = opt(0.0, low=0, high=0.99, help="label smoothing of the training loss")
+    beta1: float = opt(0.9, low=0, high=0.9999, help="Adam β1")
+    beta2: float = opt(0.999, low=0, high=0.99999, help="Adam β2")
+    grad_clip: float = opt(1.0, low=0, help="clip the gradient norm to this (0: no clipping)")
     precision: str = opt("auto", help="auto: bf16 where the device runs it fast, else fp32",
                          choices=("auto", "fp32", "bf16", "fp16"))
     device: str = opt("auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -306,11 +312,11 @@ class FinetuneConfig:
                                  "that metric and stop after patience evaluations without improvement (default: "
                                  "keep the best val_accuracy, never stop early)")
     save_every: str | None = opt(None, help="save a resumable checkpoint every N steps or a duration like 60s")
-    keep_checkpoints: int = opt(2, help="how many of the latest checkpoints to keep")
+    keep_checkpoints: int = opt(2, low=1, help="how many of the latest checkpoints to keep")
     resume: str | None = opt(None, help="auto: the newest valid checkpoint in --out (a fresh start when none); "
                              "or a checkpoint folder")
     seed: int = opt(0, help="seed for initialization, data order and augmentation")
-    threads: int | None = opt(None, help="CPU threads for PyTorch (default: the machine's cores)")
+    threads: int | None = opt(None, low=1, help="CPU threads for PyTorch (default: the machine's cores)")
 
 
 @dataclass

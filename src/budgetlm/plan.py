@@ -9,7 +9,9 @@ project's reference CPU the pick agrees with a sweep of sizes (see docs/planner.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -40,6 +42,31 @@ class Plan:
         return (f"planned {self.n_layer}×{self.d_model} at context {self.context}, batch {self.batch_tokens} tokens, "
                 f"about {self.expected_tokens / 1e6:.1f}M training tokens in the budget "
                 f"(matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s)")
+
+
+def device_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """The matmul peak of this device, measured now and remembered as the best seen on this machine,
+    so that a moment of load elsewhere does not change the plan (plans stay repeatable)."""
+    from budgetlm.data.tokens import cache_dir
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{torch.get_num_threads()}"
+    key = f"{name}/{dtype}/torch{torch.__version__}"
+    path = cache_dir() / "device_peaks.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    peak = max(matmul_peak(device, dtype), float(known.get(key, 0.0)))
+    if peak != known.get(key):
+        known[key] = peak
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(known, indent=1))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache only costs repeatability
+    return peak
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
@@ -89,7 +116,7 @@ def plan(budget_s: float, *, train_tokens: int, vocab: int, device: torch.device
          micro_batch: int | None = None, peak_flops: float | None = None) -> Plan:
     """The ladder shape with the lowest predicted loss after `budget_s` seconds of training."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    peak = peak_flops or matmul_peak(device, dtype)
+    peak = peak_flops or device_peak(device, dtype)
     best = None
     for n_layer, d_model, n_head in LADDER:
         context = context_for(d_model)

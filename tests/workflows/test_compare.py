@@ -41,6 +41,8 @@ def test_grid_of_variants_runs_and_reports_best_first(play_file, tmp_path, capsy
         assert (tmp_path / "cmp" / r["name"] / "metrics.jsonl").is_file()
     assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == sorted([*names, "compare.json", "compare.md",
                                                                           "compare.png"])
+    # the warm-up trained the tokenizer, not the first variant's budget
+    assert "tokenizer" not in (tmp_path / "cmp" / names[0] / "pretrain.log").read_text()
     by_name = {r["name"]: r for r in saved}
     assert by_name["optim=adamw,lr=1e-2"]["best_val_loss"] < by_name["optim=adamw,lr=1e-2"]["start_val_loss"] - 0.1
 

@@ -10,9 +10,9 @@ from budgetlm.config import FinetuneConfig
 from budgetlm.errors import UserError
 from budgetlm.workflows import finetune, predict
 
-POSITIVE = "good great fine lovely superb".split()
-NEGATIVE = "bad awful poor dull boring".split()
-FILLER = "the movie was plot and actors a very".split()
+POSITIVE = ["good", "great", "fine", "lovely", "superb"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "boring"]
+FILLER = ["the", "movie", "was", "plot", "and", "actors", "a", "very"]
 
 
 def toy_rows(n: int, seed: int, labels=("neg", "pos")) -> list[tuple[str, str]]:
@@ -39,8 +39,8 @@ def toy(tmp_path):
 
 
 def config(train, val=None, **overrides) -> FinetuneConfig:
-    values = dict(model="scratch", arch="gpt", size="tiny", data=str(train), val=str(val) if val else None,
-                  text_column="sentence", max_steps=40, threads=1)
+    values = {"model": "scratch", "arch": "gpt", "size": "tiny", "data": str(train), "val": str(val) if val else None,
+              "text_column": "sentence", "max_steps": 40, "threads": 1}
     return FinetuneConfig(**{**values, **overrides})
 
 
@@ -118,6 +118,14 @@ def test_lstm_baseline_trains_and_predict_loads_it(toy, tmp_path):
     assert len(preds) == 100 and {p["label"] for p in preds} <= {"neg", "pos"}
 
 
+def test_lstm_with_the_bpe_tokenizer(toy, tmp_path):
+    train, dev = toy
+    out = tmp_path / "lstm-bpe"
+    finetune.run(config(train, dev, arch="lstm", tokenizer="bpe", max_steps=2), out, quiet=True)
+    assert json.loads((out / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+    assert len(predict.run(out, texts=["a superb movie", ""])) == 2
+
+
 def test_a_pretrained_gpt_body_stays_untouched_while_frozen(play_file, tmp_path, toy):
     from budgetlm.cli import main
 
@@ -146,7 +154,7 @@ def test_augmentation_grows_only_the_training_split(toy, tmp_path):
 
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(toy, tmp_path):
     train, dev = toy
-    common = dict(schedule="constant", warmup=0.0, save_every="4", eval_every="4")
+    common = {"schedule": "constant", "warmup": 0.0, "save_every": "4", "eval_every": "4"}
     finetune.run(config(train, dev, max_steps=8, **common), tmp_path / "straight", quiet=True)
     finetune.run(config(train, dev, max_steps=4, **common), tmp_path / "resumed", quiet=True)
     finetune.run(config(train, dev, max_steps=8, resume="auto", **common), tmp_path / "resumed", quiet=True)

@@ -2,8 +2,9 @@
 → linear) that turns them into class logits.
 
 Bodies share one small interface: `forward(ids, mask) -> (batch, time, width)`, `width`,
-`max_length` (the longest input it takes) and `layers()` (parameter lists from the input up, for
-layer-wise learning-rate decay). Inputs are right-padded; `mask` is 1 on real tokens."""
+`max_length` (the longest input it takes, or None), `pad_id` and `layers()` (parameter lists from
+the input up, for layer-wise learning-rate decay). Inputs are right-padded with `pad_id`; `mask`
+is 1 on real tokens."""
 
 from __future__ import annotations
 
@@ -57,9 +58,10 @@ class GPTBody(nn.Module):
         self.gpt = gpt
         self.width = gpt.config.d_model
         self.max_length = gpt.config.context
+        self.pad_id = 0
 
     @classmethod
-    def from_config(cls, config: dict) -> "GPTBody":
+    def from_config(cls, config: dict) -> GPTBody:
         return cls(GPT(GPTConfig.from_dict(config)))
 
     def config_dict(self) -> dict:
@@ -101,7 +103,7 @@ class ClassifierConfig:
         return {"arch": "classifier", **asdict(self)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ClassifierConfig":
+    def from_dict(cls, d: dict) -> ClassifierConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -115,6 +117,10 @@ class Classifier(nn.Module):
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Class logits (batch, classes) in fp32, whatever precision the body ran in."""
         return self.head(self.body(ids, mask), mask).float()
+
+    @property
+    def pad_id(self) -> int:
+        return self.body.pad_id
 
     def layer_groups(self) -> list[list[nn.Parameter]]:
         """Parameters from the input up: the body's layers, then the head."""

@@ -44,9 +44,10 @@ class HFEncoder(nn.Module):
         self.model = model
         self.width = model.config.hidden_size
         self.max_length = getattr(model.config, "max_position_embeddings", None)
+        self.pad_id = getattr(model.config, "pad_token_id", None) or 0
 
     @classmethod
-    def from_config(cls, config: dict) -> "HFEncoder":
+    def from_config(cls, config: dict) -> HFEncoder:
         """The architecture from a saved config dict (randomly initialized; load the weights after)."""
         transformers = _transformers()
         with _quiet(transformers):
@@ -54,7 +55,7 @@ class HFEncoder(nn.Module):
             return cls(transformers.AutoModel.from_config(hf_config))
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "HFEncoder":
+    def from_pretrained(cls, folder: str | Path) -> HFEncoder:
         transformers = _transformers()
         with _quiet(transformers):
             try:
@@ -89,7 +90,7 @@ def load_hf_tokenizer(folder: str | Path) -> Tokenizer:
     if path.is_file():
         try:
             return Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception with the parse error
+        except Exception as e:  # noqa: BLE001 -- tokenizers raises a bare Exception with the parse error
             raise UserError(f"{path}: not a valid tokenizer.json ({e})") from None
     transformers = _transformers()
     with _quiet(transformers):

@@ -51,9 +51,10 @@ class LSTMEncoder(nn.Module):
         self.lstm = nn.LSTM(config.embed_dim, config.hidden, batch_first=True)
         self.width = config.hidden
         self.max_length = None  # any length
+        self.pad_id = config.pad_id
 
     @classmethod
-    def from_config(cls, config: dict) -> "LSTMEncoder":
+    def from_config(cls, config: dict) -> LSTMEncoder:
         return cls(LSTMConfig(**{k: v for k, v in config.items() if k in LSTMConfig.__dataclass_fields__}))
 
     def config_dict(self) -> dict:

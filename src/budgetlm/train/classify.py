@@ -1,13 +1,13 @@
 """Text classification as a task for the loop: length-bucketed batches padded only to their own
 longest row, summed cross-entropy, and validation loss, accuracy and macro-F1.
 
-Padding costs compute for nothing: SST-2's training sentences average 13 tokens, and random
+Padding costs compute for nothing: SST-2's training sentences average 13 MiniLM tokens, and random
 batches of 32 padded to their longest row hold about 3 times as many tokens as the sentences
 themselves. Batching sentences of similar length brings that close to 1."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from budgetlm.train.muon import MuonWithAdamW
 POOL_BATCHES = 50     # a shuffled pool of this many batches is sorted by length before it is cut
 EVAL_WINDOW = 8       # validation batches per length-sorted window of a fixed random order
 EVAL_BATCH = 64       # examples per batch in evaluation and prediction
+CPU = torch.device("cpu")
 
 
 def classification_tokenizer(tok: Tokenizer, max_length: int, wrap_with: str | None = None) -> Tokenizer:
@@ -108,7 +109,7 @@ class ClassificationTask:
 
     def __init__(self, train: list[np.ndarray], train_labels: list[int], val: list[np.ndarray],
                  val_labels: list[int], micro_batch: int, *, micro_steps: int = 1, seed: int = 0,
-                 device: torch.device = torch.device("cpu"), eval_batch: int = EVAL_BATCH,
+                 device: torch.device = CPU, eval_batch: int = EVAL_BATCH,
                  label_smoothing: float = 0.0, pad_id: int = 0,
                  body: nn.Module | None = None, freeze_steps: int = 0):
         """`body` is frozen (no gradients, so no updates) for the first `freeze_steps` optimizer

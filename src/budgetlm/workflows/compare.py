@@ -12,8 +12,9 @@ tables:
     [variant.model]             # ...or keys under [variant.data], [variant.model], [variant.train]
     n_layer = 4
 
-Each variant runs with `pretrain.run` in OUT/<name>/ (its log in pretrain.log there); OUT gets
-compare.json, compare.md and compare.png."""
+Each variant runs with `pretrain.run` in OUT/<name>/ (its log in pretrain.log there), after an
+untimed warm-up that keeps one-time costs (tokenizer training, imports) out of the first variant's
+budget; OUT gets compare.json, compare.md and compare.png."""
 
 from __future__ import annotations
 
@@ -111,8 +112,10 @@ def parse_value(cfg: RunConfig, key: str, text: str):
 
 def variants(base: RunConfig, *, vary: list[str] | None = None, sweep: str | None = None) -> list[Variant]:
     """The variants of `--vary` axes or of a sweep file, each validated, before anything runs."""
-    if bool(vary) == bool(sweep):
-        raise UserError("give --vary KEY=V1,V2,... (repeatable) or --sweep FILE.toml, not both")
+    if vary and sweep:
+        raise UserError("give --vary or --sweep, not both")
+    if not vary and not sweep:
+        raise UserError("give the variants: --vary KEY=V1,V2,... (repeatable) or --sweep FILE.toml")
     found = variants_from_vary(base, vary) if vary else variants_from_sweep(base, sweep)
     names = [v.name for v in found]
     duplicated = sorted({n for n in names if names.count(n) > 1})
@@ -306,10 +309,11 @@ def markdown(base: RunConfig, records: list[dict]) -> str:
     lines = [
         "# budgetlm compare",
         "",
-        f"Each variant: {limit or 'no limit'}{' (varied: ' + ', '.join(varied) + ')' if varied else ''}; "
-        f"data: {data}; machine: {device}; {time.strftime('%Y-%m-%d %H:%M')}.",
+        (f"Each variant: {limit or 'no limit'}{' (varied: ' + ', '.join(varied) + ')' if varied else ''}; "
+         f"data: {data}; machine: {device}; {time.strftime('%Y-%m-%d %H:%M')}."),
         "",
-        "| rank | variant | best val bpb | best val loss | start val loss | tokens seen | tokens/s | wall | stop | model |",
+        ("| rank | variant | best val bpb | best val loss | start val loss | tokens seen | tokens/s | wall | stop "
+         "| model |"),
         "|---:|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for rank, r in enumerate(ranked(records), 1):

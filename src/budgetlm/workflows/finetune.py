@@ -53,6 +53,7 @@ from budgetlm.train.schedule import Schedule
 from budgetlm.train.signals import GracefulStop
 from budgetlm.workflows.pretrain import (
     HIGHER_IS_BETTER,
+    LR_RELATIVE_TO_ADAMW,
     default_lr,
     parse_early_stop,
     parse_every,
@@ -96,7 +97,7 @@ def augment_training(texts: list[str], labels: list[str], c: FinetuneConfig) -> 
     return augment_dataset(texts, labels, spec, synonyms, c.seed)
 
 
-def build_body(c: FinetuneConfig, train_texts: list[str]) -> tuple[torch.nn.Module, Tokenizer, str]:
+def build_body(c: FinetuneConfig, train_texts: list[str]) -> tuple[torch.nn.Module, Tokenizer, str | None]:
     """(body, its tokenizer set up for classification, the token wrapped around each text or None)."""
     source = c.model
     if source.startswith("hf:"):
@@ -145,22 +146,26 @@ def _bpe(texts: list[str], c: FinetuneConfig) -> Tokenizer:
 
 
 def defaults(c: FinetuneConfig, body: torch.nn.Module) -> dict:
-    """The settings left unset, chosen for the body: fine-tuning a pretrained network wants a rate
-    well below its pretraining one; a network from scratch wants a pretraining-sized rate."""
+    """The settings left unset, chosen for the body. Learning rates are AdamW's, scaled for other
+    optimizers as in pretraining: a pretrained body wants a fraction of its pretraining rate (GPT-1
+    fine-tuned at a quarter), a new one a pretraining-sized rate."""
     lstm = body.kind == "lstm"
+    optim = c.optim or ("adam" if lstm else "adamw")
     if c.lr:
         lr = c.lr
     elif lstm:
-        lr = 1e-3
+        lr = 1e-3 * LR_RELATIVE_TO_ADAMW[optim]  # Keras' Adam default, the guide's
     elif body.kind == "hf":
-        lr = 1e-4 * 384 / body.width
+        lr = 1e-4 * 384 / body.width * LR_RELATIVE_TO_ADAMW[optim]  # 1e-4 for MiniLM's 384, 5e-5 for BERT-base
     elif c.model == "scratch":
-        lr = default_lr(body.width)
+        lr = default_lr(body.width, optim)
     else:
-        lr = default_lr(body.width) / 10
+        lr = default_lr(body.width, optim) / 4
     return {
         "lr": lr,
-        "optim": c.optim or ("adam" if lstm else "adamw"),
+        "optim": optim,
+        # lower layers hold the general features pretraining paid for; they move less than the top
+        "layer_lr_decay": c.layer_lr_decay if c.layer_lr_decay is not None else (1.0 if c.model == "scratch" else 0.9),
         "weight_decay": c.weight_decay if c.weight_decay is not None else (0.0 if lstm else 0.01),
         "pooling": c.pooling or ("last" if lstm else "mean"),
         "dropout": c.dropout if c.dropout is not None else (0.5 if lstm else 0.1),
@@ -228,8 +233,8 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False) -> dict:
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     optimizer = build_optimizer(model, settings["optim"], lr=settings["lr"], weight_decay=settings["weight_decay"],
                                 betas=(c.beta1, c.beta2), extra=parse_optim_args(c.optim_args or ""), device=device)
-    if c.layer_lr_decay != 1.0:
-        optimizer = layer_scaled(optimizer, model.layer_groups(), c.layer_lr_decay)
+    if settings["layer_lr_decay"] != 1.0:
+        optimizer = layer_scaled(optimizer, model.layer_groups(), settings["layer_lr_decay"])
     schedule = Schedule(c.schedule, c.warmup, c.decay_fraction, c.min_lr_ratio, gamma=c.gamma, step_size=c.step_size,
                         patience=c.plateau_patience)
     eval_steps, eval_s = parse_every(c.eval_every)
@@ -248,7 +253,7 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False) -> dict:
                         monitor_mode="max" if monitor in HIGHER_IS_BETTER else "min", patience=patience,
                         min_delta=min_delta, log_every_s=2.0, save_every_steps=save_steps, save_every_s=save_s)
     task = ClassificationTask(train_ids, train_y, val_ids, val_y, micro_batch, micro_steps=micro_steps, seed=c.seed,
-                              device=device, label_smoothing=c.label_smoothing,
+                              device=device, label_smoothing=c.label_smoothing, pad_id=model.pad_id,
                               body=model.body, freeze_steps=c.freeze_steps)
 
     if snapshot is not None:
@@ -264,8 +269,8 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False) -> dict:
         f"{f' ({n_original:,} before augmentation)' if len(train_ids) != n_original else ''} "
         f"(mean {lengths.mean():.1f} tokens), {len(val_ids):,} validation")
     say(f"  device {device} ({threads} threads), {precision}, batch {micro_batch * micro_steps} "
-        f"(micro-batch {micro_batch} × {micro_steps}), {settings['optim']} lr {settings['lr']:.2e} {c.schedule}, "
-        f"{mc.pooling} pooling, budget {_describe(budget, c)}")
+        f"(micro-batch {micro_batch} × {micro_steps}), {settings['optim']} lr {settings['lr']:.2e} {c.schedule}"
+        f"{_layer_decay(settings)}, {mc.pooling} pooling, budget {_describe(budget, c)}")
 
     log = RunLog(out / "metrics.jsonl", quiet=quiet,
                  resume_step=snapshot.meta["loop"]["step"] if snapshot is not None else None)
@@ -276,7 +281,7 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False) -> dict:
 
     # The kept weights over the whole validation set, as `predict` computes it (same batches, no autocast).
     model.eval()
-    probs = predict_probs(model, val_ids, EVAL_BATCH, device)
+    probs = predict_probs(model, val_ids, EVAL_BATCH, device, model.pad_id)
     scored = report(np.asarray(val_y), probs.argmax(1), list(label_map.labels))
     val_loss = float(-np.mean(np.log(np.maximum(probs[np.arange(len(val_y)), val_y], 1e-12))))
     save_model(out, model, mc.to_dict(), tokenizer)
@@ -351,6 +356,11 @@ def _check_same_run(snapshot, identity: dict) -> None:
     if snapshot.meta.get("data") != identity["data"]:
         raise UserError(f"checkpoint {snapshot.path} was trained on other data (or another --augment or --seed); "
                         "resume with the same data and flags, or start a new --out")
+
+
+def _layer_decay(settings: dict) -> str:
+    decay = settings["layer_lr_decay"]
+    return f" (×{decay:g} per layer down)" if decay != 1.0 else ""
 
 
 def _describe(budget: Budget, c: FinetuneConfig) -> str:

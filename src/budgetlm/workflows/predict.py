@@ -44,7 +44,7 @@ def predict(model: nn.Module, config: dict, tok: Tokenizer, texts: list[str],
     if not texts:
         return []
     labels = config["labels"]
-    probs = predict_probs(model, encode_texts(tok, texts), EVAL_BATCH, torch.device(device))
+    probs = predict_probs(model, encode_texts(tok, texts), EVAL_BATCH, torch.device(device), model.pad_id)
     return [{"label": labels[int(p.argmax())], "probs": {label: round(float(v), 6) for label, v in zip(labels, p)}}
             for p in probs]
 

@@ -22,6 +22,7 @@ from budgetlm.data.tokens import cache_dir, cached_tokens, content_hash
 from budgetlm.errors import UserError
 from budgetlm.models.gpt import GPT, GPTConfig
 from budgetlm.plan import Plan, plan
+from budgetlm.train.batching import largest_micro_batch
 from budgetlm.train.checkpoint import atomic_write_bytes, save_model
 from budgetlm.train.lm import LanguageModelTask
 from budgetlm.train.loop import FitConfig, fit
@@ -176,15 +177,23 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         _check_same_run(snapshot, identity)
 
     model = GPT(mc).to(device)
-    micro_batch = t.micro_batch or (planned.micro_batch if planned else 8)
     if t.batch_tokens and t.batch_tokens != "auto":
         batch_tokens = _positive_int(t.batch_tokens, "--batch-tokens")
+    elif planned is not None and mc.context == planned.context:
+        batch_tokens = planned.batch_tokens
     else:
-        batch_tokens = planned.batch_tokens if planned and mc.context == planned.context else micro_batch * mc.context
-    micro_steps = max(1, round(batch_tokens / (micro_batch * mc.context)))
+        batch_tokens = (t.micro_batch or 8) * mc.context
     compiled = should_compile(t.compile, device, budget.seconds)
     forward = torch.compile(model) if compiled else model
     runtime = Runtime(device, precision, compiled)
+    if t.micro_batch:
+        micro_batch = t.micro_batch
+    elif t.batch_tokens == "auto":
+        micro_batch = largest_micro_batch(model, forward, mc.context, mc.vocab_size, batch_tokens, device,
+                                          runtime.autocast)
+    else:
+        micro_batch = planned.micro_batch if planned else 8
+    micro_steps = max(1, round(batch_tokens / (micro_batch * mc.context)))
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     lr = t.lr or default_lr(mc.d_model, t.optim)

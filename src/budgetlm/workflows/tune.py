@@ -124,7 +124,8 @@ def parse_space(table: dict, base: RunConfig, where: str = "[tune] ") -> list[Pa
     """Validate a [tune] table against the config: known keys, well-formed ranges, and values that
     config.apply accepts (each choice and both ends of each range are tried on `base`)."""
     if not table:
-        raise UserError(f"{where}is empty; give at least one key to search, e.g. lr = {{low = 1e-4, high = 1e-2, log = true}}")
+        raise UserError(f"{where}is empty; give at least one key to search, "
+                        "e.g. lr = {low = 1e-4, high = 1e-2, log = true}")
     space = []
     for key, spec in table.items():
         name = LR_FACTOR if key.replace("-", "_") == LR_FACTOR else normalize_key(base, key, where)
@@ -246,7 +247,7 @@ def run(base: RunConfig, space: list[Param], out: Path, *, total_budget: str | N
             params = {p.name: p.suggest(trial) for p in space}
             say(f"trial {trial.number}: {_params_text(params)}")
             result, cfg, summary = _run_trial(trial, params, base, out, planned_width)
-            if summary is not None and _planner_chose(cfg):
+            if summary is not None and _planner_chose(cfg):  # a summary comes with its config
                 planned_width = summary["model"]["d_model"]
             configs[trial.number] = cfg
             results.append(result)
@@ -265,8 +266,8 @@ def run(base: RunConfig, space: list[Param], out: Path, *, total_budget: str | N
     if not complete:
         raise UserError(f"no trial completed; see {out / 'trials.md'} and each trial's pretrain.log")
     best = min(complete, key=lambda r: r.best_val_bpb)
-    header = (f"# budgetlm tune: the best of {len(results)} trials: trial {best.number}, "
-              f"validation {best.best_val_bpb:.4f} bits/byte\n# re-run: budgetlm pretrain --config {out / 'best.toml'}\n")
+    header = (f"# budgetlm tune: the best of {len(results)} trials: trial {best.number}, validation "
+              f"{best.best_val_bpb:.4f} bits/byte\n# re-run: budgetlm pretrain --config {out / 'best.toml'}\n")
     atomic_write_bytes(out / "best.toml", (header + to_toml(configs[best.number])).encode())
     print((out / "trials.md").read_text(), flush=True)
     say(f"best: trial {best.number} ({best.best_val_bpb:.4f} bits/byte); its config is {out / 'best.toml'}")
@@ -299,7 +300,6 @@ def _width(cfg: RunConfig, planned_width: int | None) -> int:
 
 def _run_trial(trial: optuna.Trial, params: dict, base: RunConfig, out: Path, planned_width: int | None):
     folder = out / f"trial-{trial.number:03d}"
-    cfg, settings = trial_config(base, params, planned_width)
     evals = 0
 
     def on_eval(entry: dict) -> bool:
@@ -309,9 +309,10 @@ def _run_trial(trial: optuna.Trial, params: dict, base: RunConfig, out: Path, pl
         return trial.should_prune()
 
     started = time.monotonic()
-    result = TrialResult(trial.number, params, settings, "failed", None, None, 0.0, None, str(folder))
-    summary = None
+    result = TrialResult(trial.number, params, {}, "failed", None, None, 0.0, None, str(folder))
+    cfg = summary = None
     try:
+        cfg, result.settings = trial_config(base, params, planned_width)
         prepare_out(folder)
         with (folder / "pretrain.log").open("w") as log, contextlib.redirect_stderr(log):
             summary = pretrain.run(cfg, folder, quiet=True, on_eval=on_eval)
@@ -378,8 +379,8 @@ def markdown(results: list[TrialResult], space: list[Param], base: RunConfig, to
     lines = [
         "# budgetlm tune",
         "",
-        f"Each trial: {limit}; total budget: {format_duration(total_s) if total_s else 'none'}; "
-        f"data: {', '.join(base.data.data) or 'default corpus'}; seed {t.seed}; {time.strftime('%Y-%m-%d %H:%M')}.",
+        (f"Each trial: {limit}; total budget: {format_duration(total_s) if total_s else 'none'}; "
+         f"data: {', '.join(base.data.data) or 'default corpus'}; seed {t.seed}; {time.strftime('%Y-%m-%d %H:%M')}."),
         f"Search space: {'; '.join(p.describe() for p in space)}.",
         "",
         "| trial | state | best val bpb | wall | " + " | ".join(names) + " |",
@@ -402,8 +403,8 @@ def plot(results: list[TrialResult], path: Path) -> None:
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for state, style in (("complete", dict(marker="o", color="tab:blue")),
-                         ("pruned", dict(marker="x", color="tab:gray"))):
+    for state, style in (("complete", {"marker": "o", "color": "tab:blue"}),
+                         ("pruned", {"marker": "x", "color": "tab:gray"})):
         shown = [r for r in results if r.state == state]
         if shown:
             ax.scatter([r.number for r in shown], [r.best_val_bpb for r in shown], label=state, zorder=3, **style)
