@@ -78,6 +78,19 @@ class Budget:
                 parts.append(step / max(planned, 1e-9))
         return min(1.0, max(parts))
 
+    def describe(self, epochs: float | None = None) -> str:
+        """"5m00s / 1000 steps": the limits of this run."""
+        parts = []
+        if self.seconds:
+            parts.append(format_duration(self.seconds))
+        if self.max_steps:
+            parts.append(f"{self.max_steps} steps")
+        if epochs:
+            parts.append(f"{epochs:g} epochs")
+        elif self.max_tokens:
+            parts.append(f"{self.max_tokens:,} tokens")
+        return " / ".join(parts)
+
     def exhausted(self, step: int, tokens: int, *, next_step_s: float = 0.0, reserve_s: float = 0.0) -> str | None:
         """Why training must stop now, or None. A step that would end past the deadline is not begun."""
         if self.max_steps is not None and step >= self.max_steps:

@@ -121,7 +121,8 @@ def plan(budget_s: float, *, train_tokens: int, vocab: int, device: torch.device
     for n_layer, d_model, n_head in LADDER:
         context = context_for(d_model)
         tokens = efficiency(d_model, device) * peak * budget_s * OVERHEAD / flops_per_token(n_layer, d_model, vocab, context)
-        loss = predicted_loss(12 * n_layer * d_model**2, tokens, train_tokens)
+        # Chinchilla counts every parameter, embeddings included
+        loss = predicted_loss(12 * n_layer * d_model**2 + vocab * d_model, tokens, train_tokens)
         if best is None or loss < best[0]:
             best = (loss, n_layer, d_model, n_head, context, tokens)
     _, n_layer, d_model, n_head, context, tokens = best

@@ -1,7 +1,5 @@
 import json
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from budgetlm.data.labelled import (
@@ -22,13 +20,19 @@ def test_tsv_keeps_quotes_as_text(tmp_path):
     assert labels == ["1", "0"]
 
 
-def test_csv_jsonl_parquet(tmp_path):
+def test_csv_and_jsonl(tmp_path):
     (tmp_path / "d.csv").write_text('id,text,y\n1,"hello, world",pos\n2,bye,neg\n')
     records = [json.dumps({"text": "a", "y": 1}), "", json.dumps({"text": "b", "y": 0})]
     (tmp_path / "d.jsonl").write_text("\n".join(records) + "\n")
-    pq.write_table(pa.table({"text": ["a", "b"], "y": [1, 0]}), tmp_path / "d.parquet")
     assert load_labelled(tmp_path / "d.csv", "text", "y") == (["hello, world", "bye"], ["pos", "neg"])
     assert load_labelled(tmp_path / "d.jsonl", "text", "y") == (["a", "b"], ["1", "0"])
+
+
+def test_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a", "b"], "y": [1, 0]}), tmp_path / "d.parquet")
     assert load_labelled(tmp_path / "d.parquet", "text", "y") == (["a", "b"], ["1", "0"])
 
 

@@ -37,7 +37,7 @@ def test_parquet(tmp_path):
 
 
 @pytest.mark.parametrize("content,args,message", [
-    ('{"body": "x"}\n', {}, "no field 'text'"),
+    ('{"body": "x"}\n', {}, "has no field 'text'"),
     ("not json\n", {}, "not valid JSON"),
 ])
 def test_jsonl_errors(tmp_path, content, args, message):

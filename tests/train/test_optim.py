@@ -143,7 +143,7 @@ def test_no_decay_on_norms_and_embeddings_unless_asked():
 
     plain = decayed(param_groups(model, 0.1))
     assert "embed.weight" not in plain and not any("norm" in n for n in plain)
-    assert {"blocks.0.attn.q.weight", "blocks.1.mlp.down.weight"} <= plain
+    assert {"blocks.0.attn.qkv.weight", "blocks.1.mlp.down.weight"} <= plain
     assert "embed.weight" in decayed(build(model, "adamw", extra={"decay_embeddings": True}).param_groups)
 
 
@@ -156,7 +156,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     names = {id(p): n for n, p in model.named_parameters()}
     under_muon = {names[id(p)] for g in optimizer.muon.param_groups for p in g["params"]}
     under_adamw = {names[id(p)] for g in optimizer.adamw.param_groups for p in g["params"]}
-    layers = ("attn.q", "attn.kv", "attn.proj", "mlp.up", "mlp.down")
+    layers = ("attn.qkv", "attn.proj", "mlp.up", "mlp.down")
     hidden = {f"blocks.{i}.{layer}.weight" for i in range(2) for layer in layers}
     assert under_muon == hidden
     assert under_adamw == set(names.values()) - hidden
@@ -236,3 +236,36 @@ def test_lamb_trust_ratio_is_one_for_a_zero_weight():
     w.grad = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
     Lamb([w], lr=0.1, eps=1e-6, weight_decay=0.1).step()
     assert torch.allclose(w.detach(), -0.1 * w.grad / (w.grad.abs() + 1e-6))
+
+
+# --- our Muon (Newton–Schulz in fp32 where bf16 is slow) --------------------------------------------
+
+def test_orthogonalize_sends_singular_values_near_one():
+    from budgetlm.train.muon import orthogonalize
+
+    g = torch.randn(48, 96, generator=torch.Generator().manual_seed(0))
+    for matrix in (g, g.T):
+        s = torch.linalg.svdvals(orthogonalize(matrix))
+        assert s.min() > 0.5 and s.max() < 1.6
+        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+        cosine = (orthogonalize(matrix) * (u @ vh)).sum() / (orthogonalize(matrix).norm() * (u @ vh).norm())
+        assert cosine > 0.95
+
+
+def test_muon_step_follows_its_rule_and_matches_torch():
+    from budgetlm.train.muon import Muon, orthogonalize
+
+    torch.manual_seed(0)
+    w0 = torch.randn(32, 64)
+    grad = torch.randn(32, 64)
+    ours = nn.Parameter(w0.clone())
+    ours.grad = grad.clone()
+    Muon([ours], lr=0.02, weight_decay=0.1, momentum=0.9).step()
+    buf = 0.1 * grad                      # lerp from zero
+    update = grad.lerp(buf, 0.9)          # Nesterov
+    expected = w0 * (1 - 0.02 * 0.1) - 0.02 * 0.2 * 64**0.5 * orthogonalize(update)
+    assert torch.allclose(ours.detach(), expected, atol=1e-6)
+    theirs = nn.Parameter(w0.clone())
+    theirs.grad = grad.clone()
+    torch.optim.Muon([theirs], lr=0.02, weight_decay=0.1, momentum=0.9, adjust_lr_fn="match_rms_adamw").step()
+    assert torch.allclose(ours.detach(), theirs.detach(), atol=2e-3)  # theirs iterates in bf16

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from budgetlm.data.sources import read_table
+from budgetlm.data.sources import read_jsonl, read_table
 from budgetlm.errors import UserError
 
 LABELLED_SUFFIXES = (".tsv", ".csv", ".jsonl", ".parquet")
@@ -23,24 +23,6 @@ def _suffix(path: Path) -> str:
     return suffix
 
 
-def _read_jsonl_rows(path: Path) -> tuple[list[str], list[dict]]:
-    columns: dict[str, None] = {}  # keys in first-seen order
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{n}: each line must be a JSON object, not {type(record).__name__}")
-            columns.update(dict.fromkeys(record))
-            rows.append(record)
-    return list(columns), rows
-
-
 def read_rows(path: str | Path) -> tuple[list[str], list[dict]]:
     """Column names and rows of a labelled table. TSV is read with quotes as literal text (GLUE style)."""
     path = Path(path)
@@ -49,7 +31,7 @@ def read_rows(path: str | Path) -> tuple[list[str], list[dict]]:
     suffix = _suffix(path)
     try:
         if suffix == ".jsonl":
-            return _read_jsonl_rows(path)
+            return read_jsonl(path)
         columns, rows = read_table(path)
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text; convert it to UTF-8") from None
@@ -103,9 +85,11 @@ def write_rows(path: str | Path, columns: list[str], rows: list[dict]) -> None:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
     elif suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UserError(f"{path}: writing parquet needs pyarrow: pip install pyarrow") from None
         pq.write_table(pa.Table.from_pylist(rows), path)
     else:
         with path.open("w", encoding="utf-8", newline="") as f:

@@ -37,8 +37,10 @@ def _decode(path: Path) -> str | None:
         return None
 
 
-def _read_jsonl(path: Path, field: str) -> list[str]:
-    docs = []
+def read_jsonl(path: Path) -> tuple[list[str], list[dict]]:
+    """Keys (in first-seen order) and records of a JSON-lines file; blank lines are skipped."""
+    columns: dict[str, None] = {}
+    rows = []
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -47,10 +49,19 @@ def _read_jsonl(path: Path, field: str) -> list[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(record, dict) or field not in record:
-                raise UserError(f"{path}:{n}: no field {field!r}; choose the text field with --text-field")
-            docs.append(str(record[field]))
-    return docs
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{n}: each line must be a JSON object, not {type(record).__name__}")
+            columns.update(dict.fromkeys(record))
+            rows.append(record)
+    return list(columns), rows
+
+
+def _read_jsonl_texts(path: Path, field: str) -> list[str]:
+    _, rows = read_jsonl(path)
+    for n, record in enumerate(rows, 1):
+        if field not in record:
+            raise UserError(f"{path}: record {n} has no field {field!r}; choose the text field with --text-field")
+    return [str(record[field]) for record in rows]
 
 
 def _column(path: Path, rows: list[dict], columns: list[str], column: str | None) -> list[str]:
@@ -131,7 +142,7 @@ def load_corpus(specs: list[str], *, text_field: str = "text", text_column: str 
             suffix = path.suffix.lower()
             try:
                 if suffix == ".jsonl":
-                    documents.extend(_read_jsonl(path, text_field))
+                    documents.extend(_read_jsonl_texts(path, text_field))
                 elif suffix in (".csv", ".tsv", ".parquet"):
                     columns, rows = read_table(path)
                     documents.extend(_column(path, rows, columns, text_column))

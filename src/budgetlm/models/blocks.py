@@ -63,14 +63,17 @@ class Attention(nn.Module):
     """Multi-head self-attention (causal or bidirectional), or cross-attention when `memory` is given."""
 
     def __init__(self, d_model: int, n_head: int, *, causal: bool, dropout: float = 0.0,
-                 qk_norm: bool = True, rotary: Rotary | None = None):
+                 qk_norm: bool = True, rotary: Rotary | None = None, cross: bool = False):
         super().__init__()
         if d_model % n_head:
             raise ValueError(f"d_model {d_model} is not divisible by n_head {n_head}")
         self.n_head, self.head_dim = n_head, d_model // n_head
         self.causal, self.dropout, self.rotary = causal, dropout, rotary
-        self.q = nn.Linear(d_model, d_model, bias=False)
-        self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
+        if cross:  # queries from x, keys and values from the encoder's memory
+            self.q = nn.Linear(d_model, d_model, bias=False)
+            self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
+        else:  # one matmul for all three
+            self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
@@ -82,10 +85,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, *, memory: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         b, t, d = x.shape
-        source = x if memory is None else memory
-        q = self.q_norm(self._heads(self.q(x)))
-        k, v = self.kv(source).split(d, dim=-1)
-        k, v = self.k_norm(self._heads(k)), self._heads(v)
+        if memory is None:
+            q, k, v = self.qkv(x).split(d, dim=-1)
+        else:
+            q = self.q(x)
+            k, v = self.kv(memory).split(d, dim=-1)
+        q, k, v = self.q_norm(self._heads(q)), self.k_norm(self._heads(k)), self._heads(v)
         if self.rotary is not None and memory is None:
             offset = cache.length if cache is not None else 0
             q, k = self.rotary(q, offset), self.rotary(k, offset)
@@ -132,7 +137,8 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(d_model, eps)
         self.attn = Attention(d_model, n_head, causal=causal, dropout=dropout, qk_norm=qk_norm, rotary=rotary)
         self.cross_norm = RMSNorm(d_model, eps) if cross_attention else None
-        self.cross = Attention(d_model, n_head, causal=False, dropout=dropout, qk_norm=qk_norm) if cross_attention else None
+        self.cross = Attention(d_model, n_head, causal=False, dropout=dropout, qk_norm=qk_norm,
+                                cross=True) if cross_attention else None
         self.mlp_norm = RMSNorm(d_model, eps)
         self.mlp = MLP(d_model, mlp_hidden, mlp)
         self.drop = nn.Dropout(dropout)

@@ -75,3 +75,13 @@ def load_model(folder: str | Path, device: torch.device | str = "cpu") -> tuple[
     tok_path = folder / "tokenizer.json"
     tokenizer = Tokenizer.from_file(str(tok_path)) if tok_path.is_file() else None
     return model.to(device).eval(), config, tokenizer
+
+
+def load_language_model(folder: str | Path, device: torch.device, purpose: str) -> tuple[nn.Module, dict, Tokenizer]:
+    """A pretrained GPT and its tokenizer; `purpose` completes "a <arch> model cannot ..." errors."""
+    model, config, tokenizer = load_model(folder, device)
+    if config.get("arch") != "gpt":
+        raise UserError(f"{folder}: a {config.get('arch')} model cannot {purpose}; give a budgetlm pretrain folder")
+    if tokenizer is None:
+        raise UserError(f"{folder}: no tokenizer.json beside the model")
+    return model, config, tokenizer

@@ -168,7 +168,7 @@ def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.
         model.eval()
         start = time.monotonic()
         with torch.no_grad(), runtime.autocast():
-            metrics = task.evaluate(forward, max_batches)
+            metrics = task.evaluate(model, max_batches)  # eager: a compiled eval graph would cost a second compile
         n = max_batches or task.eval_batch_count()
         st.eval_s_per_batch = (time.monotonic() - start) / max(n, 1)
         model.train()

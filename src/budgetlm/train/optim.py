@@ -9,7 +9,8 @@ from torch import nn
 
 from budgetlm.errors import UserError
 from budgetlm.train.lamb import Lamb
-from budgetlm.train.muon import MuonWithAdamW, hidden_matrices
+from budgetlm.train.muon import Muon, MuonWithAdamW, hidden_matrices
+from budgetlm.train.runtime import cpu_has_fast_bf16
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adafactor", "lamb", "muon")
 
@@ -127,12 +128,12 @@ def build_optimizer(model: nn.Module, name: str = "adamw", *, lr: float, weight_
         if name == "lamb":
             return Lamb(groups(), lr=lr, **{"betas": betas, "eps": eps, **args})
         return _muon(model, groups, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused,
-                     args={"nesterov": nesterov, **with_momentum(0.95)})
+                     args={"nesterov": nesterov, **with_momentum(0.95)}, device=device)
     except ValueError as e:  # torch's own check of a hyperparameter's range
         raise UserError(f"optimizer {name}: {e}") from None
 
 
-def _muon(model, groups, *, lr, weight_decay, betas, eps, fused, args) -> MuonWithAdamW:
+def _muon(model, groups, *, lr, weight_decay, betas, eps, fused, args, device) -> MuonWithAdamW:
     hidden = hidden_matrices(model)
     if not hidden:
         raise UserError("optimizer muon: the model has no hidden weight matrices (2-D Linear weights in its body); "
@@ -141,7 +142,8 @@ def _muon(model, groups, *, lr, weight_decay, betas, eps, fused, args) -> MuonWi
     # learning rate (and weight decay) tuned for AdamW serves both; muon_lr_scale departs from it.
     scale = args.pop("muon_lr_scale", 1.0)
     args.setdefault("adjust_lr_fn", "match_rms_adamw")
-    muon = torch.optim.Muon([{"name": "muon", "params": hidden, "weight_decay": weight_decay, "lr_scale": scale}],
-                            lr=lr * scale, **args)
+    fast_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+    muon = Muon([{"name": "muon", "params": hidden, "weight_decay": weight_decay, "lr_scale": scale}],
+                lr=lr * scale, ns_dtype=torch.bfloat16 if fast_bf16 else torch.float32, **args)
     adamw = torch.optim.AdamW(groups(exclude=hidden), lr=lr, betas=betas, eps=eps, fused=fused)
     return MuonWithAdamW(muon, adamw)

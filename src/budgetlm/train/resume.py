@@ -169,3 +169,27 @@ def load_snapshot(path: Path) -> Snapshot:
     rng = (meta.pop("rng"), load_file(str(path / "rng.safetensors")))
     return Snapshot(path=path, model=load_file(str(path / "model.safetensors")), best=best,
                     optimizer=optimizer, meta=meta, rng=rng)
+
+
+def find_resume(resume: str | None, out: Path, *, needs: tuple[str, ...] = ("tokenizer.json",),
+                warn=lambda m: print(m, file=sys.stderr)) -> Snapshot | None:
+    """The snapshot `--resume` asks for: "auto" takes the newest valid checkpoint in `out` (None when
+    there is none: a fresh start); a path takes that checkpoint folder or a run folder's newest."""
+    if not resume:
+        return None
+    if resume == "auto":
+        path = Checkpoints(out / "checkpoints").latest_valid(warn=warn)
+        if path is None:
+            return None
+    else:
+        path = Path(resume)
+        if (path / "checkpoints").is_dir():
+            path = Checkpoints(path / "checkpoints").latest_valid(warn=warn)
+            if path is None:
+                raise UserError(f"{resume}: no valid checkpoint to resume from")
+        elif not path.is_dir():
+            raise UserError(f"--resume {resume}: no such checkpoint folder; use --resume auto or a checkpoint path")
+    for name in needs:
+        if not (out / name).is_file():
+            raise UserError(f"cannot resume into {out}: its {name} is missing; resume with the run's own --out")
+    return load_snapshot(path)

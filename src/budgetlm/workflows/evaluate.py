@@ -7,8 +7,7 @@ import torch
 
 from budgetlm.data.sources import load_corpus
 from budgetlm.data.tokenizer import eot_id
-from budgetlm.errors import UserError
-from budgetlm.train.checkpoint import load_model
+from budgetlm.train.checkpoint import load_language_model
 from budgetlm.train.lm import evaluate_lm
 from budgetlm.train.runtime import autocast, pick_device, pick_precision, set_threads
 
@@ -17,11 +16,7 @@ def run(model_dir: str, data: list[str], *, text_field: str = "text", text_colum
         batch: int = 8, device: str = "auto", precision: str = "auto") -> dict:
     set_threads()
     dev = pick_device(device)
-    model, config, tokenizer = load_model(model_dir, dev)
-    if config.get("arch") != "gpt":
-        raise UserError(f"{model_dir}: `eval` measures language models; this is a {config.get('arch')} model")
-    if tokenizer is None:
-        raise UserError(f"{model_dir}: no tokenizer.json beside the model")
+    model, config, tokenizer = load_language_model(model_dir, dev, "be evaluated as a language model")
     corpus = load_corpus(data, text_field=text_field, text_column=text_column)
     sep = eot_id(tokenizer)
     ids: list[int] = []

@@ -47,7 +47,7 @@ from budgetlm.train.classify import (
 from budgetlm.train.loop import FitConfig, fit
 from budgetlm.train.metrics import RunLog
 from budgetlm.train.optim import build_optimizer, parse_optim_args
-from budgetlm.train.resume import Checkpoints, load_snapshot
+from budgetlm.train.resume import Checkpoints, find_resume
 from budgetlm.train.runtime import Runtime, pick_device, pick_precision, set_threads
 from budgetlm.train.schedule import Schedule
 from budgetlm.train.signals import GracefulStop
@@ -59,6 +59,7 @@ from budgetlm.workflows.pretrain import (
     parse_every,
     prepare_out,
     say,
+    say_done,
 )
 
 EVALS_PER_RUN = 6
@@ -185,7 +186,7 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False) -> dict:
         raise UserError("--batch-size and --micro-batch must be at least 1")
     prepare_out(out)
     checkpoints = Checkpoints(out / "checkpoints", keep=c.keep_checkpoints)
-    snapshot = _find_resume(c.resume, out, checkpoints)
+    snapshot = find_resume(c.resume, out, needs=("tokenizer.json", "config.json"), warn=say)
     if snapshot is not None:
         budget.spent_s = snapshot.meta["spent_s"]
     threads = set_threads(c.threads)
@@ -270,7 +271,7 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False) -> dict:
         f"(mean {lengths.mean():.1f} tokens), {len(val_ids):,} validation")
     say(f"  device {device} ({threads} threads), {precision}, batch {micro_batch * micro_steps} "
         f"(micro-batch {micro_batch} × {micro_steps}), {settings['optim']} lr {settings['lr']:.2e} {c.schedule}"
-        f"{_layer_decay(settings)}, {mc.pooling} pooling, budget {_describe(budget, c)}")
+        f"{_layer_decay(settings)}, {mc.pooling} pooling, budget {budget.describe(c.epochs)}")
 
     log = RunLog(out / "metrics.jsonl", quiet=quiet,
                  resume_step=snapshot.meta["loop"]["step"] if snapshot is not None else None)
@@ -321,35 +322,9 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False) -> dict:
         "config": {"finetune": dataclasses.asdict(c)},
     }
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
-    if result.stop_reason == "interrupted":
-        say(f"stopped at step {result.steps}; best weights so far are in {out}. Resume with the same command "
-            f"and --resume auto --out {out}")
-    else:
-        say(f"done ({result.stop_reason}) in {format_duration(summary['wall_s'])}: validation accuracy "
-            f"{scored['accuracy']:.4f}, macro-F1 {scored['macro_f1']:.4f}, {summary['examples_per_s']:,.0f} "
-            f"examples/s, {summary['epochs']} epochs; files in {out}")
+    say_done(result, out, f"validation accuracy {scored['accuracy']:.4f}, macro-F1 {scored['macro_f1']:.4f}, "
+             f"{summary['examples_per_s']:,.0f} examples/s, {summary['epochs']} epochs", summary["wall_s"])
     return summary
-
-
-def _find_resume(resume: str | None, out: Path, checkpoints: Checkpoints):
-    if not resume:
-        return None
-    if resume == "auto":
-        path = checkpoints.latest_valid(warn=say)
-        if path is None:
-            return None
-    else:
-        path = Path(resume)
-        if (path / "checkpoints").is_dir():
-            path = Checkpoints(path / "checkpoints").latest_valid(warn=say)
-            if path is None:
-                raise UserError(f"{resume}: no valid checkpoint to resume from")
-        elif not path.is_dir():
-            raise UserError(f"--resume {resume}: no such checkpoint folder; use --resume auto or a checkpoint path")
-    for name in ("tokenizer.json", "config.json"):
-        if not (out / name).is_file():
-            raise UserError(f"cannot resume into {out}: its {name} is missing; resume with the run's own --out")
-    return load_snapshot(path)
 
 
 def _check_same_run(snapshot, identity: dict) -> None:
@@ -361,14 +336,3 @@ def _check_same_run(snapshot, identity: dict) -> None:
 def _layer_decay(settings: dict) -> str:
     decay = settings["layer_lr_decay"]
     return f" (×{decay:g} per layer down)" if decay != 1.0 else ""
-
-
-def _describe(budget: Budget, c: FinetuneConfig) -> str:
-    parts = []
-    if budget.seconds:
-        parts.append(format_duration(budget.seconds))
-    if budget.max_steps:
-        parts.append(f"{budget.max_steps} steps")
-    if c.epochs:
-        parts.append(f"{c.epochs:g} epochs")
-    return " / ".join(parts)

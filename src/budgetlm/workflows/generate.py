@@ -11,7 +11,7 @@ import torch
 from budgetlm.data.tokenizer import eot_id
 from budgetlm.errors import UserError
 from budgetlm.models.sampling import generate
-from budgetlm.train.checkpoint import load_model
+from budgetlm.train.checkpoint import load_language_model
 from budgetlm.train.runtime import pick_device, set_threads
 
 
@@ -26,11 +26,7 @@ def run(model_dir: str, prompt: str, *, max_new_tokens: int = 200, temperature: 
         raise UserError("--top-p must be in (0, 1]")
     set_threads()
     dev = pick_device(device)
-    model, config, tokenizer = load_model(model_dir, dev)
-    if config.get("arch") != "gpt":
-        raise UserError(f"{model_dir}: a {config.get('arch')} model cannot generate text; give a pretrained GPT")
-    if tokenizer is None:
-        raise UserError(f"{model_dir}: no tokenizer.json beside the model")
+    model, _, tokenizer = load_language_model(model_dir, dev, "generate text")
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
     ids = [eot_id(tokenizer)] + ids  # the document separator starts every training document
     generator = torch.Generator(device=dev).manual_seed(seed)

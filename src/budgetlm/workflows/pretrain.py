@@ -21,14 +21,14 @@ from budgetlm.data.tokenizer import default_vocab_size, load_tokenizer, train_to
 from budgetlm.data.tokens import cache_dir, cached_tokens, content_hash
 from budgetlm.errors import UserError
 from budgetlm.models.gpt import GPT, GPTConfig
-from budgetlm.plan import Plan, plan
+from budgetlm.plan import Plan, context_for, plan
 from budgetlm.train.batching import largest_micro_batch
 from budgetlm.train.checkpoint import atomic_write_bytes, save_model
 from budgetlm.train.lm import LanguageModelTask
 from budgetlm.train.loop import FitConfig, fit
 from budgetlm.train.metrics import RunLog, plot_losses
 from budgetlm.train.optim import build_optimizer, parse_optim_args
-from budgetlm.train.resume import Checkpoints, load_snapshot
+from budgetlm.train.resume import Checkpoints, find_resume
 from budgetlm.train.runtime import (
     Runtime,
     pick_device,
@@ -73,7 +73,7 @@ def model_config(cfg: RunConfig, vocab_size: int, planned: Plan | None) -> GPTCo
     d_model = m.d_model or d_model
     return GPTConfig(
         vocab_size=math.ceil(vocab_size / 64) * 64,  # a multiple of 64 keeps the head's matmul fast
-        context=m.context or (planned.context if planned else 256),
+        context=m.context or (planned.context if planned else context_for(d_model)),
         n_layer=m.n_layer or n_layer,
         d_model=d_model,
         n_head=m.n_head or (n_head if not m.d_model else max(1, d_model // 64)),
@@ -136,7 +136,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
                     max_tokens=t.max_tokens)  # the clock starts now: data preparation counts
     prepare_out(out)
     checkpoints = Checkpoints(out / "checkpoints", keep=t.keep_checkpoints)
-    snapshot = _find_resume(t.resume, out, checkpoints)
+    snapshot = find_resume(t.resume, out, needs=("tokenizer.json",), warn=say)
     if snapshot is not None:
         budget.spent_s = snapshot.meta["spent_s"]
     threads = set_threads(t.threads)
@@ -234,7 +234,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         f"{len(train_tokens):,} training / {len(val_tokens):,} validation tokens")
     say(f"  device {device} ({threads} threads), {precision}, {'compiled' if compiled else 'eager'}, "
         f"batch {micro_steps * micro_batch * mc.context} tokens (micro-batch {micro_batch} × {micro_steps}), "
-        f"{t.optim} lr {lr:.2e} {t.schedule}, budget {_describe(budget)}")
+        f"{t.optim} lr {lr:.2e} {t.schedule}, budget {budget.describe()}")
 
     log = RunLog(out / "metrics.jsonl", quiet=quiet,
                  resume_step=snapshot.meta["loop"]["step"] if snapshot is not None else None)
@@ -272,34 +272,18 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     plot_losses(log.records, out / "loss.png", title=f"{mc.n_layer}×{mc.d_model} GPT, {summary['tokens_seen']:,} tokens")
     summary["wall_s"] = round(budget.elapsed(), 2)
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
+    say_done(result, out, f"best validation {summary['best_val_bpb']:.4f} bits/byte (loss "
+             f"{summary['best_val_loss']:.4f}), {summary['tokens_per_s']:,.0f} tokens/s", summary["wall_s"])
+    return summary
+
+
+def say_done(result, out: Path, figures: str, wall_s: float) -> None:
+    """The run's last line: its figures, or after a signal how to resume it."""
     if result.stop_reason == "interrupted":
         say(f"stopped at step {result.steps}; best weights so far are in {out}. Resume with the same command "
             f"and --resume auto --out {out}")
     else:
-        say(f"done ({result.stop_reason}) in {format_duration(summary['wall_s'])}: best validation "
-            f"{summary['best_val_bpb']:.4f} bits/byte (loss {summary['best_val_loss']:.4f}), "
-            f"{summary['tokens_per_s']:,.0f} tokens/s; files in {out}")
-    return summary
-
-
-def _find_resume(resume: str | None, out: Path, checkpoints: Checkpoints):
-    if not resume:
-        return None
-    if resume == "auto":
-        path = checkpoints.latest_valid(warn=say)
-        if path is None:
-            return None
-    else:
-        path = Path(resume)
-        if (path / "checkpoints").is_dir():
-            path = Checkpoints(path / "checkpoints").latest_valid(warn=say)
-            if path is None:
-                raise UserError(f"{resume}: no valid checkpoint to resume from")
-        elif not path.is_dir():
-            raise UserError(f"--resume {resume}: no such checkpoint folder; use --resume auto or a checkpoint path")
-    if not (out / "tokenizer.json").is_file():
-        raise UserError(f"cannot resume into {out}: its tokenizer.json is missing; resume with the run's own --out")
-    return load_snapshot(path)
+        say(f"done ({result.stop_reason}) in {format_duration(wall_s)}: {figures}; files in {out}")
 
 
 def _check_same_run(snapshot, identity: dict) -> None:
@@ -322,17 +306,6 @@ def _positive_int(text: str, flag: str) -> int:
     if value < 1:
         raise UserError(f"{flag} {text!r}: give a positive number of tokens or auto")
     return value
-
-
-def _describe(budget: Budget) -> str:
-    parts = []
-    if budget.seconds:
-        parts.append(format_duration(budget.seconds))
-    if budget.max_steps:
-        parts.append(f"{budget.max_steps} steps")
-    if budget.max_tokens:
-        parts.append(f"{budget.max_tokens:,} tokens")
-    return " / ".join(parts)
 
 
 def _device_name(device: torch.device) -> str:
