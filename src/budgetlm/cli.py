@@ -29,6 +29,14 @@ def _default_out() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
+DIVERGED_EXIT = 3
+
+
+def _exit_code(summary: dict) -> int:
+    """A run that diverged kept its best weights but did not finish: scripts should notice."""
+    return DIVERGED_EXIT if summary.get("stop_reason") == "diverged" else 0
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from budgetlm.workflows import pretrain
 
@@ -37,8 +45,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         print(to_toml(cfg))
         return 0
     out = Path(args.out) if args.out else _default_out()
-    pretrain.run(cfg, out, quiet=args.quiet)
-    return 0
+    return _exit_code(pretrain.run(cfg, out, quiet=args.quiet))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -84,8 +91,7 @@ def _finetune(args: argparse.Namespace) -> int:
         print(to_toml(cfg))
         return 0
     out = Path(args.out) if args.out else _default_out()
-    finetune.run(cfg.finetune, out, quiet=args.quiet)
-    return 0
+    return _exit_code(finetune.run(cfg.finetune, out, quiet=args.quiet))
 
 
 def _predict(args: argparse.Namespace) -> int:

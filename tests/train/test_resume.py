@@ -26,6 +26,11 @@ def same_weights(a, b) -> bool:
     return x.keys() == y.keys() and all((x[k] == y[k]).all() for k in x)
 
 
+def newest_checkpoint_step(out) -> int:
+    steps = [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*") if p.name.split("-")[1].isdigit()]
+    return max(steps, default=-1)
+
+
 @pytest.fixture
 def env(tmp_path):
     return {**os.environ, "BUDGETLM_CACHE": str(tmp_path / "cache")}
@@ -33,16 +38,19 @@ def env(tmp_path):
 
 def test_killed_three_times_and_resumed_ends_bitwise_equal(play_file, tmp_path, env):
     steps = ["--max-steps", "150", "--save-every", "10"]
-    started = time.monotonic()
     subprocess.run(command(play_file, tmp_path / "ref", *steps), env=env, check=True, capture_output=True)
-    ref_s = time.monotonic() - started
     rng = random.Random(0)
     out = tmp_path / "killed"
     kills = 0
-    for fraction in sorted(rng.uniform(0.3, 0.9) for _ in range(3)):
+    for _ in range(3):
+        # Kill at a random moment after the run has made progress (a new checkpoint), however slow
+        # the machine: the moment falls anywhere in a step, a save or an evaluation.
+        saved_before = newest_checkpoint_step(out)
         proc = subprocess.Popen(command(play_file, out, *steps, "--resume", "auto"), env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(ref_s * fraction)
+        while proc.poll() is None and newest_checkpoint_step(out) <= saved_before:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.5))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
@@ -90,6 +98,16 @@ def test_resuming_with_another_model_is_refused(play_file, tmp_path, env):
     done = subprocess.run(changed, env=env, capture_output=True, text=True)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "belongs to another model" in done.stderr.splitlines()[-1]
+
+
+def test_resuming_with_another_vocabulary_is_refused(play_file, tmp_path, env):
+    out = tmp_path / "run"
+    subprocess.run(command(play_file, out, "--max-steps", "10", "--save-every", "5"), env=env, check=True,
+                   capture_output=True)
+    changed = [a if a != "400" else "300" for a in command(play_file, out, "--max-steps", "20", "--resume", "auto")]
+    done = subprocess.run(changed, env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "not --vocab-size 300" in done.stderr.splitlines()[-1]
 
 
 def test_sigint_finishes_the_step_saves_and_says_how_to_resume(play_file, tmp_path, env):

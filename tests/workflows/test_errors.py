@@ -77,3 +77,21 @@ def test_bad_toml_config(tmp_path):
     assert_one_line_error(budgetlm("pretrain", "--config", str(tmp_path / "c.toml")), "unknown key 'learning_rate'")
     (tmp_path / "d.toml").write_text("[train]\nschedule = 'zigzag'\n")
     assert_one_line_error(budgetlm("pretrain", "--config", str(tmp_path / "d.toml")), "'zigzag' is not allowed")
+
+
+def test_output_folder_that_cannot_be_created(tmp_path, play_text):
+    (tmp_path / "t.txt").write_text(play_text)
+    (tmp_path / "file").write_text("not a folder")
+    done = budgetlm("pretrain", "--data", str(tmp_path / "t.txt"), *TINY, "--out", str(tmp_path / "file" / "run"))
+    assert_one_line_error(done, "--out")
+
+
+def test_a_diverging_run_keeps_its_best_weights_and_exits_3(tmp_path, play_text):
+    (tmp_path / "t.txt").write_text(play_text)
+    out = tmp_path / "run"
+    done = budgetlm("pretrain", "--data", str(tmp_path / "t.txt"), *TINY[:-2], "--max-steps", "60",
+                    "--optim", "sgd", "--lr", "1e6", "--out", str(out))
+    assert done.returncode == 3, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "non-finite" in done.stderr
+    assert (out / "model.safetensors").exists()

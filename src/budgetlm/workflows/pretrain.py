@@ -88,7 +88,7 @@ LR_RELATIVE_TO_ADAMW = {"adamw": 1.0, "adam": 1.0, "muon": 1.0, "rmsprop": 0.5, 
 
 def default_lr(d_model: int, optim: str = "adamw") -> float:
     """Peak learning rate shrinking with width (µP-like 1/width scaling, AdamW anchored at 2e-3 for 256)."""
-    return 2e-3 * 256 / d_model * LR_RELATIVE_TO_ADAMW[optim]
+    return 1.5e-3 * 256 / d_model * LR_RELATIVE_TO_ADAMW[optim]
 
 
 def parse_every(text: str | None) -> tuple[int | None, float | None]:
@@ -172,7 +172,8 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     if len(train_tokens) < 2 * mc.context + 2:
         raise UserError(f"the training text has {len(train_tokens)} tokens, too few for two context windows of "
                         f"{mc.context}; give more text or a smaller --context")
-    identity = {"model": mc.to_dict(), "train_tokens": Path(train_tokens.filename).name}
+    identity = {"model": mc.to_dict(), "train_tokens": Path(train_tokens.filename).name,
+                "vocab_asked": cfg.data.vocab_size}
     if snapshot is not None:
         _check_same_run(snapshot, identity)
 
@@ -293,6 +294,11 @@ def _check_same_run(snapshot, identity: dict) -> None:
                 if not saved or saved.get(k) != v}
         raise UserError(f"checkpoint {snapshot.path} belongs to another model (checkpoint vs now: {diff}); "
                         "resume with the same model flags or start a new --out")
+    asked = snapshot.meta.get("vocab_asked")
+    if identity["vocab_asked"] and asked != identity["vocab_asked"]:
+        raise UserError(f"checkpoint {snapshot.path} was trained with a tokenizer of "
+                        f"{'--vocab-size ' + str(asked) if asked else 'the default vocabulary size'}, not --vocab-size "
+                        f"{identity['vocab_asked']}; resume with the same --vocab-size or start a new --out")
     if snapshot.meta.get("train_tokens") != identity["train_tokens"]:
         raise UserError(f"checkpoint {snapshot.path} was trained on other data; resume with the same --data "
                         "or start a new --out")

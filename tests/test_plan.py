@@ -1,0 +1,69 @@
+import json
+
+import pytest
+import torch
+
+from budgetlm import plan as planner
+from budgetlm.plan import LADDER, context_for, flops_per_token, plan, predicted_loss
+
+CPU = torch.device("cpu")
+PEAK = 150e9  # about this project's 2-core CPU in fp32
+
+
+def shape(p):
+    return p.n_layer, p.d_model
+
+
+def test_more_time_never_plans_a_smaller_model():
+    sizes = [plan(s, train_tokens=10**9, vocab=8192, device=CPU, precision="fp32", peak_flops=PEAK)
+             for s in (30, 300, 3000, 30000, 300000)]
+    widths = [p.d_model for p in sizes]
+    assert widths == sorted(widths)
+    assert widths[0] < widths[-1]
+
+
+def test_a_small_corpus_plans_a_smaller_model_than_a_large_one():
+    # A model far larger than a 100k-token corpus would memorize it (MAX_PARAMS_PER_TOKEN)
+    small = plan(36000, train_tokens=10**5, vocab=2048, device=CPU, precision="fp32", peak_flops=PEAK)
+    large = plan(36000, train_tokens=10**10, vocab=2048, device=CPU, precision="fp32", peak_flops=PEAK)
+    assert small.d_model < large.d_model
+
+
+def test_five_minutes_on_tinyshakespeare_plans_the_measured_best_size():
+    # docs/planner.md: at 5 minutes on this CPU a sweep of sizes found 4x128 best
+    p = plan(300, train_tokens=300_000, vocab=2048, device=CPU, precision="fp32", peak_flops=PEAK)
+    assert shape(p) == (4, 128)
+    assert p.context == 256
+
+
+def test_batch_is_whole_micro_batches_and_expected_tokens_follow_the_flops():
+    for budget in (60, 600, 6000):
+        p = plan(budget, train_tokens=10**8, vocab=4096, device=CPU, precision="fp32", peak_flops=PEAK)
+        assert p.batch_tokens % (p.micro_batch * p.context) == 0
+        per_token = flops_per_token(p.n_layer, p.d_model, 4096, p.context)
+        spent = p.expected_tokens * per_token / (planner.efficiency(p.d_model, CPU) * PEAK * planner.OVERHEAD)
+        assert spent == pytest.approx(budget, rel=1e-3)
+
+
+def test_predicted_loss_falls_with_data_and_repeats_are_discounted():
+    n = 10**7
+    assert predicted_loss(n, 2e8, 1e9) < predicted_loss(n, 1e8, 1e9)
+    # 100 epochs of 1M tokens are worth less than 100M unique tokens, and more than one epoch
+    repeated = predicted_loss(n, 1e8, 1e6)
+    assert predicted_loss(n, 1e8, 1e8) < repeated < predicted_loss(n, 1e6, 1e6)
+
+
+def test_context_grows_with_width():
+    contexts = [context_for(d) for _, d, _ in LADDER]
+    assert contexts == sorted(contexts)
+
+
+def test_device_peak_remembers_the_best_measurement(tmp_path, monkeypatch):
+    monkeypatch.setenv("BUDGETLM_CACHE", str(tmp_path))
+    measured = iter([100e9, 80e9])
+    monkeypatch.setattr(planner, "matmul_peak", lambda device, dtype: next(measured))
+    assert planner.device_peak(CPU, torch.float32) == 100e9
+    # a slower measurement under load does not change the plan
+    assert planner.device_peak(CPU, torch.float32) == 100e9
+    saved = json.loads((tmp_path / "device_peaks.json").read_text())
+    assert list(saved.values()) == [100e9]
