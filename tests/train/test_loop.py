@@ -22,8 +22,9 @@ class Regression:
     """y = x·w* with a 2-layer net; batches are a pure function of (step, micro)."""
     unit = "examples"
 
-    def __init__(self, micro_batch=8, poison_steps=(), oom_steps=()):
+    def __init__(self, micro_batch=8, poison_steps=(), oom_steps=(), eval_fits=64):
         self.micro_batch, self.micro_steps = micro_batch, 1
+        self.eval_micro_batch, self.eval_fits = 64, eval_fits
         self.poison_steps, self.oom_steps = set(poison_steps), set(oom_steps)
         self.w = torch.randn(6, 1, generator=torch.Generator().manual_seed(0))
         val = torch.Generator().manual_seed(99)
@@ -54,7 +55,15 @@ class Regression:
     def eval_batch_count(self):
         return 2
 
+    def halve_eval_batch(self):
+        if self.eval_micro_batch < 2:
+            return False
+        self.eval_micro_batch //= 2
+        return True
+
     def evaluate(self, forward, max_batches):
+        if self.eval_micro_batch > self.eval_fits:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
         with torch.no_grad():
             loss = ((forward(self.val_x) - self.val_x @ self.w) ** 2).mean().item()
         return {"val_loss": loss}
@@ -142,6 +151,19 @@ def test_out_of_memory_retries_with_half_the_micro_batch():
 def test_out_of_memory_at_the_smallest_batch_explains():
     model, task, opt, cfg = make({"micro_batch": 1, "oom_steps": {0}})
     with pytest.raises(UserError, match="out of memory"):
+        run(model, task, opt, cfg, Budget(max_steps=5))
+
+
+def test_out_of_memory_while_evaluating_halves_the_evaluation_batch():
+    model, task, opt, cfg = make({"eval_fits": 16})
+    result = run(model, task, opt, cfg, Budget(max_steps=5))
+    assert task.eval_micro_batch == 16 and task.micro_batch == 8
+    assert result.steps == 5
+
+
+def test_out_of_memory_while_evaluating_one_at_a_time_explains():
+    model, task, opt, cfg = make({"eval_fits": 0})
+    with pytest.raises(UserError, match="out of memory while evaluating"):
         run(model, task, opt, cfg, Budget(max_steps=5))
 
 

@@ -126,3 +126,20 @@ def test_sigint_finishes_the_step_saves_and_says_how_to_resume(play_file, tmp_pa
     assert summary["stop_reason"] == "interrupted"
     assert Checkpoints(out / "checkpoints").latest_valid() is not None
     assert (out / "model.safetensors").exists()
+
+
+def test_a_full_disk_while_saving_is_one_clear_error(tmp_path, monkeypatch):
+    import torch
+
+    from budgetlm.errors import UserError
+    from budgetlm.train import checkpoint
+
+    def full(*args, **kwargs):  # how safetensors reports ENOSPC
+        raise checkpoint.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save_weights({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    assert list(tmp_path.iterdir()) == [], "no temporary file is left behind"
+    with pytest.raises(UserError, match="could not save the model .* free space"):
+        checkpoint.save_model(tmp_path / "out", torch.nn.Linear(2, 2), {}, None)

@@ -19,7 +19,7 @@ def flags(play_file, *extra) -> dict:
 
 def search(play_file, tmp_path, name="tune", *extra, trials=3, pruner=None, space=SPACE):
     config = tmp_path / f"{name}.toml"
-    config.write_text("[train]\nmax_steps = 4\neval_every = \"1\"\n" + space)
+    config.write_text("[train]\nmax_steps = 4\neval_every = \"1\"\noptim = \"adamw\"\n" + space)
     base, table = tune.load_config(str(config), flags(play_file, *extra), SECTIONS)
     result = tune.run(base, tune.parse_space(table, base), tmp_path / name, trials=trials, pruner=pruner)
     return result, tmp_path / name

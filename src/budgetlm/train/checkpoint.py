@@ -20,29 +20,41 @@ from budgetlm.models.registry import build
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     # safetensors refuses shared storage (the tied embedding is one tensor already) and views
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
+    except SafetensorError as e:  # a full disk surfaces here as a SafetensorError, not an OSError
+        tmp.unlink(missing_ok=True)
+        raise OSError(str(e).split(": ", 1)[-1]) from None
     with tmp.open("rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def save_model(out: Path, model: nn.Module, model_config: dict, tokenizer: Tokenizer | None, extra: dict | None = None) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    save_weights(model.state_dict(), out / "model.safetensors")
-    meta = {**model_config, **(extra or {})}
-    atomic_write_bytes(out / "config.json", json.dumps(meta, indent=2).encode())
-    if tokenizer is not None:
-        atomic_write_bytes(out / "tokenizer.json", tokenizer.to_str().encode())
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_weights(model.state_dict(), out / "model.safetensors")
+        meta = {**model_config, **(extra or {})}
+        atomic_write_bytes(out / "config.json", json.dumps(meta, indent=2).encode())
+        if tokenizer is not None:
+            atomic_write_bytes(out / "tokenizer.json", tokenizer.to_str().encode())
+    except OSError as e:
+        raise UserError(f"could not save the model in {out} ({e.strerror or e}); free space or choose another "
+                        "--out") from None
 
 
 def read_config(folder: Path) -> dict:

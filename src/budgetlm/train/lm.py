@@ -52,6 +52,13 @@ class LanguageModelTask:
         self.sampler.batch = self.micro_batch
         return True
 
+    def halve_eval_batch(self) -> bool:
+        """After evaluation ran out of memory: half the sequences per forward pass (same numbers)."""
+        if self._eval_micro_batch < 2:
+            return False
+        self._eval_micro_batch //= 2
+        return True
+
     def batch(self, step: int, micro: int):
         return self.sampler.batch_at(step, micro, self.micro_steps)
 

@@ -167,8 +167,20 @@ def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.
     def evaluate(max_batches: int | None) -> dict:
         model.eval()
         start = time.monotonic()
-        with torch.no_grad(), runtime.autocast():
-            metrics = task.evaluate(model, max_batches)  # eager: a compiled eval graph would cost a second compile
+        while True:
+            try:
+                with torch.no_grad(), runtime.autocast():
+                    metrics = task.evaluate(model, max_batches)  # eager: a compiled graph would cost a second compile
+                break
+            except (RuntimeError, torch.OutOfMemoryError) as e:
+                if not is_out_of_memory(e):
+                    raise
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if not (hasattr(task, "halve_eval_batch") and task.halve_eval_batch()):
+                    raise UserError("out of memory while evaluating even one sequence at a time; use a smaller model "
+                                    "or --context") from None
+                log.message("warning: out of memory while evaluating; retrying with half the sequences per pass")
         n = max_batches or task.eval_batch_count()
         st.eval_s_per_batch = (time.monotonic() - start) / max(n, 1)
         model.train()
