@@ -137,12 +137,12 @@ def plan(budget_s: float, *, train_tokens: int, vocab: int, device: torch.device
     peak = peak_flops or device_peak(device, dtype)
     best = None
     for n_layer, d_model, n_head in LADDER:
-        if best is not None and 12 * n_layer * d_model**2 + vocab * d_model > MAX_PARAMS_PER_TOKEN * train_tokens:
+        n_params = 12 * n_layer * d_model**2 + vocab * d_model  # every parameter, as Chinchilla counts them
+        if best is not None and n_params > MAX_PARAMS_PER_TOKEN * train_tokens:
             break
         context = context_for(d_model)
         tokens = efficiency(d_model, device) * peak * budget_s * OVERHEAD / flops_per_token(n_layer, d_model, vocab, context)
-        # Chinchilla counts every parameter, embeddings included
-        loss = predicted_loss(12 * n_layer * d_model**2 + vocab * d_model, tokens, train_tokens)
+        loss = predicted_loss(n_params, tokens, train_tokens)
         if best is None or loss < best[0]:
             best = (loss, n_layer, d_model, n_head, context, tokens)
     _, n_layer, d_model, n_head, context, tokens = best

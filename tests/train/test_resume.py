@@ -90,24 +90,18 @@ def test_resume_auto_without_checkpoints_starts_fresh(play_file, tmp_path, env):
     assert done.returncode == 0 and "resuming" not in done.stderr
 
 
-def test_resuming_with_another_model_is_refused(play_file, tmp_path, env):
+@pytest.mark.parametrize("old, new, refusal", [
+    ("64", "96", "belongs to another model"),        # --d-model
+    ("400", "300", "not --vocab-size 300"),          # --vocab-size
+])
+def test_resuming_with_another_model_or_vocabulary_is_refused(play_file, tmp_path, env, old, new, refusal):
     out = tmp_path / "run"
     subprocess.run(command(play_file, out, "--max-steps", "10", "--save-every", "5"), env=env, check=True,
                    capture_output=True)
-    changed = [a if a != "64" else "96" for a in command(play_file, out, "--max-steps", "20", "--resume", "auto")]
+    changed = [a if a != old else new for a in command(play_file, out, "--max-steps", "20", "--resume", "auto")]
     done = subprocess.run(changed, env=env, capture_output=True, text=True)
     assert done.returncode != 0 and "Traceback" not in done.stderr
-    assert "belongs to another model" in done.stderr.splitlines()[-1]
-
-
-def test_resuming_with_another_vocabulary_is_refused(play_file, tmp_path, env):
-    out = tmp_path / "run"
-    subprocess.run(command(play_file, out, "--max-steps", "10", "--save-every", "5"), env=env, check=True,
-                   capture_output=True)
-    changed = [a if a != "400" else "300" for a in command(play_file, out, "--max-steps", "20", "--resume", "auto")]
-    done = subprocess.run(changed, env=env, capture_output=True, text=True)
-    assert done.returncode != 0 and "Traceback" not in done.stderr
-    assert "not --vocab-size 300" in done.stderr.splitlines()[-1]
+    assert refusal in done.stderr.splitlines()[-1]
 
 
 def test_sigint_finishes_the_step_saves_and_says_how_to_resume(play_file, tmp_path, env):

@@ -137,6 +137,17 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
 
 
+def _shrink_after_oom(error: BaseException, device: torch.device, shrink: Callable[[], bool] | None,
+                      give_up: str) -> None:
+    """Return when `error` ran out of memory and `shrink` made the next try smaller; else raise."""
+    if not is_out_of_memory(error):
+        raise error
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if shrink is None or not shrink():
+        raise UserError(give_up) from None
+
+
 def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.Optimizer, cfg: FitConfig,
         budget: Budget, runtime: Runtime, log: RunLog, *, checkpoints: Checkpoints | None = None,
         resume: Snapshot | None = None, stop: GracefulStop | None = None,
@@ -173,13 +184,9 @@ def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.
                     metrics = task.evaluate(model, max_batches)  # eager: a compiled graph would cost a second compile
                 break
             except (RuntimeError, torch.OutOfMemoryError) as e:
-                if not is_out_of_memory(e):
-                    raise
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if not (hasattr(task, "halve_eval_batch") and task.halve_eval_batch()):
-                    raise UserError("out of memory while evaluating even one sequence at a time; use a smaller model "
-                                    "or --context") from None
+                _shrink_after_oom(e, device, getattr(task, "halve_eval_batch", None),
+                                  "out of memory while evaluating even one sequence at a time; use a smaller model "
+                                  "or --context")
                 log.message("warning: out of memory while evaluating; retrying with half the sequences per pass")
         n = max_batches or task.eval_batch_count()
         st.eval_s_per_batch = (time.monotonic() - start) / max(n, 1)
@@ -273,14 +280,11 @@ def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.
         try:
             step_loss, units, grad_norm = _train_step(model, forward, task, optimizer, cfg, runtime, st.step, scaler)
         except (RuntimeError, torch.OutOfMemoryError) as e:
-            if not is_out_of_memory(e):
-                raise
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            if not (hasattr(task, "halve_micro_batch") and task.halve_micro_batch()):
-                raise UserError("out of memory even at the smallest micro-batch; use a smaller model, --context "
-                                "or --micro-batch") from None
+            if is_out_of_memory(e):
+                optimizer.zero_grad(set_to_none=True)  # the partial gradients hold memory too
+            _shrink_after_oom(e, device, getattr(task, "halve_micro_batch", None),
+                              "out of memory even at the smallest micro-batch; use a smaller model, --context "
+                              "or --micro-batch")
             cfg.micro_steps *= 2
             log.message(f"warning: out of memory; retrying with micro-batch {task.micro_batch} × {cfg.micro_steps}")
             continue
