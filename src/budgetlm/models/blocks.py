@@ -34,11 +34,16 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """x: (batch, heads, time, head_dim); positions start at `offset` (for the KV cache)."""
-        t = x.shape[-2]
-        cos = self.cos[offset : offset + t].to(x.dtype)
-        sin = self.sin[offset : offset + t].to(x.dtype)
+    def tables(self, offset: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for positions offset … offset+length-1, shaped (time, 1, head_dim/2) to
+        broadcast over (batch, time, heads, head_dim/2). Cut once per forward and shared by every layer."""
+        cos = self.cos[offset : offset + length, None].to(dtype)
+        sin = self.sin[offset : offset + length, None].to(dtype)
+        return cos, sin
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: (batch, time, heads, head_dim)."""
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
@@ -63,37 +68,43 @@ class Attention(nn.Module):
     """Multi-head self-attention (causal or bidirectional), or cross-attention when `memory` is given."""
 
     def __init__(self, d_model: int, n_head: int, *, causal: bool, dropout: float = 0.0,
-                 qk_norm: bool = True, rotary: Rotary | None = None, cross: bool = False):
+                 qk_norm: bool = True, cross: bool = False):
         super().__init__()
         if d_model % n_head:
             raise ValueError(f"d_model {d_model} is not divisible by n_head {n_head}")
         self.n_head, self.head_dim = n_head, d_model // n_head
-        self.causal, self.dropout, self.rotary = causal, dropout, rotary
+        self.causal, self.dropout, self.qk_norm = causal, dropout, qk_norm
         if cross:  # queries from x, keys and values from the encoder's memory
             self.q = nn.Linear(d_model, d_model, bias=False)
             self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
         else:  # one matmul for all three
             self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
-        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        if qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        return x.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
-
-    def forward(self, x: torch.Tensor, *, memory: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, memory: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`rope`: the rotary tables for x's positions (Rotary.tables), for self-attention."""
         b, t, d = x.shape
+        h, hd = self.n_head, self.head_dim
         if memory is None:
-            q, k, v = self.qkv(x).split(d, dim=-1)
+            # queries and keys side by side (batch, time, 2·heads, head_dim): normalized and rotated
+            # together, half the small ops of doing each apart (they dominate a one-token decode step)
+            qkv = self.qkv(x).view(b, t, 3 * h, hd)
+            qk, v = qkv[:, :, : 2 * h], qkv[:, :, 2 * h :]
+            if self.qk_norm:
+                weight = torch.cat((self.q_norm.weight.expand(h, hd), self.k_norm.weight.expand(h, hd)))
+                qk = F.rms_norm(qk, (hd,), eps=self.q_norm.eps) * weight
+            if rope is not None:
+                qk = Rotary.rotate(qk, *rope)
+            q, k = qk.split(h, dim=2)
         else:
-            q = self.q(x)
-            k, v = self.kv(memory).split(d, dim=-1)
-        q, k, v = self.q_norm(self._heads(q)), self.k_norm(self._heads(k)), self._heads(v)
-        if self.rotary is not None and memory is None:
-            offset = cache.length if cache is not None else 0
-            q, k = self.rotary(q, offset), self.rotary(k, offset)
+            q = self.q(x).view(b, t, h, hd)
+            k, v = self.kv(memory).view(b, memory.shape[1], 2 * h, hd).split(h, dim=2)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (batch, heads, time, head_dim)
         if cache is not None:
             k, v = cache.append(k, v)
         # With a cache, a single new query attends to every cached key; a longer chunk needs the
@@ -131,21 +142,22 @@ class Block(nn.Module):
     """Pre-norm Transformer block: self-attention, optional cross-attention (T5 decoder), MLP."""
 
     def __init__(self, d_model: int, n_head: int, mlp_hidden: int, *, causal: bool, mlp: str = "relu2",
-                 dropout: float = 0.0, qk_norm: bool = True, rotary: Rotary | None = None,
+                 dropout: float = 0.0, qk_norm: bool = True,
                  cross_attention: bool = False, eps: float = 1e-6):
         super().__init__()
         self.attn_norm = RMSNorm(d_model, eps)
-        self.attn = Attention(d_model, n_head, causal=causal, dropout=dropout, qk_norm=qk_norm, rotary=rotary)
+        self.attn = Attention(d_model, n_head, causal=causal, dropout=dropout, qk_norm=qk_norm)
         self.cross_norm = RMSNorm(d_model, eps) if cross_attention else None
         self.cross = Attention(d_model, n_head, causal=False, dropout=dropout, qk_norm=qk_norm,
                                 cross=True) if cross_attention else None
         self.mlp_norm = RMSNorm(d_model, eps)
         self.mlp = MLP(d_model, mlp_hidden, mlp)
-        self.drop = nn.Dropout(dropout)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # no op calls when off
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, memory: torch.Tensor | None = None,
-                memory_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), mask=mask, cache=cache))
+                memory_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), mask=mask, cache=cache, rope=rope))
         if self.cross is not None:
             x = x + self.drop(self.cross(self.cross_norm(x), memory=memory, mask=memory_mask))
         return x + self.drop(self.mlp(self.mlp_norm(x)))

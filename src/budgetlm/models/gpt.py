@@ -43,11 +43,10 @@ class GPT(nn.Module):
         super().__init__()
         self.config = c = config
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
-        self.drop = nn.Dropout(c.dropout)
-        rotary = Rotary(c.d_model // c.n_head, c.context, c.rope_base)
+        self.drop = nn.Dropout(c.dropout) if c.dropout > 0 else nn.Identity()
+        self.rotary = Rotary(c.d_model // c.n_head, c.context, c.rope_base)
         self.blocks = nn.ModuleList(
-            Block(c.d_model, c.n_head, c.mlp_hidden, causal=True, mlp=c.mlp, dropout=c.dropout,
-                  qk_norm=c.qk_norm, rotary=rotary)
+            Block(c.d_model, c.n_head, c.mlp_hidden, causal=True, mlp=c.mlp, dropout=c.dropout, qk_norm=c.qk_norm)
             for _ in range(c.n_layer)
         )
         self.norm = RMSNorm(c.d_model)
@@ -66,8 +65,11 @@ class GPT(nn.Module):
     def hidden(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
         """Final normalized hidden states, (batch, time, d_model)."""
         x = self.drop(self.embed(idx))
+        offset = caches[0].length if caches is not None else 0
+        autocast = torch.is_autocast_enabled(x.device.type)
+        rope = self.rotary.tables(offset, idx.shape[1], torch.get_autocast_dtype(x.device.type) if autocast else x.dtype)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache=caches[i] if caches is not None else None)
+            x = block(x, cache=caches[i] if caches is not None else None, rope=rope)
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

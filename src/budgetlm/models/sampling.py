@@ -27,6 +27,11 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: fl
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _last_logits(model, ids: torch.Tensor, caches=None) -> torch.Tensor:
+    """Logits of the last position only: the vocabulary projection of earlier positions is never used."""
+    return model.logits(model.hidden(ids, caches)[:, -1])
+
+
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
@@ -38,14 +43,14 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: f
     logits = None
     for _ in range(max_new_tokens):
         if not use_cache:
-            logits = model(seq[:, -context:])[:, -1]
+            logits = _last_logits(model, seq[:, -context:])
         elif caches is None or caches[0].length >= context:
             # (Re)fill the cache; when the window is full, keep its last half and go on from there.
             window = seq[:, -(context // 2):] if caches is not None else seq
             caches = model.new_caches(seq.shape[0], seq.device, model.embed.weight.dtype)
-            logits = model(window, caches=caches)[:, -1]
+            logits = _last_logits(model, window, caches)
         token = _pick(logits, temperature, top_k, top_p, generator)
         yield token
         seq = torch.cat([seq, token[:, None]], dim=1)[:, -context:]
         if use_cache and caches[0].length < context:
-            logits = model(token[:, None], caches=caches)[:, -1]
+            logits = _last_logits(model, token[:, None], caches)

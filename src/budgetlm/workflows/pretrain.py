@@ -87,7 +87,7 @@ LR_RELATIVE_TO_ADAMW = {"adamw": 1.0, "adam": 1.0, "muon": 1.0, "rmsprop": 0.5, 
 
 
 def default_lr(d_model: int, optim: str = "adamw") -> float:
-    """Peak learning rate shrinking with width (µP-like 1/width scaling, AdamW anchored at 2e-3 for 256)."""
+    """Peak learning rate shrinking with width (µP-like 1/width scaling, AdamW anchored at 1.5e-3 for d_model 256)."""
     return 1.5e-3 * 256 / d_model * LR_RELATIVE_TO_ADAMW[optim]
 
 

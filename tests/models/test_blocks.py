@@ -1,0 +1,55 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from budgetlm.models.blocks import Attention, Rotary
+
+
+def reference_attention(attn: Attention, x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Causal self-attention written out head by head: QK-norm with each norm's own weight, then a
+    rotation of each (first half, second half) channel pair by position · frequency."""
+    b, t, d = x.shape
+    h, hd = attn.n_head, attn.head_dim
+    wq, wk, wv = attn.qkv.weight.split(d)
+    outputs = []
+    for head in range(h):
+        cols = slice(head * hd, (head + 1) * hd)
+        q, k, v = x @ wq[cols].T, x @ wk[cols].T, x @ wv[cols].T
+        q = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6) * attn.q_norm.weight
+        k = k / torch.sqrt(k.pow(2).mean(-1, keepdim=True) + 1e-6) * attn.k_norm.weight
+        angle = torch.arange(t)[:, None] * base ** (-torch.arange(0, hd, 2) / hd)
+        cos, sin = angle.cos(), angle.sin()
+
+        def rotate(z):
+            z1, z2 = z[..., : hd // 2], z[..., hd // 2 :]
+            return torch.cat((z1 * cos - z2 * sin, z1 * sin + z2 * cos), -1)
+
+        q, k = rotate(q), rotate(k)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+        outputs.append(torch.softmax(scores, -1) @ v)
+    return torch.cat(outputs, -1) @ attn.proj.weight.T
+
+
+def test_attention_matches_a_head_by_head_reference():
+    torch.manual_seed(0)
+    attn = Attention(48, 3, causal=True).eval()
+    with torch.no_grad():
+        # distinct norm weights, so that swapping the query and key norms would show
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+        x = torch.randn(2, 10, 48)
+        rope = Rotary(16, 32).tables(0, 10, torch.float32)
+        got = attn(x, rope=rope)
+        assert torch.allclose(got, reference_attention(attn, x), atol=1e-5)
+
+
+def test_attention_without_qk_norm_or_rotary_is_plain_causal_attention():
+    torch.manual_seed(0)
+    attn = Attention(32, 2, causal=True, qk_norm=False).eval()
+    x = torch.randn(1, 6, 32)
+    with torch.no_grad():
+        q, k, v = (z.view(1, 6, 2, 16).transpose(1, 2) for z in attn.qkv(x).split(32, -1))
+        expected = attn.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(1, 6, 32))
+        assert torch.allclose(attn(x), expected, atol=1e-6)
