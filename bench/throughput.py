@@ -120,20 +120,28 @@ def machine_name() -> str:
 
 
 def generation_speed(new_tokens: int = 256) -> dict:
+    """Greedy decoding at batch 1, with and without the KV cache, in fp32 and in the precision that
+    `budgetlm generate` picks on this machine."""
     from budgetlm.models.gpt import GPT, GPTConfig
     from budgetlm.models.sampling import generate
+    from budgetlm.train.runtime import pick_precision
 
     s = SHAPE
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=s["vocab_size"], context=s["context"], n_layer=s["n_layer"], n_head=s["n_head"],
                           d_model=s["d_model"])).eval()
     prompt = torch.zeros(1, 1, dtype=torch.long)
-    result = {}
-    for cached in (True, False):
-        list(generate(model, prompt, 8, temperature=0, use_cache=cached))  # warm up
-        started = time.perf_counter()
-        list(generate(model, prompt, new_tokens, temperature=0, use_cache=cached))
-        result["cached" if cached else "uncached"] = new_tokens / (time.perf_counter() - started)
+    result = {"precision": pick_precision("auto", torch.device("cpu"))}
+    for precision in dict.fromkeys(("fp32", result["precision"])):
+        if precision == "bf16":
+            model.cast_weights(torch.bfloat16)
+        for cached in (True, False):
+            list(generate(model, prompt, 8, temperature=0, use_cache=cached))  # warm up
+            started = time.perf_counter()
+            list(generate(model, prompt, new_tokens, temperature=0, use_cache=cached))
+            result[f"{precision}_{'cached' if cached else 'uncached'}"] = new_tokens / (time.perf_counter() - started)
+    p = result["precision"]
+    result.update(cached=result[f"{p}_cached"], uncached=result[f"{p}_uncached"])
     result["speedup"] = result["cached"] / result["uncached"]
     return result
 
@@ -178,8 +186,9 @@ def main() -> None:
     }
     print(f"budgetlm {ours:.0f} tok/s ({gflops:.0f} GFLOP/s: {gflops / peaks['bf16']:.0%} of the bf16 peak, "
           f"{gflops / peak:.0%} of the {precision} peak) vs HF Llama {theirs:.0f} tok/s: ratio {ours / theirs:.2f}")
-    print(f"generation at 256 new tokens: cached {gen['cached']:.0f} tok/s, uncached {gen['uncached']:.0f} tok/s "
-          f"({gen['speedup']:.1f}x)")
+    print(f"generation at 256 new tokens ({gen['precision']}): cached {gen['cached']:.0f} tok/s, "
+          f"uncached {gen['uncached']:.0f} tok/s ({gen['speedup']:.1f}x); fp32: cached {gen['fp32_cached']:.0f}, "
+          f"uncached {gen['fp32_uncached']:.0f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)

@@ -45,6 +45,15 @@ def test_batch_is_whole_micro_batches_and_expected_tokens_follow_the_flops():
         assert spent == pytest.approx(budget, rel=1e-3)
 
 
+def test_dropout_is_planned_only_when_the_budget_repeats_the_corpus_many_times():
+    big_corpus = plan(300, train_tokens=10**9, vocab=2048, device=CPU, precision="fp32", peak_flops=PEAK)
+    small_corpus = plan(300, train_tokens=300_000, vocab=2048, device=CPU, precision="fp32", peak_flops=PEAK)
+    assert big_corpus.expected_epochs < 1 and big_corpus.dropout == 0
+    assert small_corpus.expected_epochs > planner.REPEATS_BEFORE_DROPOUT and small_corpus.dropout > 0
+    assert small_corpus.expected_epochs == pytest.approx(small_corpus.expected_tokens / 300_000, rel=1e-3)
+    assert "dropout" in small_corpus.describe() and "dropout" not in big_corpus.describe()
+
+
 def test_predicted_loss_falls_with_data_and_repeats_are_discounted():
     n = 10**7
     assert predicted_loss(n, 2e8, 1e9) < predicted_loss(n, 1e8, 1e9)

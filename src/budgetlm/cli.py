@@ -52,7 +52,8 @@ def _generate(args: argparse.Namespace) -> int:
     from budgetlm.workflows import generate
 
     generate.run(args.model, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_k=args.top_k or None, top_p=args.top_p, seed=args.seed, device=args.device)
+                 top_k=args.top_k or None, top_p=args.top_p, seed=args.seed, device=args.device,
+                 precision=args.precision)
     return 0
 
 
@@ -145,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set with this mass")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
+    g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="weights' precision while decoding; auto: bf16 where the device multiplies it in hardware")
     g.set_defaults(func=_generate)
 
     e = sub.add_parser("eval", help="loss, bits per byte and perplexity of a model on text")

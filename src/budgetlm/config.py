@@ -62,7 +62,8 @@ class ModelConfig:
     context: int | None = opt(None, low=2, help="context length in tokens")
     mlp: str = opt("relu2", help="feed-forward type", choices=("relu2", "swiglu"))
     mlp_ratio: float = opt(4.0, above=0, help="feed-forward width ÷ d_model")
-    dropout: float = opt(0.0, low=0, high=0.95, help="dropout on embeddings, attention and residual branches")
+    dropout: float | None = opt(None, low=0, high=0.95, help="dropout on embeddings, attention and residual branches "
+                                "(default: planned, 0.1 when the budget repeats the text more than 4 times, else 0)")
     logit_softcap: float = opt(0.0, low=0, help="cap logits at ±c with c·tanh(x/c); 0 turns it off")
 
 
@@ -277,7 +278,8 @@ class FinetuneConfig:
     max_length: int = opt(128, low=3, help="inputs are truncated to this many tokens")
     budget: str | None = opt(None, help="wall-clock budget, e.g. 90s, 10m (data preparation and evaluation count)")
     max_steps: int | None = opt(None, low=1, help="stop after this many optimizer steps")
-    epochs: float | None = opt(None, above=0, help="stop after this many passes over the training split")
+    epochs: float | None = opt(None, above=0, help="stop after this many passes over the training split "
+                               "(default: 3 for a pretrained body, no limit from scratch)")
     batch_size: int = opt(32, low=1, help="examples per optimizer step")
     micro_batch: int | None = opt(None, low=1,
                                   help="examples per forward pass; gradient accumulation fills --batch-size")

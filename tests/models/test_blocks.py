@@ -1,9 +1,12 @@
+import contextlib
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from budgetlm.models.blocks import Attention, Rotary
+from budgetlm.models import blocks
+from budgetlm.models.blocks import Attention, Rotary, attention_kernel
 
 
 def reference_attention(attn: Attention, x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
@@ -53,3 +56,19 @@ def test_attention_without_qk_norm_or_rotary_is_plain_causal_attention():
         q, k, v = (z.view(1, 6, 2, 16).transpose(1, 2) for z in attn.qkv(x).split(32, -1))
         expected = attn.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(1, 6, 32))
         assert torch.allclose(attn(x), expected, atol=1e-6)
+
+
+# bf16 on a CPU takes sdpa's plain math path for short sequences; it must agree with sdpa's own kernel
+def test_bf16_math_attention_agrees_with_sdpas_own_kernel(monkeypatch):
+    torch.manual_seed(0)
+    attn = Attention(64, 2, causal=True).eval()
+    x = torch.randn(2, 40, 64)
+    rope = Rotary(32, 40).tables(0, 40, torch.bfloat16)
+    assert isinstance(attention_kernel(torch.zeros(1), 40), contextlib.nullcontext)  # fp32: sdpa's choice
+    assert not isinstance(attention_kernel(torch.zeros(1, dtype=torch.bfloat16), 40), contextlib.nullcontext)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        math_path = attn(x, rope=rope)
+        monkeypatch.setattr(blocks, "CPU_MATH_ATTENTION_MAX_LEN", 0)
+        own_kernel = attn(x, rope=rope)
+    assert math_path.dtype == torch.bfloat16
+    assert torch.allclose(math_path.float(), own_kernel.float(), atol=2e-2)

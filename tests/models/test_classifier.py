@@ -61,6 +61,11 @@ def test_gradients_reach_every_layer(pooling):
     assert logits.shape == (4, 3) and logits.dtype == torch.float32
     F.cross_entropy(logits, torch.tensor([0, 1, 2, 0])).backward()
     for name, p in model.named_parameters():
+        # a causal model's first position attends only to itself: a softmax over one score has no
+        # gradient, so with first-token pooling the query and key norms get none (up to rounding)
+        if pooling == "first" and name.endswith(("q_norm.weight", "k_norm.weight")):
+            assert p.grad is None or p.grad.abs().max() < 1e-6, name
+            continue
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 

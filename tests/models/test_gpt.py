@@ -54,15 +54,21 @@ def test_cached_generation_equals_uncached():
     assert len(cached) == 60
 
 
+def forward_in_chunks(model, x, cuts, dtype=torch.float32):
+    """Logits of x fed through the KV cache in chunks ending at `cuts`, then the rest."""
+    caches = model.new_caches(x.shape[0], "cpu", dtype)
+    bounds = (0, *cuts, x.shape[1])
+    return torch.cat([model(x[:, a:b], caches=caches) for a, b in zip(bounds, bounds[1:])], dim=1)
+
+
 def test_cached_logits_match_full_forward():
     torch.manual_seed(0)
     model = GPT(SMALL).eval()
     x = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
         full = model(x)
-        caches = model.new_caches(2, "cpu", torch.float32)
-        parts = [model(x[:, :12], caches=caches), model(x[:, 12:13], caches=caches), model(x[:, 13:], caches=caches)]
-    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
+        stepped = forward_in_chunks(model, x, (12, 13))
+    assert torch.allclose(stepped, full, atol=1e-5)
 
 
 def test_sampling_is_seeded():
@@ -83,3 +89,36 @@ def test_saved_model_reloads_to_identical_logits(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
     assert config["arch"] == "gpt" and tok is None
+
+
+def test_bf16_weights_keep_fp32_rotary_tables_and_track_the_fp32_model():
+    torch.manual_seed(0)
+    model = GPT(SMALL).eval()
+    x = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        reference = model(x)
+        model.cast_weights(torch.bfloat16)
+        low = model(x)
+        stepped = forward_in_chunks(model, x, (12,), torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.rotary.cos.dtype == torch.float32 and low.dtype == torch.bfloat16
+    # bf16 keeps about 3 significant digits: close to fp32, far from exact
+    assert torch.allclose(low.float(), reference, atol=0.05) and not torch.equal(low.float(), reference)
+    assert torch.allclose(stepped.float(), low.float(), atol=0.05)
+
+
+def test_training_loss_takes_the_blockwise_path_with_the_same_value_and_gradients():
+    torch.manual_seed(0)
+    model = GPT(SMALL)
+    x, y = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    blockwise = model(x, y)
+    blockwise.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    plain = model(x, y, label_smoothing=1e-30)  # any smoothing takes the plain path; this much changes nothing
+    plain.backward()
+    took_blockwise = lambda loss: "LinearCrossEntropy" in str(loss.grad_fn.next_functions)
+    assert took_blockwise(blockwise) and not took_blockwise(plain)
+    assert torch.allclose(blockwise, plain, atol=1e-6)
+    for a, p in zip(grads, model.parameters()):
+        assert torch.allclose(a, p.grad, atol=1e-5)

@@ -142,6 +142,19 @@ def test_a_pretrained_gpt_body_stays_untouched_while_frozen(play_file, tmp_path,
     assert json.loads((out / "config.json").read_text())["body_config"]["d_model"] == 32
 
 
+def test_a_pretrained_body_stops_after_three_epochs_unless_told(play_file, tmp_path, toy):
+    from budgetlm.cli import main
+
+    pretrained = tmp_path / "pretrained"
+    assert main(["pretrain", "--data", str(play_file), "--max-steps", "2", "--out", str(pretrained), "--n-layer", "1",
+                 "--d-model", "32", "--n-head", "1", "--context", "64", "--vocab-size", "300", "--quiet"]) == 0
+    train, dev = toy
+    capped = finetune.run(config(train, dev, model=str(pretrained), max_steps=None), tmp_path / "a", quiet=True)
+    assert capped["stop_reason"] == "max_tokens" and capped["epochs"] == pytest.approx(3, abs=0.1)
+    told = finetune.run(config(train, dev, model=str(pretrained), max_steps=None, epochs=1), tmp_path / "b", quiet=True)
+    assert told["epochs"] == pytest.approx(1, abs=0.1)
+
+
 def test_augmentation_grows_only_the_training_split(toy, tmp_path):
     train, dev = toy
     synonyms = tmp_path / "synonyms.json"

@@ -82,6 +82,8 @@ def test_generate_prints_the_prompt_and_its_continuation(play_file, tmp_path):
     assert greedy == run("--temperature", "0", "--seed", "9")   # greedy ignores the seed
     assert run("--seed", "1") == run("--seed", "1")
     assert run("--seed", "1") != run("--seed", "2")
+    for precision in ("fp32", "bf16"):  # weights cast for decoding (bf16 is emulated, slowly, on older CPUs)
+        assert run("--temperature", "0", "--precision", precision).startswith("HAMLET.")
 
 
 def test_eval_command_reports_loss_bpb_and_perplexity(play_file, tmp_path):

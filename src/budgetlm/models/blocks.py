@@ -1,16 +1,36 @@
 """Transformer building blocks shared by every model family (GPT now; BERT and T5 reuse them).
 
 Pre-norm residual blocks with RMSNorm, rotary position embeddings, QK-norm, no biases, and
-attention through `scaled_dot_product_attention`, so the fastest kernel of the device is used.
+attention through `scaled_dot_product_attention` (its plain math path on a CPU for short sequences).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+# In bf16 on a CPU, sdpa's flash kernel ran at about a sixth of the matmul peak at context 256 (profiled); the
+# plain matmul-softmax-matmul path uses the fast bf16 matmuls instead: +4-6% compiled training tokens/s at the
+# reference shape, level in eager mode (alternating runs, docs/performance.md). Its score matrix grows with the
+# square of the length, so only for short sequences.
+CPU_MATH_ATTENTION_MAX_LEN = 256
+
+
+def attention_kernel(q: torch.Tensor, key_length: int):
+    """The sdpa backend to use: plain math for short bf16 sequences on a CPU, else sdpa's own choice."""
+    if q.device.type != "cpu" or key_length > CPU_MATH_ATTENTION_MAX_LEN:
+        return contextlib.nullcontext()
+    # under autocast q may still be fp32 here (the norms run in fp32); sdpa casts it to the autocast dtype
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+    if dtype == torch.bfloat16:
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
 
 
 class RMSNorm(nn.Module):
@@ -95,7 +115,8 @@ class Attention(nn.Module):
             qk, v = qkv[:, :, : 2 * h], qkv[:, :, 2 * h :]
             if self.qk_norm:
                 weight = torch.cat((self.q_norm.weight.expand(h, hd), self.k_norm.weight.expand(h, hd)))
-                qk = F.rms_norm(qk, (hd,), eps=self.q_norm.eps) * weight
+                # back to v's dtype: under autocast the norm computes in fp32, and sdpa would cast anyway
+                qk = (F.rms_norm(qk, (hd,), eps=self.q_norm.eps) * weight).to(v.dtype)
             if rope is not None:
                 qk = Rotary.rotate(qk, *rope)
             q, k = qk.split(h, dim=2)
@@ -112,8 +133,9 @@ class Attention(nn.Module):
         is_causal = self.causal and mask is None and q.shape[-2] == k.shape[-2]
         if self.causal and not is_causal and q.shape[-2] > 1 and mask is None:
             mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=x.device).tril(k.shape[-2] - q.shape[-2])
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        with attention_kernel(q, k.shape[-2]):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 

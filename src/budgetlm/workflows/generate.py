@@ -12,12 +12,12 @@ from budgetlm.data.tokenizer import eot_id
 from budgetlm.errors import UserError
 from budgetlm.models.sampling import generate
 from budgetlm.train.checkpoint import load_language_model
-from budgetlm.train.runtime import pick_device, set_threads
+from budgetlm.train.runtime import pick_device, pick_precision, set_threads
 
 
 def run(model_dir: str, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
         top_k: int | None = 200, top_p: float | None = None, seed: int = 0, device: str = "auto",
-        out=sys.stdout, stream: bool = True) -> str:
+        precision: str = "auto", out=sys.stdout, stream: bool = True) -> str:
     if max_new_tokens < 0:
         raise UserError("--max-new-tokens must be 0 or more")
     if temperature < 0:
@@ -27,6 +27,9 @@ def run(model_dir: str, prompt: str, *, max_new_tokens: int = 200, temperature: 
     set_threads()
     dev = pick_device(device)
     model, _, tokenizer = load_language_model(model_dir, dev, "generate text")
+    precision = pick_precision(precision, dev)
+    if precision != "fp32":
+        model.cast_weights(torch.bfloat16 if precision == "bf16" else torch.float16)
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
     ids = [eot_id(tokenizer)] + ids  # the document separator starts every training document
     generator = torch.Generator(device=dev).manual_seed(seed)
