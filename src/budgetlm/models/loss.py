@@ -2,7 +2,7 @@
 
 The plain path holds the logits of every position three times (in the compute dtype, in fp32, and
 their log-softmax for the backward pass): at 2,048 positions and a vocabulary of 8,192 that is about
-160 MB moved through memory per step. Here each block's logits live only while that block's gradients
+160 MB written and read again every step. Here each block's logits live only while that block's gradients
 are formed, during the forward pass, and the backward pass just scales the stored gradients.
 Hand-written because PyTorch has no fused linear + cross-entropy on CPU."""
 
