@@ -124,7 +124,7 @@ def generation_speed(new_tokens: int = 256) -> dict:
     `budgetlm generate` picks on this machine."""
     from budgetlm.models.gpt import GPT, GPTConfig
     from budgetlm.models.sampling import generate
-    from budgetlm.train.runtime import pick_precision
+    from budgetlm.train.runtime import pick_precision, precision_dtype
 
     s = SHAPE
     torch.manual_seed(0)
@@ -133,8 +133,8 @@ def generation_speed(new_tokens: int = 256) -> dict:
     prompt = torch.zeros(1, 1, dtype=torch.long)
     result = {"precision": pick_precision("auto", torch.device("cpu"))}
     for precision in dict.fromkeys(("fp32", result["precision"])):
-        if precision == "bf16":
-            model.cast_weights(torch.bfloat16)
+        if precision != "fp32":
+            model.cast_weights(precision_dtype(precision))
         for cached in (True, False):
             list(generate(model, prompt, 8, temperature=0, use_cache=cached))  # warm up
             started = time.perf_counter()

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from budgetlm.train.runtime import precision_dtype
+
 # (n_layer, d_model, n_head): width grows faster than depth at small scale, as in the GPT-2/Pythia families
 LADDER = [(2, 64, 2), (3, 96, 2), (4, 128, 2), (4, 192, 3), (6, 256, 4), (6, 384, 6), (8, 512, 8),
           (12, 768, 12), (16, 1024, 16), (24, 1536, 16), (32, 2048, 16)]
@@ -141,8 +143,7 @@ def predicted_loss(n_params: float, tokens: float, unique_tokens: float) -> floa
 def plan(budget_s: float, *, train_tokens: int, vocab: int, device: torch.device, precision: str,
          micro_batch: int | None = None, peak_flops: float | None = None) -> Plan:
     """The ladder shape with the lowest predicted loss after `budget_s` seconds of training."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    peak = peak_flops or device_peak(device, dtype)
+    peak = peak_flops or device_peak(device, precision_dtype(precision))
     best = None
     for n_layer, d_model, n_head in LADDER:
         n_params = 12 * n_layer * d_model**2 + vocab * d_model  # every parameter, as Chinchilla counts them

@@ -22,13 +22,18 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 CPU_MATH_ATTENTION_MAX_LEN = 256
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in: the autocast dtype where autocast is on for x's device, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def attention_kernel(q: torch.Tensor, key_length: int):
     """The sdpa backend to use: plain math for short bf16 sequences on a CPU, else sdpa's own choice."""
     if q.device.type != "cpu" or key_length > CPU_MATH_ATTENTION_MAX_LEN:
         return contextlib.nullcontext()
     # under autocast q may still be fp32 here (the norms run in fp32); sdpa casts it to the autocast dtype
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
-    if dtype == torch.bfloat16:
+    if compute_dtype(q) == torch.bfloat16:
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()
 

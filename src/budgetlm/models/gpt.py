@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from budgetlm.models.blocks import Block, KVCache, RMSNorm, Rotary, init_weights
+from budgetlm.models.blocks import Block, KVCache, RMSNorm, Rotary, compute_dtype, init_weights
 from budgetlm.models.loss import linear_cross_entropy
 
 
@@ -67,8 +67,7 @@ class GPT(nn.Module):
         """Final normalized hidden states, (batch, time, d_model)."""
         x = self.drop(self.embed(idx))
         offset = caches[0].length if caches is not None else 0
-        autocast = torch.is_autocast_enabled(x.device.type)
-        rope = self.rotary.tables(offset, idx.shape[1], torch.get_autocast_dtype(x.device.type) if autocast else x.dtype)
+        rope = self.rotary.tables(offset, idx.shape[1], compute_dtype(x))
         for i, block in enumerate(self.blocks):
             x = block(x, cache=caches[i] if caches is not None else None, rope=rope)
         return self.norm(x)

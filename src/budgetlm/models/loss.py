@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from budgetlm.models.blocks import compute_dtype
+
 BLOCK_ELEMENTS = 2**22  # logits per block: 16 MB in fp32
 
 
@@ -52,10 +54,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          reduction: str = "mean") -> torch.Tensor:
     """cross_entropy(hidden @ weight.T, targets) for hidden (..., d), in the autocast dtype when autocast
     is on; reduction "mean" (over targets that are not -100) or "sum"."""
-    device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    dtype = compute_dtype(hidden)
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    with torch.autocast(device, enabled=False):
+    with torch.autocast(hidden.device.type, enabled=False):
         total = LinearCrossEntropy.apply(hidden.to(dtype), weight.to(dtype), targets)
     if reduction == "sum":
         return total

@@ -56,12 +56,16 @@ def pick_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
+def precision_dtype(precision: str) -> torch.dtype:
+    """The dtype a precision name ("fp32", "bf16", "fp16") computes in."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
 def autocast(device: torch.device, precision: str):
     """Mixed precision: fp32 master weights, matmuls in bf16/fp16."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=precision_dtype(precision))
 
 
 def set_threads(threads: int | None = None) -> int:

@@ -12,7 +12,7 @@ from budgetlm.data.tokenizer import eot_id
 from budgetlm.errors import UserError
 from budgetlm.models.sampling import generate
 from budgetlm.train.checkpoint import load_language_model
-from budgetlm.train.runtime import pick_device, pick_precision, set_threads
+from budgetlm.train.runtime import pick_device, pick_precision, precision_dtype, set_threads
 
 
 def run(model_dir: str, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
@@ -29,7 +29,7 @@ def run(model_dir: str, prompt: str, *, max_new_tokens: int = 200, temperature: 
     model, _, tokenizer = load_language_model(model_dir, dev, "generate text")
     precision = pick_precision(precision, dev)
     if precision != "fp32":
-        model.cast_weights(torch.bfloat16 if precision == "bf16" else torch.float16)
+        model.cast_weights(precision_dtype(precision))
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
     ids = [eot_id(tokenizer)] + ids  # the document separator starts every training document
     generator = torch.Generator(device=dev).manual_seed(seed)
