@@ -76,3 +76,13 @@ def test_device_peak_remembers_the_best_measurement(tmp_path, monkeypatch):
     assert planner.device_peak(CPU, torch.float32) == 100e9
     saved = json.loads((tmp_path / "device_peaks.json").read_text())
     assert list(saved.values()) == [100e9]
+
+
+def test_bf16_plans_fewer_tokens_than_its_peak_alone_promises():
+    # bf16 matmuls run 4x faster here, but a small model's step is bound by per-op overhead that does
+    # not shrink with them: the planner must not expect 4x the fp32 tokens (docs/planner.md)
+    fp32 = plan(600, train_tokens=10**6, vocab=4096, device=CPU, precision="fp32", peak_flops=PEAK)
+    bf16 = plan(600, train_tokens=10**6, vocab=4096, device=CPU, precision="bf16", peak_flops=4 * PEAK)
+    assert shape(bf16) == shape(fp32)
+    assert fp32.expected_tokens < bf16.expected_tokens < 2.5 * fp32.expected_tokens
+    assert planner.efficiency(192, CPU, "bf16") < planner.efficiency(192, CPU, "fp32") / 2

@@ -62,8 +62,10 @@ class ModelConfig:
     context: int | None = opt(None, low=2, help="context length in tokens")
     mlp: str = opt("relu2", help="feed-forward type", choices=("relu2", "swiglu"))
     mlp_ratio: float = opt(4.0, above=0, help="feed-forward width ÷ d_model")
-    dropout: float | None = opt(None, low=0, high=0.95, help="dropout on embeddings, attention and residual branches "
+    dropout: float | None = opt(None, low=0, high=0.95, help="dropout on embeddings and residual branches "
                                 "(default: planned, 0.1 when the budget repeats the text more than 4 times, else 0)")
+    attention_dropout: float | None = opt(None, low=0, high=0.95, help="dropout on attention probabilities "
+                                          "(default: --dropout's; 0 trains faster on a CPU, see docs/planner.md)")
     logit_softcap: float = opt(0.0, low=0, help="cap logits at ±c with c·tanh(x/c); 0 turns it off")
 
 
@@ -286,12 +288,14 @@ class FinetuneConfig:
     optim: str | None = opt(None, help="optimizer (default adamw; lstm: adam)", choices=OPTIMIZERS)
     optim_args: str | None = opt(None, help="extra optimizer arguments, e.g. eps=1e-6")
     lr: float | None = opt(None, above=0,
-                           help="peak learning rate (default: 1e-4·384/width for a Hugging Face encoder, a quarter "
+                           help="peak learning rate (default: 5e-5·384/width for a Hugging Face encoder, a quarter "
                            "of pretrain's default for a budgetlm GPT, pretrain's default for a scratch GPT, 1e-3 for "
                            "the LSTM)")
     layer_lr_decay: float | None = opt(None, above=0, high=1, help="learning-rate factor per layer below the head "
                                        "(default 0.9 for a pretrained body, 1 = off from scratch)")
     freeze_steps: int = opt(0, low=0, help="train only the head for this many optimizer steps, then everything")
+    ema: float | None = opt(None, low=0, high=0.99999, help="evaluate and keep a moving average of the weights "
+                            "with this decay per step (0: the raw weights; default 0.999 for a GPT body, else 0)")
     warmup: float = opt(0.06, low=0, help="linear warmup: a fraction of the budget (<1) or a number of steps (>=1)")
     schedule: str = opt("linear", help="learning-rate schedule after warmup", choices=SCHEDULES)
     min_lr_ratio: float = opt(0.0, low=0, high=1, help="learning-rate floor as a fraction of the peak")

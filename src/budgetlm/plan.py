@@ -102,25 +102,30 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) 
     return 2 * n**3 * count / (time.perf_counter() - start)
 
 
-# Model FLOP/s ÷ matmul peak of a training step by width, measured on this project's reference CPU
-# (2-core EPYC, fp32, micro-batch 8 at the planned context; docs/planner.md). Small widths lose to
-# per-op overhead; the rate is held flat beyond the widest shape measured.
-CPU_EFFICIENCY = {64: 0.26, 96: 0.43, 128: 0.54, 192: 0.67, 256: 0.70, 384: 0.80}
+# Model FLOP/s ÷ matmul peak of a training step by width and precision, measured with
+# bench/planner_efficiency.py (2-core EPYC, eager, micro-batch 8 at the planned context; docs/planner.md).
+# Small widths lose to per-op overhead, which bf16's faster matmuls do not shrink: there a step reaches
+# a far smaller share of the (4× higher) peak. The rate is held flat beyond the widest shape measured.
+CPU_EFFICIENCY = {
+    "fp32": {64: 0.26, 96: 0.43, 128: 0.54, 192: 0.67, 256: 0.70, 384: 0.80},
+    "bf16": {64: 0.11, 96: 0.16, 128: 0.24, 192: 0.31, 256: 0.31, 384: 0.41},
+}
 
 
-def efficiency(d_model: int, device: torch.device) -> float:
+def efficiency(d_model: int, device: torch.device, precision: str = "fp32") -> float:
     """Share of the matmul peak a training step reaches at this width. GPU: an uncalibrated guess,
     since small models there are bound by kernel launches."""
     if device.type != "cpu":
         return min(0.5, d_model / 3000)
-    widths = sorted(CPU_EFFICIENCY)
+    table = CPU_EFFICIENCY["fp32" if precision == "fp32" else "bf16"]
+    widths = sorted(table)
     if d_model <= widths[0]:
-        return CPU_EFFICIENCY[widths[0]]
+        return table[widths[0]]
     for low, high in zip(widths, widths[1:]):
         if d_model <= high:
             t = (d_model - low) / (high - low)
-            return CPU_EFFICIENCY[low] + t * (CPU_EFFICIENCY[high] - CPU_EFFICIENCY[low])
-    return CPU_EFFICIENCY[widths[-1]]
+            return table[low] + t * (table[high] - table[low])
+    return table[widths[-1]]
 
 
 def context_for(d_model: int) -> int:
@@ -150,7 +155,7 @@ def plan(budget_s: float, *, train_tokens: int, vocab: int, device: torch.device
         if best is not None and n_params > MAX_PARAMS_PER_TOKEN * train_tokens:
             break
         context = context_for(d_model)
-        tokens = efficiency(d_model, device) * peak * budget_s * OVERHEAD / flops_per_token(n_layer, d_model, vocab, context)
+        tokens = efficiency(d_model, device, precision) * peak * budget_s * OVERHEAD / flops_per_token(n_layer, d_model, vocab, context)
         loss = predicted_loss(n_params, tokens, train_tokens)
         if best is None or loss < best[0]:
             best = (loss, n_layer, d_model, n_head, context, tokens)

@@ -122,3 +122,17 @@ def test_training_loss_takes_the_blockwise_path_with_the_same_value_and_gradient
     assert torch.allclose(blockwise, plain, atol=1e-6)
     for a, p in zip(grads, model.parameters()):
         assert torch.allclose(a, p.grad, atol=1e-5)
+
+
+def test_attention_dropout_follows_dropout_unless_given():
+    def attention_rates(**kw):
+        model = GPT(GPTConfig(vocab_size=64, context=16, n_layer=2, n_head=2, d_model=32, **kw))
+        return {block.attn.dropout for block in model.blocks}
+
+    assert attention_rates(dropout=0.1) == {0.1}  # checkpoints saved before the option keep their behaviour
+    assert attention_rates(dropout=0.1, attention_dropout=0.0) == {0.0}
+    assert attention_rates(dropout=0.0, attention_dropout=0.2) == {0.2}
+    # off: training-mode forward passes agree, so the only randomness left is the residual dropout
+    model = GPT(GPTConfig(vocab_size=64, context=16, n_layer=2, n_head=2, d_model=32, attention_dropout=0.0)).train()
+    idx = torch.randint(0, 64, (2, 16))
+    assert torch.equal(model(idx), model(idx))

@@ -74,7 +74,7 @@ def make(task_kwargs=None, **cfg_kwargs):
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
     task = Regression(**(task_kwargs or {}))
     opt = build_optimizer(model, "adamw", lr=1e-2, weight_decay=0.0, device=CPU)
-    cfg = FitConfig(lr=1e-2, schedule=Schedule("constant", warmup=0), eval_every_steps=5, **cfg_kwargs)
+    cfg = FitConfig(lr=1e-2, schedule=Schedule("constant", warmup=0), **{"eval_every_steps": 5, **cfg_kwargs})
     return model, task, opt, cfg
 
 
@@ -200,3 +200,67 @@ def test_early_stopping_restores_the_best_weights():
     assert result.stop_reason == "early_stop" and result.steps == 15  # evals at 0, 5 (best), 10, 15
     assert result.best["step"] == 5
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), snapshots[2]))
+
+
+
+class Recording(Regression):
+    """Records the raw weights after every update (the weights each step starts from, and at the last
+    evaluation) and what the evaluation was given."""
+
+    def __init__(self, model, **kw):
+        super().__init__(**kw)
+        self.model, self.raw = model, []
+
+    def batch(self, step, micro):
+        if len(self.raw) == step:
+            self.raw.append([p.detach().clone() for p in self.model.parameters()])
+        return super().batch(step, micro)
+
+    def evaluate(self, forward, max_batches):
+        self.evaluated, self.raw_at_eval = forward, [p.detach().clone() for p in self.model.parameters()]
+        return super().evaluate(forward, max_batches)
+
+
+def test_the_moving_average_is_what_gets_evaluated_and_kept():
+    decay, steps = 0.9, 30
+    model, _, opt, cfg = make(ema=decay, eval_every_steps=1000)
+    task = Recording(model)
+    result = run(model, task, opt, cfg, Budget(max_steps=steps))
+    assert result.best["step"] == steps and task.evaluated is not model
+    after_update = task.raw[1:] + [task.raw_at_eval]     # raw weights after updates 1 … steps
+    expected = after_update[0]                           # the first update copies
+    for n in range(1, steps):
+        rate = 1 - min(decay, (1 + n) / (10 + n))
+        expected = [e + rate * (w - e) for e, w in zip(expected, after_update[n])]
+    kept = list(model.parameters())
+    assert all(torch.allclose(k, e, atol=1e-6) for k, e in zip(kept, expected))
+    assert not all(torch.allclose(k, w, atol=1e-4) for k, w in zip(kept, after_update[-1]))
+
+
+def test_the_moving_average_resumes_exactly(tmp_path):
+    finals = []
+    for resumed in (False, True):
+        model, task, opt, cfg = make(ema=0.9, eval_every_steps=1000, save_every_steps=5)
+        checkpoints = Checkpoints(tmp_path / str(resumed))
+        if resumed:
+            run(model, task, opt, cfg, Budget(max_steps=5), checkpoints=checkpoints)
+            from budgetlm.train.resume import load_snapshot
+            snapshot = load_snapshot(checkpoints.latest_valid())
+            assert snapshot.averaged is not None
+            model, task, opt, cfg = make(ema=0.9, eval_every_steps=1000, save_every_steps=5)
+            run(model, task, opt, cfg, Budget(max_steps=12), checkpoints=checkpoints, resume=snapshot)
+        else:
+            run(model, task, opt, cfg, Budget(max_steps=12), checkpoints=checkpoints)
+        finals.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*finals))
+
+
+def test_resuming_a_run_without_an_average_into_one_with_it_is_refused(tmp_path):
+    model, task, opt, cfg = make(eval_every_steps=1000, save_every_steps=5)
+    checkpoints = Checkpoints(tmp_path)
+    run(model, task, opt, cfg, Budget(max_steps=5), checkpoints=checkpoints)
+    from budgetlm.train.resume import load_snapshot
+    snapshot = load_snapshot(checkpoints.latest_valid())
+    model, task, opt, cfg = make(ema=0.9, eval_every_steps=1000)
+    with pytest.raises(UserError, match="no moving average"):
+        run(model, task, opt, cfg, Budget(max_steps=8), resume=snapshot)

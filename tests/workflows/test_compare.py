@@ -76,7 +76,7 @@ def test_every_variant_failing_is_an_error_after_the_reports(play_file, tmp_path
 
 @pytest.mark.parametrize("vary,fragments", [
     (["optim=adamw,nadam"], ["optim", "'nadam' is not allowed", "adamw"]),
-    (["n_layers=1,2"], ["unknown key 'n_layers' (did you mean n_layer?)", "allowed: batch_tokens"]),
+    (["n_layers=1,2"], ["unknown key 'n_layers' (did you mean n_layer?)", "allowed: attention_dropout, batch_tokens"]),
     (["lr=fast"], ["lr: expected float"]),
     (["optim"], ["write KEY=V1,V2"]),
     (["optim=adamw,,sgd"], ["write KEY=V1,V2"]),

@@ -165,10 +165,12 @@ def test_augmentation_grows_only_the_training_split(toy, tmp_path):
     assert summary["val_examples"] == 100
 
 
-def test_a_resumed_run_ends_where_an_uninterrupted_one_does(toy, tmp_path):
+@pytest.mark.parametrize("ema", [None, 0.9])
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(toy, tmp_path, ema):
     train, dev = toy
-    common = {"schedule": "constant", "warmup": 0.0, "save_every": "4", "eval_every": "4"}
-    finetune.run(config(train, dev, max_steps=8, **common), tmp_path / "straight", quiet=True)
+    common = {"schedule": "constant", "warmup": 0.0, "save_every": "4", "eval_every": "4", "ema": ema}
+    summary = finetune.run(config(train, dev, max_steps=8, **common), tmp_path / "straight", quiet=True)
+    assert summary["settings"]["ema"] == (ema or 0.0)
     finetune.run(config(train, dev, max_steps=4, **common), tmp_path / "resumed", quiet=True)
     finetune.run(config(train, dev, max_steps=8, resume="auto", **common), tmp_path / "resumed", quiet=True)
     straight, resumed = (load_file(tmp_path / name / "model.safetensors") for name in ("straight", "resumed"))

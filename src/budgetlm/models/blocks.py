@@ -169,13 +169,14 @@ class Block(nn.Module):
     """Pre-norm Transformer block: self-attention, optional cross-attention (T5 decoder), MLP."""
 
     def __init__(self, d_model: int, n_head: int, mlp_hidden: int, *, causal: bool, mlp: str = "relu2",
-                 dropout: float = 0.0, qk_norm: bool = True,
+                 dropout: float = 0.0, attention_dropout: float = 0.0, qk_norm: bool = True,
                  cross_attention: bool = False, eps: float = 1e-6):
+        """`dropout` on the residual branches, `attention_dropout` on the attention probabilities."""
         super().__init__()
         self.attn_norm = RMSNorm(d_model, eps)
-        self.attn = Attention(d_model, n_head, causal=causal, dropout=dropout, qk_norm=qk_norm)
+        self.attn = Attention(d_model, n_head, causal=causal, dropout=attention_dropout, qk_norm=qk_norm)
         self.cross_norm = RMSNorm(d_model, eps) if cross_attention else None
-        self.cross = Attention(d_model, n_head, causal=False, dropout=dropout, qk_norm=qk_norm,
+        self.cross = Attention(d_model, n_head, causal=False, dropout=attention_dropout, qk_norm=qk_norm,
                                 cross=True) if cross_attention else None
         self.mlp_norm = RMSNorm(d_model, eps)
         self.mlp = MLP(d_model, mlp_hidden, mlp)

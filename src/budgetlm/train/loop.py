@@ -14,6 +14,7 @@ from typing import Callable, Protocol
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from budgetlm.budget import Budget
 from budgetlm.errors import UserError
@@ -59,6 +60,8 @@ class FitConfig:
     save_every_steps: int | None = None
     save_every_s: float | None = None
     l1: float = 0.0                   # L1 penalty on weight matrices, added to the mean loss
+    ema: float = 0.0                  # decay per step of a moving average of the weights, which is what
+                                      # gets evaluated and kept (0: off, the raw weights)
 
 
 @dataclass
@@ -161,9 +164,16 @@ def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.
     best_state: dict[str, torch.Tensor] | None = None
     last_checkpoint: str | None = None
     session_steps = 0
+    averaged = moving_average(model, cfg.ema) if cfg.ema else None
+    evaluated = averaged.module if averaged is not None else model
     if resume is not None:
         st = LoopState.from_json(resume.meta["loop"])
         model.load_state_dict(resume.model)
+        if averaged is not None:
+            if resume.averaged is None:
+                raise UserError(f"checkpoint {resume.path} holds no moving average of the weights; resume with the "
+                                "run's own settings (without --ema) or start a new --out")
+            averaged.load_state_dict(resume.averaged)
         optimizer.load_state_dict(resume.optimizer)
         cfg.schedule.load_state_dict(resume.meta.get("schedule", {}))
         if scaler is not None and resume.meta.get("scaler"):
@@ -176,12 +186,12 @@ def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.
     last_log = -math.inf
 
     def evaluate(max_batches: int | None) -> dict:
-        model.eval()
+        evaluated.eval()
         start = time.monotonic()
         while True:
             try:
                 with torch.no_grad(), runtime.autocast():
-                    metrics = task.evaluate(model, max_batches)  # eager: a compiled graph would cost a second compile
+                    metrics = task.evaluate(evaluated, max_batches)  # eager: a compiled graph would cost a second compile
                 break
             except (RuntimeError, torch.OutOfMemoryError) as e:
                 _shrink_after_oom(e, device, getattr(task, "halve_eval_batch", None),
@@ -207,7 +217,7 @@ def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.
         log.record(kind="eval", **entry)
         if st.best_value is None or value < st.best_value - cfg.min_delta:
             st.best_value, st.best_metrics, st.bad_evals = value, dict(entry), 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
         else:
             st.bad_evals += 1
         return cfg.patience > 0 and st.bad_evals >= cfg.patience
@@ -219,7 +229,8 @@ def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.
         meta = {"loop": st.to_json(), "schedule": cfg.schedule.state_dict(), "spent_s": budget.elapsed(),
                 "scaler": scaler.state_dict() if scaler is not None else None, **(run_meta or {})}
         last_checkpoint = str(checkpoints.save(st.step, model=model.state_dict(), best=best_state,
-                                               optimizer=optimizer.state_dict(), meta=meta))
+                                               optimizer=optimizer.state_dict(), meta=meta,
+                                               averaged=averaged.state_dict() if averaged is not None else None))
         st.last_save_step, st.last_save_time = st.step, budget.elapsed()
 
     def roll_back() -> None:
@@ -314,6 +325,8 @@ def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.
                 roll_back()
             continue
         st.consecutive_faults = 0
+        if averaged is not None:
+            averaged.update_parameters(model)
         recent_loss += step_loss
         recent_units += units
 
@@ -396,6 +409,22 @@ def _train_step(model, forward, task, optimizer, cfg: FitConfig, runtime: Runtim
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_value, units, grad_norm
+
+
+def moving_average(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of `model`'s weights (Polyak averaging): evaluated in place of the
+    raw weights, it smooths out the noise of the last steps, worth most to small, noisy datasets. The
+    decay ramps up as (1 + n) / (10 + n) over the first updates, so early evaluations do not see
+    an average dominated by the initial weights."""
+    if not 0 < decay < 1:
+        raise UserError(f"--ema must lie in (0, 1), e.g. 0.999; got {decay}")
+
+    @torch.no_grad()
+    def update(averages: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        n = float(n_averaged)
+        torch._foreach_lerp_(averages, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+
+    return AveragedModel(model, multi_avg_fn=update)
 
 
 def _val_text(metrics: dict) -> str:

@@ -82,6 +82,7 @@ class Snapshot:
     optimizer: dict
     meta: dict  # loop state, schedule state, scaler state, spent time, run identity
     rng: tuple[dict, dict[str, torch.Tensor]]
+    averaged: dict[str, torch.Tensor] | None = None  # the moving average of the weights (--ema)
 
     def restore_rng(self) -> None:
         set_rng_state(*self.rng)
@@ -99,7 +100,8 @@ class Checkpoints:
             return []
         return sorted(p for p in self.folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
-    def save(self, step: int, *, model: dict, best: dict | None, optimizer: dict, meta: dict) -> Path:
+    def save(self, step: int, *, model: dict, best: dict | None, optimizer: dict, meta: dict,
+             averaged: dict | None = None) -> Path:
         final = self.folder / f"{PREFIX}{step:08d}"
         tmp = self.folder / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
         try:
@@ -109,6 +111,8 @@ class Checkpoints:
             save_weights(model, tmp / "model.safetensors")
             if best is not None:
                 save_weights(best, tmp / "best.safetensors")
+            if averaged is not None:
+                save_weights(averaged, tmp / "averaged.safetensors")
             rng_meta, rng_tensors = rng_state()
             save_weights(rng_tensors, tmp / "rng.safetensors")
             with (tmp / "optimizer.pt").open("wb") as f:
@@ -164,11 +168,12 @@ def load_snapshot(path: Path) -> Snapshot:
         raise UserError(f"checkpoint {path} is not usable: {problem}")
     meta = json.loads((path / "state.json").read_text())
     best = load_file(str(path / "best.safetensors")) if (path / "best.safetensors").is_file() else None
+    averaged = load_file(str(path / "averaged.safetensors")) if (path / "averaged.safetensors").is_file() else None
     with (path / "optimizer.pt").open("rb") as f:
         optimizer = torch.load(f, weights_only=True, map_location="cpu")
     rng = (meta.pop("rng"), load_file(str(path / "rng.safetensors")))
     return Snapshot(path=path, model=load_file(str(path / "model.safetensors")), best=best,
-                    optimizer=optimizer, meta=meta, rng=rng)
+                    optimizer=optimizer, meta=meta, rng=rng, averaged=averaged)
 
 
 def find_resume(resume: str | None, out: Path, *, needs: tuple[str, ...] = ("tokenizer.json",),

@@ -79,6 +79,7 @@ def model_config(cfg: RunConfig, vocab_size: int, planned: Plan | None) -> GPTCo
         n_head=m.n_head or (n_head if not m.d_model else max(1, d_model // 64)),
         mlp=m.mlp, mlp_ratio=m.mlp_ratio, logit_softcap=m.logit_softcap,
         dropout=m.dropout if m.dropout is not None else (planned.dropout if planned else 0.0),
+        attention_dropout=m.attention_dropout,
     )
 
 
