@@ -64,8 +64,8 @@ class ModelConfig:
     mlp_ratio: float = opt(4.0, above=0, help="feed-forward width ÷ d_model")
     dropout: float | None = opt(None, low=0, high=0.95, help="dropout on embeddings and residual branches "
                                 "(default: planned, 0.1 when the budget repeats the text more than 4 times, else 0)")
-    attention_dropout: float | None = opt(None, low=0, high=0.95, help="dropout on attention probabilities "
-                                          "(default: --dropout's; 0 trains faster on a CPU, see docs/planner.md)")
+    attention_dropout: float = opt(0.0, low=0, high=0.95, help="dropout on attention probabilities (default 0: "
+                                   "a random mask over every score, slow on a CPU; docs/planner.md)")
     logit_softcap: float = opt(0.0, low=0, help="cap logits at ±c with c·tanh(x/c); 0 turns it off")
 
 

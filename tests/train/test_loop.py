@@ -221,20 +221,22 @@ class Recording(Regression):
         return super().evaluate(forward, max_batches)
 
 
-def test_the_moving_average_is_what_gets_evaluated_and_kept():
-    decay, steps = 0.9, 30
-    model, _, opt, cfg = make(ema=decay, eval_every_steps=1000)
+@pytest.mark.parametrize("every", [1, 4])
+def test_the_moving_average_is_what_gets_evaluated_and_kept(every):
+    decay, steps = 0.9, 32
+    model, _, opt, cfg = make(ema=decay, ema_every=every, eval_every_steps=1000)
     task = Recording(model)
     result = run(model, task, opt, cfg, Budget(max_steps=steps))
     assert result.best["step"] == steps and task.evaluated is not model
-    after_update = task.raw[1:] + [task.raw_at_eval]     # raw weights after updates 1 … steps
-    expected = after_update[0]                           # the first update copies
-    for n in range(1, steps):
-        rate = 1 - min(decay, (1 + n) / (10 + n))
-        expected = [e + rate * (w - e) for e, w in zip(expected, after_update[n])]
+    after_step = task.raw[1:] + [task.raw_at_eval]       # raw weights after steps 1 … steps
+    averaged = after_step[every - 1 :: every]            # those the average reads, every `every` steps
+    expected = averaged[0]                               # the first update copies
+    for n in range(1, len(averaged)):
+        rate = 1 - min(decay**every, (1 + n) / (10 + n))
+        expected = [e + rate * (w - e) for e, w in zip(expected, averaged[n])]
     kept = list(model.parameters())
     assert all(torch.allclose(k, e, atol=1e-6) for k, e in zip(kept, expected))
-    assert not all(torch.allclose(k, w, atol=1e-4) for k, w in zip(kept, after_update[-1]))
+    assert not all(torch.allclose(k, w, atol=1e-4) for k, w in zip(kept, after_step[-1]))
 
 
 def test_the_moving_average_resumes_exactly(tmp_path):

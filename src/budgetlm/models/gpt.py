@@ -22,8 +22,9 @@ class GPTConfig:
     mlp: str = "relu2"          # relu2 | swiglu
     mlp_ratio: float = 4.0      # hidden width ÷ d_model
     dropout: float = 0.0             # on embeddings and residual branches
-    attention_dropout: float | None = None  # on attention probabilities (None: `dropout`); a mask over every
-                                            # score, 40% of a compiled CPU step at 4×192 (docs/planner.md)
+    attention_dropout: float | None = None  # on attention probabilities; None (configs saved before it
+                                            # existed): `dropout`. A mask over every score: 40% of a compiled
+                                            # CPU step at 4×192 (docs/planner.md)
     qk_norm: bool = True
     rope_base: float = 10000.0
     logit_softcap: float = 0.0  # >0: logits = c·tanh(logits/c) (Gemma 2), 0 turns it off

@@ -123,7 +123,7 @@ def build_body(c: FinetuneConfig, train_texts: list[str]) -> tuple[torch.nn.Modu
         tok = _bpe(train_texts, c)
         n_layer, d_model, n_head = SIZES[c.size or "small"]
         config = GPTConfig(vocab_size=math.ceil(tok.get_vocab_size() / 64) * 64, context=c.max_length,
-                           n_layer=n_layer, d_model=d_model, n_head=n_head, dropout=0.1)
+                           n_layer=n_layer, d_model=d_model, n_head=n_head, dropout=0.1, attention_dropout=0.0)
         return GPTBody(GPT(config)), tok, EOT
     folder = Path(source)
     if not folder.is_dir():
