@@ -415,9 +415,8 @@ def _train_step(model, forward, task, optimizer, cfg: FitConfig, runtime: Runtim
 
 def moving_average(model: nn.Module, decay: float, every: int = 1) -> AveragedModel:
     """An exponential moving average of `model`'s weights (Polyak averaging), `decay` per step, updated
-    every `every` steps:
-    evaluated in place of the raw weights, it smooths out the noise of the last steps, worth most to
-    small, noisy datasets. The decay ramps up as (1 + n) / (10 + n) over the first updates, so early
+    every `every` steps. Evaluated in place of the raw weights, it smooths out the noise of the last
+    steps, worth most to small, noisy datasets. The decay ramps up as (1 + n) / (10 + n) over the first updates, so early
     evaluations do not see an average dominated by the initial weights."""
     if not 0 < decay < 1:
         raise UserError(f"--ema must lie in (0, 1), e.g. 0.999; got {decay}")
