@@ -11,7 +11,7 @@ from budgetlm.errors import UserError
 from budgetlm.train.loop import FitConfig, fit
 from budgetlm.train.metrics import RunLog
 from budgetlm.train.optim import build_optimizer
-from budgetlm.train.resume import Checkpoints
+from budgetlm.train.resume import Checkpoints, load_snapshot
 from budgetlm.train.runtime import Runtime
 from budgetlm.train.schedule import Schedule
 
@@ -202,7 +202,6 @@ def test_early_stopping_restores_the_best_weights():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), snapshots[2]))
 
 
-
 class Recording(Regression):
     """Records the raw weights after every update (the weights each step starts from, and at the last
     evaluation) and what the evaluation was given."""
@@ -246,7 +245,6 @@ def test_the_moving_average_resumes_exactly(tmp_path):
         checkpoints = Checkpoints(tmp_path / str(resumed))
         if resumed:
             run(model, task, opt, cfg, Budget(max_steps=5), checkpoints=checkpoints)
-            from budgetlm.train.resume import load_snapshot
             snapshot = load_snapshot(checkpoints.latest_valid())
             assert snapshot.averaged is not None
             model, task, opt, cfg = make(ema=0.9, eval_every_steps=1000, save_every_steps=5)
@@ -261,7 +259,6 @@ def test_resuming_a_run_without_an_average_into_one_with_it_is_refused(tmp_path)
     model, task, opt, cfg = make(eval_every_steps=1000, save_every_steps=5)
     checkpoints = Checkpoints(tmp_path)
     run(model, task, opt, cfg, Budget(max_steps=5), checkpoints=checkpoints)
-    from budgetlm.train.resume import load_snapshot
     snapshot = load_snapshot(checkpoints.latest_valid())
     model, task, opt, cfg = make(ema=0.9, eval_every_steps=1000)
     with pytest.raises(UserError, match="no moving average"):
