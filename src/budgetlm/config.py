@@ -296,6 +296,8 @@ class FinetuneConfig:
     freeze_steps: int = opt(0, low=0, help="train only the head for this many optimizer steps, then everything")
     ema: float | None = opt(None, low=0, high=0.99999, help="evaluate and keep a moving average of the weights "
                             "with this decay per step (0: the raw weights; default 0.999 for a GPT body, else 0)")
+    lm_weight: float | None = opt(None, low=0, help="GPT body: add this weight times its next-token loss on the "
+                                  "training texts to the training loss, as GPT-1 (default 0: off)")
     warmup: float = opt(0.06, low=0, help="linear warmup: a fraction of the budget (<1) or a number of steps (>=1)")
     schedule: str = opt("linear", help="learning-rate schedule after warmup", choices=SCHEDULES)
     min_lr_ratio: float = opt(0.0, low=0, high=1, help="learning-rate floor as a fraction of the peak")
@@ -323,6 +325,10 @@ class FinetuneConfig:
     resume: str | None = opt(None, help="auto: the newest valid checkpoint in --out (a fresh start when none); "
                              "or a checkpoint folder")
     seed: int = opt(0, help="seed for initialization, data order and augmentation")
+    split_seed: int | None = opt(None, help="seed of the stratified --val-fraction split (default: --seed)")
+    members: str = opt("auto", help="fine-tune this many times with seeds --seed, --seed+1, ... and keep the "
+                       "ensemble that averages their probabilities (auto: a budgetlm GPT body trains another "
+                       "member while the time left is at least 3/4 of the first member's, up to 4; else 1)")
     threads: int | None = opt(None, low=1, help="CPU threads for PyTorch (default: the machine's cores)")
 
 

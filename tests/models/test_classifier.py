@@ -6,6 +6,7 @@ from budgetlm.models.classifier import (
     ClassificationHead,
     Classifier,
     ClassifierConfig,
+    Ensemble,
     GPTBody,
     pool,
 )
@@ -103,6 +104,49 @@ def test_gpt_body_wraps_a_pretrained_gpt_unchanged():
     ids = torch.randint(1, 64, (1, 5))
     assert torch.equal(body(ids, torch.ones_like(ids)), gpt.hidden(ids))
     assert body.width == 32 and body.max_length == 32
+
+
+def test_lm_loss_is_the_pretrained_gpts_own_loss_and_ignores_padding():
+    model = gpt_classifier().eval()
+    alone_ids, alone_mask, ids, mask = padded_pair()
+    with torch.no_grad():
+        logits, lm = model(alone_ids, alone_mask, lm_loss=True)
+        own = model.body.gpt(alone_ids[:, :-1], alone_ids[:, 1:])
+        torch.testing.assert_close(lm, own)
+        torch.testing.assert_close(logits, model(alone_ids, alone_mask))
+        # the padded batch: the mean over both rows' real next tokens, nothing from the padding
+        _, batch_lm = model(ids, mask, lm_loss=True)
+        long_lm = model.body.gpt(ids[1:, :-1], ids[1:, 1:])
+        short_n, long_n = alone_ids.shape[1] - 1, ids.shape[1] - 1
+        torch.testing.assert_close(batch_lm, (own * short_n + long_lm * long_n) / (short_n + long_n))
+
+
+def test_lm_loss_trains_the_tied_embedding():
+    model = gpt_classifier()
+    ids = torch.randint(1, 64, (3, 8))
+    _, lm = model(ids, torch.ones_like(ids), lm_loss=True)
+    lm.backward()
+    assert model.body.gpt.embed.weight.grad.abs().sum() > 0
+    assert model.head.out.weight.grad is None  # the head plays no part in the language-model loss
+
+
+def test_an_ensemble_averages_its_members_probabilities_and_rebuilds_from_its_config():
+    members = [gpt_classifier(), gpt_classifier()]
+    torch.manual_seed(5)
+    for p in members[1].parameters():  # two different members
+        p.data += 0.1 * torch.randn_like(p)
+    config = ClassifierConfig.from_dict({**members[0].config.to_dict(), "members": 2})
+    ensemble = Ensemble(config, members).eval()
+    ids = torch.randint(1, 64, (4, 7))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        expected = (members[0].eval()(ids, mask).softmax(-1) + members[1].eval()(ids, mask).softmax(-1)) / 2
+        torch.testing.assert_close(ensemble(ids, mask).softmax(-1), expected)
+        rebuilt = build(config.to_dict())
+        assert isinstance(rebuilt, Ensemble) and len(rebuilt.members) == 2
+        rebuilt.load_state_dict(ensemble.state_dict())
+        torch.testing.assert_close(rebuilt.eval()(ids, mask), ensemble(ids, mask))
+    assert isinstance(build(members[0].config.to_dict()), Classifier)  # one member: a plain classifier
 
 
 def test_hf_encoder_body_ignores_padding():

@@ -177,6 +177,21 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(toy, tmp_path, ema):
     assert all(resumed[k].equal(v) for k, v in straight.items())
 
 
+def test_the_auxiliary_lm_loss_enters_training_and_only_a_gpt_takes_it(toy, tmp_path):
+    train, dev = toy
+    common = {"max_steps": 6, "ema": 0.0, "eval_every": "3"}
+    plain = finetune.run(config(train, dev, **common), tmp_path / "plain", quiet=True)
+    aux = finetune.run(config(train, dev, lm_weight=0.5, **common), tmp_path / "aux", quiet=True)
+    assert aux["settings"]["lm_weight"] == 0.5 and plain["settings"]["lm_weight"] == 0.0
+    first, first_aux = ([r for r in read_jsonl(tmp_path / run / "metrics.jsonl") if r["kind"] == "train"][0]
+                        for run in ("plain", "aux"))
+    assert first["step"] == first_aux["step"] == 1
+    # same weights, same batch: the training loss grows by half the next-token loss (several nats untrained)
+    assert first_aux["train_loss"] > first["train_loss"] + 1.0
+    with pytest.raises(UserError, match="--lm-weight needs a GPT body"):
+        finetune.run(config(train, dev, arch="lstm", lm_weight=0.5, **common), tmp_path / "lstm", quiet=True)
+
+
 @pytest.mark.parametrize("overrides, fragment", [
     ({"label_column": "sentiment"}, "no column 'sentiment'"),
     ({"text_column": "review"}, "no column 'review'"),

@@ -70,6 +70,12 @@ class GPTBody(nn.Module):
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.gpt.hidden(ids)
 
+    def lm_loss(self, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over the real tokens of each row, read from `hidden` through
+        the pretrained (tied) output head: the auxiliary objective of GPT-1's fine-tuning."""
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        return self.gpt.loss(hidden[:, :-1], targets)
+
     def layers(self) -> list[list[nn.Parameter]]:
         blocks = [list(b.parameters()) for b in self.gpt.blocks]
         blocks[-1] += list(self.gpt.norm.parameters())
@@ -97,6 +103,7 @@ class ClassifierConfig:
     text_column: str = "text"            # what the training data called its columns (predict's default)
     label_column: str = "label"
     source: str = ""                     # where the body's weights came from
+    members: int = 1                     # >1: an ensemble of this many classifiers of this config
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -114,9 +121,14 @@ class Classifier(nn.Module):
         self.body = body if body is not None else body_class(config.body).from_config(config.body_config)
         self.head = ClassificationHead(self.body.width, len(config.labels), config.pooling, config.dropout)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Class logits (batch, classes) in fp32, whatever precision the body ran in."""
-        return self.head(self.body(ids, mask), mask).float()
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, lm_loss: bool = False):
+        """Class logits (batch, classes) in fp32, whatever precision the body ran in; with `lm_loss`,
+        also the body's language-modelling loss on the same inputs (a body with `lm_loss` only)."""
+        hidden = self.body(ids, mask)
+        logits = self.head(hidden, mask).float()
+        if lm_loss:
+            return logits, self.body.lm_loss(hidden, ids, mask)
+        return logits
 
     @property
     def pad_id(self) -> int:
@@ -128,3 +140,30 @@ class Classifier(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class Ensemble(nn.Module):
+    """Classifiers of one config trained apart (other seeds), read as one: the log of their mean class
+    probabilities, so softmax and argmax downstream see the averaged prediction."""
+
+    def __init__(self, config: ClassifierConfig, members: list[Classifier] | None = None):
+        super().__init__()
+        self.config = config
+        single = ClassifierConfig.from_dict({**config.to_dict(), "members": 1})
+        self.members = nn.ModuleList(members if members is not None
+                                     else [Classifier(single) for _ in range(config.members)])
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([m(ids, mask).softmax(-1) for m in self.members]).mean(0)
+        return probs.clamp(min=1e-30).log()
+
+    @property
+    def pad_id(self) -> int:
+        return self.members[0].pad_id
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_classifier(config: ClassifierConfig) -> nn.Module:
+    return Ensemble(config) if config.members > 1 else Classifier(config)

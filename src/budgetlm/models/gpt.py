@@ -93,6 +93,11 @@ class GPT(nn.Module):
         h = self.hidden(idx, caches)
         if targets is None:
             return self.logits(h)
+        return self.loss(h, targets, reduction=reduction, label_smoothing=label_smoothing)
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor, *, reduction: str = "mean",
+             label_smoothing: float = 0.0) -> torch.Tensor:
+        """Cross-entropy of the next-token predictions read from hidden states `h` (see `forward`)."""
         # Block-wise loss in eager training (+12-15% tokens/s in bf16, +4% in fp32, less memory); under
         # torch.compile Inductor fuses the plain path itself, and the block-wise one measured no better.
         if (torch.is_grad_enabled() and not torch.compiler.is_compiling() and reduction in ("mean", "sum")

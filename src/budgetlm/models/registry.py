@@ -5,15 +5,15 @@ from __future__ import annotations
 from torch import nn
 
 from budgetlm.errors import UserError
-from budgetlm.models.classifier import Classifier, ClassifierConfig
+from budgetlm.models.classifier import ClassifierConfig, build_classifier
 from budgetlm.models.gpt import GPT, GPTConfig
 
-ARCHS = {"gpt": (GPT, GPTConfig), "classifier": (Classifier, ClassifierConfig)}
+ARCHS = {"gpt": (GPT, GPTConfig), "classifier": (build_classifier, ClassifierConfig)}
 
 
 def build(config_dict: dict) -> nn.Module:
     arch = config_dict.get("arch")
     if arch not in ARCHS:
         raise UserError(f"unknown model architecture {arch!r} in config.json; known: {', '.join(ARCHS)}")
-    model_cls, config_cls = ARCHS[arch]
-    return model_cls(config_cls.from_dict(config_dict))
+    make, config_cls = ARCHS[arch]
+    return make(config_cls.from_dict(config_dict))

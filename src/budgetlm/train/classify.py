@@ -111,14 +111,16 @@ class ClassificationTask:
                  val_labels: list[int], micro_batch: int, *, micro_steps: int = 1, seed: int = 0,
                  device: torch.device = CPU, eval_batch: int = EVAL_BATCH,
                  label_smoothing: float = 0.0, pad_id: int = 0,
-                 body: nn.Module | None = None, freeze_steps: int = 0):
+                 body: nn.Module | None = None, freeze_steps: int = 0, lm_weight: float = 0.0):
         """`body` is frozen (no gradients, so no updates) for the first `freeze_steps` optimizer
-        steps: the new head first learns from the pretrained features instead of disturbing them."""
+        steps: the new head first learns from the pretrained features instead of disturbing them.
+        With `lm_weight`, the training loss per example adds that weight times the body's mean
+        next-token loss on the batch (`forward` must then take `lm_loss=True`)."""
         self.train, self.train_labels = train, np.asarray(train_labels, dtype=np.int64)
         self.val, self.val_labels = val, np.asarray(val_labels, dtype=np.int64)
         self.micro_batch, self.micro_steps = micro_batch, micro_steps
         self.label_smoothing, self.pad_id, self.device = label_smoothing, pad_id, device
-        self.body, self.freeze_steps = body, freeze_steps
+        self.body, self.freeze_steps, self.lm_weight = body, freeze_steps, lm_weight
         self.sampler = LengthBucketSampler(np.array([len(s) for s in train]), micro_batch, seed)
         self.eval_batches = self._eval_plan(np.array([len(s) for s in val]), eval_batch, seed)
 
@@ -150,8 +152,12 @@ class ClassificationTask:
 
     def loss(self, forward: Callable, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         ids, mask, labels = batch
-        return F.cross_entropy(forward(ids, mask).float(), labels, reduction="sum",
-                               label_smoothing=self.label_smoothing)
+        if not self.lm_weight:
+            return F.cross_entropy(forward(ids, mask).float(), labels, reduction="sum",
+                                   label_smoothing=self.label_smoothing)
+        logits, lm_loss = forward(ids, mask, lm_loss=True)
+        classification = F.cross_entropy(logits, labels, reduction="sum", label_smoothing=self.label_smoothing)
+        return classification + self.lm_weight * len(labels) * lm_loss.float()
 
     def eval_batch_count(self) -> int:
         return len(self.eval_batches)

@@ -80,7 +80,8 @@ def load_data(c: FinetuneConfig) -> tuple[list[str], list[str], list[str], list[
     if c.val:
         val_texts, val_labels = load_labelled(c.val, c.text_column, c.label_column)
         return texts, labels, val_texts, val_labels
-    train_idx, val_idx = stratified_split(texts, labels, c.val_fraction, c.seed)
+    train_idx, val_idx = stratified_split(texts, labels, c.val_fraction,
+                                          c.split_seed if c.split_seed is not None else c.seed)
     pick = lambda xs, idx: [xs[i] for i in idx]
     return pick(texts, train_idx), pick(labels, train_idx), pick(texts, val_idx), pick(labels, val_idx)
 
@@ -157,6 +158,9 @@ def defaults(c: FinetuneConfig, body: torch.nn.Module) -> dict:
     fine-tuned at a quarter), a new one a pretraining-sized rate."""
     lstm = body.kind == "lstm"
     optim = c.optim or ("adam" if lstm else "adamw")
+    if c.lm_weight and not hasattr(body, "lm_loss"):
+        raise UserError(f"--lm-weight needs a GPT body (a budgetlm pretrain folder or scratch --arch gpt); "
+                        f"this {body.kind} body has no language-model head")
     if c.lr:
         lr = c.lr
     elif lstm:
@@ -180,10 +184,15 @@ def defaults(c: FinetuneConfig, body: torch.nn.Module) -> dict:
         # a GPT body: the average of the last ~1,000 steps led its raw weights at every evaluation on SST-2; MiniLM
         # gained nothing from it (and, updated every step then, lost 18% of its speed; docs/finetune.md)
         "ema": c.ema if c.ema is not None else (EMA_DECAY if body.kind == "gpt" else 0.0),
+        "lm_weight": c.lm_weight or 0.0,
     }
 
 
 def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False) -> dict:
+    from budgetlm.workflows import ensemble
+
+    if ensemble.wanted(cfg):
+        return ensemble.run(cfg, out, quiet=quiet)
     c = cfg
     epochs = c.epochs or (None if c.model == "scratch" else PRETRAINED_EPOCHS)
     if not (c.budget or c.max_steps or epochs):
@@ -267,7 +276,7 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False) -> dict:
                         ema=settings.get("ema", 0.0))
     task = ClassificationTask(train_ids, train_y, val_ids, val_y, micro_batch, micro_steps=micro_steps, seed=c.seed,
                               device=device, label_smoothing=c.label_smoothing, pad_id=model.pad_id,
-                              body=model.body, freeze_steps=c.freeze_steps)
+                              body=model.body, freeze_steps=c.freeze_steps, lm_weight=settings.get("lm_weight", 0.0))
 
     if snapshot is not None:
         say(f"resuming from {snapshot.path} (step {snapshot.meta['loop']['step']}, "

@@ -1,0 +1,199 @@
+"""`budgetlm finetune --members`: several fine-tunings of one body, each with its own seed (head,
+dropout and data order), read as one classifier that averages their class probabilities.
+
+A pretrained body stops at its epoch limit, often with half of a time budget left; a second member
+trained on that half is the surest use of it (on SST-2 three seeds of one pretrained GPT scored
+0.823, 0.842 and 0.830; their average 0.839; docs/finetune.md). Each member is a complete
+`finetune` run in OUT/members/K — its own summary, metrics, plots, checkpoints and resume — and
+OUT holds the ensemble: model, config, tokenizer, summary and confusion matrix."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from budgetlm.budget import format_duration, parse_duration
+from budgetlm.config import FinetuneConfig
+from budgetlm.data.labelled import LabelMap
+from budgetlm.errors import UserError
+from budgetlm.eval.classification import plot_confusion, report
+from budgetlm.models.classifier import ClassifierConfig, Ensemble
+from budgetlm.train.checkpoint import atomic_write_bytes, load_model, save_model
+from budgetlm.train.classify import EVAL_BATCH, classification_tokenizer, encode_texts, predict_probs
+from budgetlm.train.runtime import pick_device, set_threads
+from budgetlm.workflows.pretrain import prepare_out, say
+
+MAX_AUTO_MEMBERS = 4
+# auto: another member when the time left is at least this share of the first member's time (a member
+# cut short by the budget still finishes its schedule, on fewer examples)
+MIN_MEMBER_SHARE = 0.75
+RESERVE_SHARE = 0.01  # of the budget, kept back for evaluating and saving the ensemble (about 2 s of 600 on SST-2)
+PLAN = "members.json"
+
+
+def parse_members(text: str) -> int | None:
+    """The number --members asks for, or None for auto."""
+    if text == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise UserError(f"--members {text!r}: give a whole number of at least 1, or auto")
+    return n
+
+
+def wanted(c: FinetuneConfig) -> bool:
+    """Whether this run trains members: a number above 1, or auto for a budgetlm GPT body under a time
+    budget (its epoch limit may leave time over; MiniLM and scratch models use their whole budget)."""
+    n = parse_members(c.members)
+    if n is not None:
+        return n > 1
+    return bool(c.budget) and c.model != "scratch" and not c.model.startswith("hf:")
+
+
+def run(c: FinetuneConfig, out: Path, *, quiet: bool = False) -> dict:
+    from budgetlm.workflows import finetune
+
+    asked = parse_members(c.members)
+    if c.resume not in (None, "auto"):
+        raise UserError("an ensemble resumes with --resume auto (each member from its own checkpoints)")
+    prepare_out(out)
+    total_s = parse_duration(c.budget) if c.budget else None
+    plan_path = out / PLAN
+    if c.resume == "auto" and plan_path.is_file():
+        plan = json.loads(plan_path.read_text())
+    else:
+        shutil.rmtree(out / "members", ignore_errors=True)  # a fresh start: no member of an older run survives
+        plan = {"budget_s": total_s, "asked": c.members, "members": []}
+    reserve_s = RESERVE_SHARE * total_s if total_s else 0.0
+
+    summaries: list[dict] = []
+    k = 0
+    while True:
+        member_out = out / "members" / str(k)
+        started = k < len(plan["members"])
+        if not started:
+            spent_s = sum(s["wall_s"] for s in summaries)
+            left_s = total_s - spent_s - reserve_s if total_s else None
+            if asked is not None:
+                if k >= asked:
+                    break
+                budget_s = left_s / (asked - k) if left_s is not None else None
+            else:
+                if k >= MAX_AUTO_MEMBERS or (k > 0 and left_s < MIN_MEMBER_SHARE * summaries[0]["wall_s"]):
+                    break
+                budget_s = left_s
+            if budget_s is not None and budget_s <= 0:
+                break
+            plan["members"].append({"seed": c.seed + k, "budget_s": budget_s})
+            atomic_write_bytes(plan_path, json.dumps(plan, indent=2).encode())
+        member = plan["members"][k]
+        done = member_out / "summary.json"
+        if started and done.is_file():
+            summaries.append(json.loads(done.read_text()))
+        else:
+            of = f" of {asked}" if asked else ""
+            limit = f", up to {format_duration(member['budget_s'])}" if member["budget_s"] else ""
+            say(f"member {k + 1}{of}: seed {member['seed']}{limit}")
+            member_cfg = dataclasses.replace(
+                c, members="1", seed=member["seed"], split_seed=c.split_seed if c.split_seed is not None else c.seed,
+                budget=f"{member['budget_s']}s" if member["budget_s"] else None,
+                resume="auto" if started and c.resume == "auto" else None)
+            summary = finetune.run(member_cfg, member_out, quiet=quiet)
+            if summary["stop_reason"] == "interrupted":
+                say(f"stopped in member {k + 1}; resume with the same command and --resume auto --out {out}")
+                return summary
+            summaries.append(summary)
+        k += 1
+    return assemble(c, out, summaries, total_s)
+
+
+def assemble(c: FinetuneConfig, out: Path, summaries: list[dict], total_s: float | None) -> dict:
+    """The members, read as one classifier: scored on the whole validation split and saved in `out`."""
+    from budgetlm.workflows.finetune import load_data
+
+    started = time.monotonic()
+    set_threads(c.threads)
+    device = pick_device(c.device)
+    folders = [out / "members" / str(k) for k in range(len(summaries))]
+    members, tokenizers = [], []
+    for folder in folders:
+        model, _, tok = load_model(folder, device)
+        members.append(model)
+        tokenizers.append(tok)
+    if len({tok.to_str() for tok in tokenizers}) > 1:
+        raise UserError(f"the members in {out / 'members'} read text with different tokenizers; start a new --out")
+    first = members[0].config
+    config = ClassifierConfig.from_dict({**first.to_dict(), "members": len(members),
+                                         "extra": {**first.extra, "seeds": [s["config"]["finetune"]["seed"]
+                                                                             for s in summaries]}})
+    # one member (the budget fitted no second) is saved as the plain classifier it is
+    ensemble = Ensemble(config, members).eval() if len(members) > 1 else members[0]
+
+    split_cfg = dataclasses.replace(c, seed=c.split_seed if c.split_seed is not None else c.seed)
+    _, _, val_texts, val_labels = load_data(split_cfg)
+    labels = list(config.labels)
+    val_y = LabelMap(tuple(labels)).encode(val_labels, source=c.val or "the validation split")
+    tokenizer = classification_tokenizer(tokenizers[0], config.max_length)
+    probs = predict_probs(ensemble, encode_texts(tokenizer, val_texts), EVAL_BATCH, device, ensemble.pad_id)
+    scored = report(np.asarray(val_y), probs.argmax(1), labels)
+    val_loss = float(-np.mean(np.log(np.maximum(probs[np.arange(len(val_y)), val_y], 1e-12))))
+
+    save_model(out, ensemble, config.to_dict(), tokenizer)  # a single member's config says members 1
+    atomic_write_bytes(out / "confusion.json", json.dumps(
+        {"labels": labels, "rows": "true label", "columns": "predicted label", "matrix": scored["confusion"]},
+        indent=2).encode())
+    plot_confusion(scored["confusion"], labels, out / "confusion.png",
+                   title=f"ensemble of {len(members)}: validation accuracy {scored['accuracy']:.4f}")
+    with open(out / "metrics.jsonl", "w") as records:
+        for k, folder in enumerate(folders):
+            for line in (folder / "metrics.jsonl").read_text().splitlines():
+                records.write(json.dumps({"member": k, **json.loads(line)}) + "\n")
+
+    wall_s = sum(s["wall_s"] for s in summaries) + time.monotonic() - started
+    summary = {
+        "best_val_accuracy": scored["accuracy"],
+        "best_val_macro_f1": scored["macro_f1"],
+        "best_val_loss": val_loss,
+        "per_class": scored["per_class"],
+        "members": [{"folder": str(f.relative_to(out)), "seed": s["config"]["finetune"]["seed"],
+                     "best_val_accuracy": s["best_val_accuracy"], "best_step": s["best_step"],
+                     "epochs": s["epochs"], "wall_s": s["wall_s"], "stop_reason": s["stop_reason"]}
+                    for f, s in zip(folders, summaries)],
+        "monitor": summaries[0]["monitor"],
+        "examples_seen": sum(s["examples_seen"] for s in summaries),
+        "epochs": round(sum(s["epochs"] for s in summaries), 3),
+        "steps": sum(s["steps"] for s in summaries),
+        "train_examples": summaries[0]["train_examples"],
+        "train_examples_before_augmentation": summaries[0]["train_examples_before_augmentation"],
+        "val_examples": len(val_texts),
+        "labels": labels,
+        "params": ensemble.num_params(),
+        "wall_s": round(wall_s, 2),
+        "budget_s": total_s,
+        "train_s": round(sum(s["train_s"] for s in summaries), 2),
+        "examples_per_s": round(sum(s["examples_seen"] for s in summaries)
+                                / max(sum(s["train_s"] for s in summaries), 1e-9), 1),
+        "device": str(device),
+        "precision": summaries[0]["precision"],
+        "stop_reason": summaries[-1]["stop_reason"],
+        "skipped_steps": sum(s["skipped_steps"] for s in summaries),
+        "body": summaries[0]["body"],
+        "source": c.model,
+        "pooling": summaries[0]["pooling"],
+        "settings": summaries[0]["settings"],
+        "config": {"finetune": dataclasses.asdict(c)},
+    }
+    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
+    each = ", ".join(f"{s['best_val_accuracy']:.4f}" for s in summaries)
+    say(f"done in {format_duration(wall_s)}: ensemble of {len(members)}, validation accuracy "
+        f"{scored['accuracy']:.4f}, macro-F1 {scored['macro_f1']:.4f} (members: {each}); files in {out}")
+    return summary
