@@ -98,6 +98,24 @@ def test_task_batches_losses_and_evaluation():
     assert metrics["val_accuracy"] == pytest.approx(np.mean(truth == np.array(labels)))
 
 
+def test_a_later_ensemble_member_is_evaluated_as_part_of_the_ensemble():
+    seqs, labels = seqs_and_labels()
+    model = tiny_model().eval()
+    own = predict_probs(model, seqs, 16, CPU)
+    # an earlier member sure of the truth outweighs this one wherever they disagree
+    y = np.array(labels)
+    earlier = np.zeros_like(own)
+    earlier[np.arange(40), y] = 1.0
+    task = ClassificationTask(seqs, labels, seqs, labels, micro_batch=8, seed=0, prior=(earlier, 1))
+    with torch.no_grad():
+        metrics = task.evaluate(model, None)
+    mixed = (earlier + own) / 2
+    assert metrics["val_accuracy"] == 1.0
+    assert metrics["val_member_accuracy"] == pytest.approx(np.mean(own.argmax(1) == y))
+    expected_loss = -np.mean(np.log(np.maximum(mixed[np.arange(40), y], 1e-30)))
+    assert metrics["val_loss"] == pytest.approx(expected_loss, rel=1e-4)
+
+
 def test_predictions_come_back_in_input_order():
     seqs, _ = seqs_and_labels(30)
     model = tiny_model(3).eval()

@@ -36,6 +36,11 @@ def test_two_members_make_one_model_that_predict_reads(toy, tmp_path):
                  "confusion.png", "metrics.jsonl"):
         assert (out / name).stat().st_size > 0, name
     assert {r["member"] for r in read_jsonl(out / "metrics.jsonl")} == {0, 1}
+    # the second member's evaluations score the ensemble it completes, and itself alone
+    evals = [[r for r in read_jsonl(out / "members" / str(k) / "metrics.jsonl") if r["kind"] == "eval"]
+             for k in range(2)]
+    assert all("val_member_accuracy" not in r for r in evals[0])
+    assert all("val_member_accuracy" in r for r in evals[1])
     assert summary["examples_seen"] == 2 * 12 * 32
 
     # the ensemble's probabilities are the mean of its members', and its reported accuracy is predict's

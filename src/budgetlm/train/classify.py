@@ -111,16 +111,20 @@ class ClassificationTask:
                  val_labels: list[int], micro_batch: int, *, micro_steps: int = 1, seed: int = 0,
                  device: torch.device = CPU, eval_batch: int = EVAL_BATCH,
                  label_smoothing: float = 0.0, pad_id: int = 0,
-                 body: nn.Module | None = None, freeze_steps: int = 0, lm_weight: float = 0.0):
+                 body: nn.Module | None = None, freeze_steps: int = 0, lm_weight: float = 0.0,
+                 prior: tuple[np.ndarray, int] | None = None):
         """`body` is frozen (no gradients, so no updates) for the first `freeze_steps` optimizer
         steps: the new head first learns from the pretrained features instead of disturbing them.
         With `lm_weight`, the training loss per example adds that weight times the body's mean
-        next-token loss on the batch (`forward` must then take `lm_loss=True`)."""
+        next-token loss on the batch (`forward` must then take `lm_loss=True`).
+        `prior` is (the summed validation probabilities of n earlier ensemble members, in validation
+        order; n): evaluations then score the ensemble this model completes, so the weights kept are
+        those that make the best ensemble (the model alone: `val_member_accuracy`)."""
         self.train, self.train_labels = train, np.asarray(train_labels, dtype=np.int64)
         self.val, self.val_labels = val, np.asarray(val_labels, dtype=np.int64)
         self.micro_batch, self.micro_steps = micro_batch, micro_steps
         self.label_smoothing, self.pad_id, self.device = label_smoothing, pad_id, device
-        self.body, self.freeze_steps, self.lm_weight = body, freeze_steps, lm_weight
+        self.body, self.freeze_steps, self.lm_weight, self.prior = body, freeze_steps, lm_weight, prior
         self.sampler = LengthBucketSampler(np.array([len(s) for s in train]), micro_batch, seed)
         self.eval_batches = self._eval_plan(np.array([len(s) for s in val]), eval_batch, seed)
 
@@ -163,18 +167,26 @@ class ClassificationTask:
         return len(self.eval_batches)
 
     def evaluate(self, forward: Callable, max_batches: int | None) -> dict[str, float]:
-        total, truth, guess = 0.0, [], []
+        total, truth, guess, alone = 0.0, [], [], []
         for rows in self.eval_batches[:max_batches]:
             ids, mask = collate([self.val[i] for i in rows], self.pad_id)
             labels = torch.from_numpy(self.val_labels[rows]).to(self.device)
             logits = forward(ids.to(self.device), mask.to(self.device)).float()
+            if self.prior is not None:
+                alone.append(logits.argmax(-1).cpu().numpy())
+                prior_sum, n = self.prior
+                probs = (torch.from_numpy(prior_sum[rows]).to(logits) + logits.softmax(-1)) / (n + 1)
+                logits = probs.clamp(min=1e-30).log()  # the ensemble's, as log-probabilities
             total += float(F.cross_entropy(logits, labels, reduction="sum"))
             truth.append(labels.cpu().numpy())
             guess.append(logits.argmax(-1).cpu().numpy())
         truth, guess = np.concatenate(truth), np.concatenate(guess)
         s = scores(truth, guess)
-        return {"val_loss": total / len(truth), "val_accuracy": s["accuracy"], "val_macro_f1": s["macro_f1"],
-                "val_examples": len(truth)}
+        metrics = {"val_loss": total / len(truth), "val_accuracy": s["accuracy"], "val_macro_f1": s["macro_f1"],
+                   "val_examples": len(truth)}
+        if alone:
+            metrics["val_member_accuracy"] = float(np.mean(np.concatenate(alone) == truth))
+        return metrics
 
 
 def layer_scaled(optimizer: torch.optim.Optimizer, layers: list[list[nn.Parameter]],

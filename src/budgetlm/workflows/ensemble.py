@@ -5,7 +5,9 @@ A pretrained body stops at its epoch limit, often with half of a time budget lef
 trained on that half is the surest use of it (on SST-2 three seeds of one pretrained GPT scored
 0.823, 0.842 and 0.830; their average 0.839; docs/finetune.md). Each member is a complete
 `finetune` run in OUT/members/K — its own summary, metrics, plots, checkpoints and resume — and
-OUT holds the ensemble: model, config, tokenizer, summary and confusion matrix."""
+OUT holds the ensemble: model, config, tokenizer, summary and confusion matrix. A later member's
+evaluations score the ensemble it completes, so it keeps the weights that make the best ensemble,
+as a single run keeps its best evaluation."""
 
 from __future__ import annotations
 
@@ -74,6 +76,8 @@ def run(c: FinetuneConfig, out: Path, *, quiet: bool = False) -> dict:
         shutil.rmtree(out / "members", ignore_errors=True)  # a fresh start: no member of an older run survives
         plan = {"budget_s": total_s, "asked": c.members, "members": []}
     reserve_s = RESERVE_SHARE * total_s if total_s else 0.0
+    split_seed = c.split_seed if c.split_seed is not None else c.seed
+    validation = Validation(dataclasses.replace(c, split_seed=split_seed))
 
     summaries: list[dict] = []
     k = 0
@@ -104,50 +108,66 @@ def run(c: FinetuneConfig, out: Path, *, quiet: bool = False) -> dict:
             limit = f", up to {format_duration(member['budget_s'])}" if member["budget_s"] else ""
             say(f"member {k + 1}{of}: seed {member['seed']}{limit}")
             member_cfg = dataclasses.replace(
-                c, members="1", seed=member["seed"], split_seed=c.split_seed if c.split_seed is not None else c.seed,
+                c, members="1", seed=member["seed"], split_seed=split_seed,
                 budget=f"{member['budget_s']}s" if member["budget_s"] else None,
                 resume="auto" if started and c.resume == "auto" else None)
-            summary = finetune.run(member_cfg, member_out, quiet=quiet)
+            summary = finetune.run(member_cfg, member_out, quiet=quiet, prior=validation.prior())
             if summary["stop_reason"] == "interrupted":
                 say(f"stopped in member {k + 1}; resume with the same command and --resume auto --out {out}")
                 return summary
             summaries.append(summary)
+        validation.add(member_out)
         k += 1
-    return assemble(c, out, summaries, total_s)
+    return assemble(c, out, validation, summaries, total_s)
 
 
-def assemble(c: FinetuneConfig, out: Path, summaries: list[dict], total_s: float | None) -> dict:
+class Validation:
+    """The validation split and each finished member's class probabilities on it (in its order)."""
+
+    def __init__(self, c: FinetuneConfig):
+        from budgetlm.workflows.finetune import load_data
+
+        set_threads(c.threads)
+        self.device = pick_device(c.device)
+        _, _, self.texts, self.labels = load_data(c)
+        self.source = c.val or "the validation split"
+        self.models: list[torch.nn.Module] = []
+        self.tokenizers = []
+        self.probs: list[np.ndarray] = []
+
+    def add(self, folder: Path) -> None:
+        model, config, tok = load_model(folder, self.device)
+        tok = classification_tokenizer(tok, config["max_length"])
+        if self.tokenizers and tok.to_str() != self.tokenizers[0].to_str():
+            raise UserError(f"{folder} reads text with another tokenizer than the first member; start a new --out")
+        self.models.append(model)
+        self.tokenizers.append(tok)
+        self.probs.append(predict_probs(model, encode_texts(tok, self.texts), EVAL_BATCH, self.device, model.pad_id))
+
+    def prior(self) -> tuple[np.ndarray, int] | None:
+        """What the next member's evaluations add themselves to: the summed probabilities and their count."""
+        return (np.sum(self.probs, axis=0), len(self.probs)) if self.probs else None
+
+
+def assemble(c: FinetuneConfig, out: Path, validation: Validation, summaries: list[dict],
+             total_s: float | None) -> dict:
     """The members, read as one classifier: scored on the whole validation split and saved in `out`."""
-    from budgetlm.workflows.finetune import load_data
-
     started = time.monotonic()
-    set_threads(c.threads)
-    device = pick_device(c.device)
     folders = [out / "members" / str(k) for k in range(len(summaries))]
-    members, tokenizers = [], []
-    for folder in folders:
-        model, _, tok = load_model(folder, device)
-        members.append(model)
-        tokenizers.append(tok)
-    if len({tok.to_str() for tok in tokenizers}) > 1:
-        raise UserError(f"the members in {out / 'members'} read text with different tokenizers; start a new --out")
+    members = validation.models
     first = members[0].config
     config = ClassifierConfig.from_dict({**first.to_dict(), "members": len(members),
                                          "extra": {**first.extra, "seeds": [s["config"]["finetune"]["seed"]
                                                                              for s in summaries]}})
     # one member (the budget fitted no second) is saved as the plain classifier it is
-    ensemble = Ensemble(config, members).eval() if len(members) > 1 else members[0]
-
-    split_cfg = dataclasses.replace(c, seed=c.split_seed if c.split_seed is not None else c.seed)
-    _, _, val_texts, val_labels = load_data(split_cfg)
+    model = Ensemble(config, members).eval() if len(members) > 1 else members[0]
     labels = list(config.labels)
-    val_y = LabelMap(tuple(labels)).encode(val_labels, source=c.val or "the validation split")
-    tokenizer = classification_tokenizer(tokenizers[0], config.max_length)
-    probs = predict_probs(ensemble, encode_texts(tokenizer, val_texts), EVAL_BATCH, device, ensemble.pad_id)
-    scored = report(np.asarray(val_y), probs.argmax(1), labels)
+    val_y = np.asarray(LabelMap(tuple(labels)).encode(validation.labels, source=validation.source))
+    probs = np.mean(validation.probs, axis=0)  # what the ensemble's forward computes
+    scored = report(val_y, probs.argmax(1), labels)
     val_loss = float(-np.mean(np.log(np.maximum(probs[np.arange(len(val_y)), val_y], 1e-12))))
 
-    save_model(out, ensemble, config.to_dict(), tokenizer)  # a single member's config says members 1
+    save_model(out, model, config.to_dict(), validation.tokenizers[0])  # a single member's config says members 1
     atomic_write_bytes(out / "confusion.json", json.dumps(
         {"labels": labels, "rows": "true label", "columns": "predicted label", "matrix": scored["confusion"]},
         indent=2).encode())
@@ -174,15 +194,15 @@ def assemble(c: FinetuneConfig, out: Path, summaries: list[dict], total_s: float
         "steps": sum(s["steps"] for s in summaries),
         "train_examples": summaries[0]["train_examples"],
         "train_examples_before_augmentation": summaries[0]["train_examples_before_augmentation"],
-        "val_examples": len(val_texts),
+        "val_examples": len(validation.texts),
         "labels": labels,
-        "params": ensemble.num_params(),
+        "params": sum(p.numel() for p in model.parameters()),
         "wall_s": round(wall_s, 2),
         "budget_s": total_s,
         "train_s": round(sum(s["train_s"] for s in summaries), 2),
         "examples_per_s": round(sum(s["examples_seen"] for s in summaries)
                                 / max(sum(s["train_s"] for s in summaries), 1e-9), 1),
-        "device": str(device),
+        "device": str(validation.device),
         "precision": summaries[0]["precision"],
         "stop_reason": summaries[-1]["stop_reason"],
         "skipped_steps": sum(s["skipped_steps"] for s in summaries),

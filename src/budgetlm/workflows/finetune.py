@@ -188,7 +188,8 @@ def defaults(c: FinetuneConfig, body: torch.nn.Module) -> dict:
     }
 
 
-def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False) -> dict:
+def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.ndarray, int] | None = None) -> dict:
+    """Train, keep the best weights, report; `prior`: see ClassificationTask (an ensemble's later members)."""
     from budgetlm.workflows import ensemble
 
     if ensemble.wanted(cfg):
@@ -276,7 +277,7 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False) -> dict:
                         ema=settings.get("ema", 0.0))
     task = ClassificationTask(train_ids, train_y, val_ids, val_y, micro_batch, micro_steps=micro_steps, seed=c.seed,
                               device=device, label_smoothing=c.label_smoothing, pad_id=model.pad_id,
-                              body=model.body, freeze_steps=c.freeze_steps, lm_weight=settings.get("lm_weight", 0.0))
+                              body=model.body, freeze_steps=c.freeze_steps, lm_weight=settings.get("lm_weight", 0.0), prior=prior)
 
     if snapshot is not None:
         say(f"resuming from {snapshot.path} (step {snapshot.meta['loop']['step']}, "
