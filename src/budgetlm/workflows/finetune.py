@@ -277,7 +277,8 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
                         ema=settings.get("ema", 0.0))
     task = ClassificationTask(train_ids, train_y, val_ids, val_y, micro_batch, micro_steps=micro_steps, seed=c.seed,
                               device=device, label_smoothing=c.label_smoothing, pad_id=model.pad_id,
-                              body=model.body, freeze_steps=c.freeze_steps, lm_weight=settings.get("lm_weight", 0.0), prior=prior)
+                              body=model.body, freeze_steps=c.freeze_steps, lm_weight=settings.get("lm_weight", 0.0),
+                              prior=prior)
 
     if snapshot is not None:
         say(f"resuming from {snapshot.path} (step {snapshot.meta['loop']['step']}, "
