@@ -6,7 +6,7 @@ import torch
 
 from budgetlm.errors import UserError
 from budgetlm.train.checkpoint import load_model
-from budgetlm.workflows import finetune, predict
+from budgetlm.workflows import ensemble, finetune, predict
 
 from tests.workflows.test_finetune import config, read_jsonl, toy_rows, write_tsv
 
@@ -26,7 +26,8 @@ def pretrained(play_file, tmp_path):
     return folder
 
 
-def test_two_members_make_one_model_that_predict_reads(toy, tmp_path):
+def test_two_members_make_one_model_that_predict_reads(toy, tmp_path, monkeypatch):
+    monkeypatch.setattr(ensemble.Validation, "improves", lambda self, probs, monitor: True)  # keep both
     train, dev = toy
     out = tmp_path / "run"
     summary = finetune.run(config(train, dev, max_steps=12, members="2"), out, quiet=True)
@@ -54,6 +55,39 @@ def test_two_members_make_one_model_that_predict_reads(toy, tmp_path):
     assert np.mean([p["label"] == t for p, t in zip(together, truth)]) == summary["best_val_accuracy"]
     model, saved, _ = load_model(out)
     assert saved["members"] == 2 and saved["extra"]["seeds"] == [0, 1]
+
+
+def test_a_member_is_kept_only_if_it_improves_the_ensemble():
+    validation = ensemble.Validation.__new__(ensemble.Validation)
+    validation.y = np.array([0, 1, 1, 0])
+    validation.probs = []
+    right_but_two = np.array([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9], [0.3, 0.7]])  # accuracy 0.5
+    assert validation.improves(right_but_two, "val_accuracy")  # the first member always
+    validation.probs = [right_but_two]
+    fixes_one = np.array([[0.6, 0.4], [0.1, 0.9], [0.4, 0.6], [0.6, 0.4]])  # averaged: 0.75
+    assert validation.improves(fixes_one, "val_accuracy")
+    assert not validation.improves(right_but_two, "val_accuracy")  # a copy adds nothing
+    assert validation.improves(fixes_one, "val_loss") == (
+        validation.score((right_but_two + fixes_one) / 2, "val_loss") > validation.score(right_but_two, "val_loss"))
+
+
+def test_the_kept_members_are_those_that_improved_the_ensemble(toy, tmp_path):
+    train, dev = toy
+    out = tmp_path / "run"
+    summary = finetune.run(config(train, dev, max_steps=8, members="3"), out, quiet=True)
+    texts = [t for t, _ in toy_rows(100, 1)]
+    truth = np.array([label == "pos" for _, label in toy_rows(100, 1)], dtype=int)
+    alone = [np.array([[p["probs"]["neg"], p["probs"]["pos"]] for p in predict.run(out / "members" / str(k),
+                                                                                 texts=texts)]) for k in range(3)]
+    kept = [alone[0]]
+    for k in (1, 2):
+        better = np.mean(np.mean([*kept, alone[k]], 0).argmax(1) == truth) > np.mean(np.mean(kept, 0).argmax(1) == truth)
+        assert summary["members"][k]["kept"] == better
+        if better:
+            kept.append(alone[k])
+    together = np.array([[p["probs"]["neg"], p["probs"]["pos"]] for p in predict.run(out, texts=texts)])
+    np.testing.assert_allclose(together, np.mean(kept, 0), atol=1e-5)
+    assert load_model(out)[1]["members"] == len(kept)
 
 
 def test_members_of_a_fraction_split_hold_out_the_same_examples(tmp_path):

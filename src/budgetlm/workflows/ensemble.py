@@ -1,9 +1,9 @@
 """`budgetlm finetune --members`: several fine-tunings of one body, each with its own seed (head,
 dropout and data order), read as one classifier that averages their class probabilities.
 
-A pretrained body stops at its epoch limit, often with half of a time budget left; a second member
-trained on that half is the surest use of it (on SST-2 three seeds of one pretrained GPT scored
-0.823, 0.842 and 0.830; their average 0.839; docs/finetune.md). Each member is a complete
+A pretrained body stops at its epoch limit, often with half of a time budget left; another member
+trained in that half is a well-tried use of it (on SST-2 three seeds of one pretrained GPT scored
+0.823, 0.842 and 0.830 alone, 0.839 averaged; docs/finetune.md). Each member is a complete
 `finetune` run in OUT/members/K — its own summary, metrics, plots, checkpoints and resume — and
 OUT holds the ensemble: model, config, tokenizer, summary and confusion matrix. A later member's
 evaluations score the ensemble it completes, so it keeps the weights that make the best ensemble,
@@ -24,7 +24,7 @@ from budgetlm.budget import format_duration, parse_duration
 from budgetlm.config import FinetuneConfig
 from budgetlm.data.labelled import LabelMap
 from budgetlm.errors import UserError
-from budgetlm.eval.classification import plot_confusion, report
+from budgetlm.eval.classification import plot_confusion, report, scores
 from budgetlm.models.classifier import ClassifierConfig, Ensemble
 from budgetlm.train.checkpoint import atomic_write_bytes, load_model, save_model
 from budgetlm.train.classify import EVAL_BATCH, classification_tokenizer, encode_texts, predict_probs
@@ -54,7 +54,8 @@ def parse_members(text: str) -> int | None:
 
 def wanted(c: FinetuneConfig) -> bool:
     """Whether this run trains members: a number above 1, or auto for a budgetlm GPT body under a time
-    budget (its epoch limit may leave time over; MiniLM and scratch models use their whole budget)."""
+    budget (its epoch limit may leave time over; a Hugging Face encoder's member fills most of a usual
+    budget — MiniLM 12 of 15 minutes on SST-2 — and a scratch model has no epoch limit)."""
     n = parse_members(c.members)
     if n is not None:
         return n > 1
@@ -116,13 +117,16 @@ def run(c: FinetuneConfig, out: Path, *, quiet: bool = False) -> dict:
                 say(f"stopped in member {k + 1}; resume with the same command and --resume auto --out {out}")
                 return summary
             summaries.append(summary)
-        validation.add(member_out)
+        if not validation.add(member_out, summaries[-1]["monitor"]):
+            say(f"member {k + 1} does not improve the ensemble on the validation split: left out")
         k += 1
     return assemble(c, out, validation, summaries, total_s)
 
 
 class Validation:
-    """The validation split and each finished member's class probabilities on it (in its order)."""
+    """The validation split, and the members kept so far with their class probabilities on it (in its
+    order). A member is kept only if it improves the ensemble's score on the split (greedy ensemble
+    selection): a later member whose best weights were its first, untrained ones, adds nothing."""
 
     def __init__(self, c: FinetuneConfig):
         from budgetlm.workflows.finetune import load_data
@@ -134,15 +138,40 @@ class Validation:
         self.models: list[torch.nn.Module] = []
         self.tokenizers = []
         self.probs: list[np.ndarray] = []
+        self.kept: list[bool] = []  # per member trained, kept or left out
 
-    def add(self, folder: Path) -> None:
+    def add(self, folder: Path, monitor: str) -> bool:
+        """Score the member in `folder` and keep it if the ensemble gains by `monitor`; True if kept."""
         model, config, tok = load_model(folder, self.device)
         tok = classification_tokenizer(tok, config["max_length"])
         if self.tokenizers and tok.to_str() != self.tokenizers[0].to_str():
             raise UserError(f"{folder} reads text with another tokenizer than the first member; start a new --out")
-        self.models.append(model)
-        self.tokenizers.append(tok)
-        self.probs.append(predict_probs(model, encode_texts(tok, self.texts), EVAL_BATCH, self.device, model.pad_id))
+        if not self.models:
+            self.y = np.asarray(LabelMap(tuple(config["labels"])).encode(self.labels, source=self.source))
+        probs = predict_probs(model, encode_texts(tok, self.texts), EVAL_BATCH, self.device, model.pad_id)
+        keep = self.improves(probs, monitor)
+        if keep:
+            self.models.append(model)
+            self.tokenizers.append(tok)
+            self.probs.append(probs)
+        self.kept.append(keep)
+        return keep
+
+    def improves(self, probs: np.ndarray, monitor: str) -> bool:
+        """Whether a member with these probabilities raises the kept ensemble's `monitor` (a first one does)."""
+        if not self.probs:
+            return True
+        return self.score(np.mean([*self.probs, probs], axis=0), monitor) > self.score(np.mean(self.probs, axis=0),
+                                                                                        monitor)
+
+    def score(self, probs: np.ndarray, monitor: str) -> float:
+        """`monitor` of these probabilities on the split, higher is better."""
+        if monitor == "val_loss":
+            return float(np.mean(np.log(np.maximum(probs[np.arange(len(self.y)), self.y], 1e-12))))
+        predicted = probs.argmax(1)
+        if monitor == "val_macro_f1":
+            return scores(self.y, predicted)["macro_f1"]
+        return float(np.mean(predicted == self.y))
 
     def prior(self) -> tuple[np.ndarray, int] | None:
         """What the next member's evaluations add themselves to: the summed probabilities and their count."""
@@ -156,13 +185,13 @@ def assemble(c: FinetuneConfig, out: Path, validation: Validation, summaries: li
     folders = [out / "members" / str(k) for k in range(len(summaries))]
     members = validation.models
     first = members[0].config
+    seeds = [s["config"]["finetune"]["seed"] for s, kept in zip(summaries, validation.kept) if kept]
     config = ClassifierConfig.from_dict({**first.to_dict(), "members": len(members),
-                                         "extra": {**first.extra, "seeds": [s["config"]["finetune"]["seed"]
-                                                                             for s in summaries]}})
-    # one member (the budget fitted no second) is saved as the plain classifier it is
+                                         "extra": {**first.extra, "seeds": seeds}})
+    # one member (the budget fitted no second, or no other helped) is saved as the plain classifier it is
     model = Ensemble(config, members).eval() if len(members) > 1 else members[0]
     labels = list(config.labels)
-    val_y = np.asarray(LabelMap(tuple(labels)).encode(validation.labels, source=validation.source))
+    val_y = validation.y
     probs = np.mean(validation.probs, axis=0)  # what the ensemble's forward computes
     scored = report(val_y, probs.argmax(1), labels)
     val_loss = float(-np.mean(np.log(np.maximum(probs[np.arange(len(val_y)), val_y], 1e-12))))
@@ -186,8 +215,8 @@ def assemble(c: FinetuneConfig, out: Path, validation: Validation, summaries: li
         "per_class": scored["per_class"],
         "members": [{"folder": str(f.relative_to(out)), "seed": s["config"]["finetune"]["seed"],
                      "best_val_accuracy": s["best_val_accuracy"], "best_step": s["best_step"],
-                     "epochs": s["epochs"], "wall_s": s["wall_s"], "stop_reason": s["stop_reason"]}
-                    for f, s in zip(folders, summaries)],
+                     "epochs": s["epochs"], "wall_s": s["wall_s"], "stop_reason": s["stop_reason"], "kept": kept}
+                    for f, s, kept in zip(folders, summaries, validation.kept)],
         "monitor": summaries[0]["monitor"],
         "examples_seen": sum(s["examples_seen"] for s in summaries),
         "epochs": round(sum(s["epochs"] for s in summaries), 3),
@@ -213,7 +242,8 @@ def assemble(c: FinetuneConfig, out: Path, validation: Validation, summaries: li
         "config": {"finetune": dataclasses.asdict(c)},
     }
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
-    each = ", ".join(f"{s['best_val_accuracy']:.4f}" for s in summaries)
+    each = ", ".join(f"{s['best_val_accuracy']:.4f}{'' if kept else ' (left out)'}"
+                     for s, kept in zip(summaries, validation.kept))
     say(f"done in {format_duration(wall_s)}: ensemble of {len(members)}, validation accuracy "
-        f"{scored['accuracy']:.4f}, macro-F1 {scored['macro_f1']:.4f} (members: {each}); files in {out}")
+        f"{scored['accuracy']:.4f}, macro-F1 {scored['macro_f1']:.4f} (members alone: {each}); files in {out}")
     return summary
