@@ -326,9 +326,10 @@ class FinetuneConfig:
                              "or a checkpoint folder")
     seed: int = opt(0, help="seed for initialization, data order and augmentation")
     split_seed: int | None = opt(None, help="seed of the stratified --val-fraction split (default: --seed)")
-    members: str = opt("auto", help="fine-tune this many times with seeds --seed, --seed+1, ... and keep the "
-                       "ensemble that averages their probabilities (auto: a budgetlm GPT body trains another "
-                       "member while the time left is at least 3/4 of the first member's, up to 4; else 1)")
+    members: str = opt("auto", help="fine-tune this many times with seeds --seed, --seed+1, ... and keep, as one "
+                       "model, the ensemble of those that raise its validation score (auto: a budgetlm GPT body "
+                       "trains another member while the time left is at least 3/4 of the first member's, up to 4; "
+                       "else 1)")
     threads: int | None = opt(None, low=1, help="CPU threads for PyTorch (default: the machine's cores)")
 
 
