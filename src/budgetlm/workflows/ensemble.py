@@ -63,6 +63,8 @@ def wanted(c: FinetuneConfig) -> bool:
 
 
 def run(c: FinetuneConfig, out: Path, *, quiet: bool = False) -> dict:
+    """Train members in OUT/members/K while --members and the budget allow, then save the kept ones
+    in `out` as one model; return the ensemble's summary."""
     from budgetlm.workflows import finetune
 
     asked = parse_members(c.members)
