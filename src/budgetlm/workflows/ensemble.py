@@ -29,7 +29,7 @@ from budgetlm.models.classifier import ClassifierConfig, Ensemble
 from budgetlm.train.checkpoint import atomic_write_bytes, load_model, save_model
 from budgetlm.train.classify import EVAL_BATCH, classification_tokenizer, encode_texts, predict_probs
 from budgetlm.train.runtime import pick_device, set_threads
-from budgetlm.workflows.pretrain import prepare_out, say
+from budgetlm.workflows.pretrain import parse_count, prepare_out, say
 
 MAX_AUTO_MEMBERS = 4
 # auto: another member when the time left is at least this share of the first member's time (a member
@@ -39,24 +39,11 @@ RESERVE_SHARE = 0.01  # of the budget, kept back for evaluating and saving the e
 PLAN = "members.json"
 
 
-def parse_members(text: str) -> int | None:
-    """The number --members asks for, or None for auto."""
-    if text == "auto":
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise UserError(f"--members {text!r}: give a whole number of at least 1, or auto")
-    return n
-
-
 def wanted(c: FinetuneConfig) -> bool:
     """Whether this run trains members: a number above 1, or auto for a budgetlm GPT body under a time
     budget (its epoch limit may leave time over; a Hugging Face encoder's member fills most of a usual
     budget — MiniLM 12 of 15 minutes on SST-2 — and a scratch model has no epoch limit)."""
-    n = parse_members(c.members)
+    n = parse_count(c.members, "--members", "members")
     if n is not None:
         return n > 1
     return bool(c.budget) and c.model != "scratch" and not c.model.startswith("hf:")
@@ -67,7 +54,7 @@ def run(c: FinetuneConfig, out: Path, *, quiet: bool = False) -> dict:
     in `out` as one model; return the ensemble's summary."""
     from budgetlm.workflows import finetune
 
-    asked = parse_members(c.members)
+    asked = parse_count(c.members, "--members", "members")
     if c.resume not in (None, "auto"):
         raise UserError("an ensemble resumes with --resume auto (each member from its own checkpoints)")
     prepare_out(out)
@@ -193,10 +180,9 @@ def assemble(c: FinetuneConfig, out: Path, validation: Validation, summaries: li
     # one member (the budget fitted no second, or no other helped) is saved as the plain classifier it is
     model = Ensemble(config, members).eval() if len(members) > 1 else members[0]
     labels = list(config.labels)
-    val_y = validation.y
     probs = np.mean(validation.probs, axis=0)  # what the ensemble's forward computes
-    scored = report(val_y, probs.argmax(1), labels)
-    val_loss = float(-np.mean(np.log(np.maximum(probs[np.arange(len(val_y)), val_y], 1e-12))))
+    scored = report(validation.y, probs.argmax(1), labels)
+    val_loss = -validation.score(probs, "val_loss")
 
     save_model(out, model, config.to_dict(), validation.tokenizers[0])  # a single member's config says members 1
     atomic_write_bytes(out / "confusion.json", json.dumps(
@@ -227,7 +213,7 @@ def assemble(c: FinetuneConfig, out: Path, validation: Validation, summaries: li
         "train_examples_before_augmentation": summaries[0]["train_examples_before_augmentation"],
         "val_examples": len(validation.texts),
         "labels": labels,
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": model.num_params(),
         "wall_s": round(wall_s, 2),
         "budget_s": total_s,
         "train_s": round(sum(s["train_s"] for s in summaries), 2),

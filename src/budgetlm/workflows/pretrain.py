@@ -180,8 +180,9 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         _check_same_run(snapshot, identity)
 
     model = GPT(mc).to(device)
-    if t.batch_tokens and t.batch_tokens != "auto":
-        batch_tokens = _positive_int(t.batch_tokens, "--batch-tokens")
+    asked_tokens = parse_count(t.batch_tokens, "--batch-tokens", "tokens") if t.batch_tokens else None
+    if asked_tokens is not None:
+        batch_tokens = asked_tokens
     elif planned is not None and mc.context == planned.context:
         batch_tokens = planned.batch_tokens
     else:
@@ -306,13 +307,16 @@ def _check_same_run(snapshot, identity: dict) -> None:
                         "or start a new --out")
 
 
-def _positive_int(text: str, flag: str) -> int:
+def parse_count(text: str, flag: str, unit: str) -> int | None:
+    """A flag that takes a positive whole number of `unit` or "auto" (None)."""
+    if text == "auto":
+        return None
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
-        raise UserError(f"{flag} {text!r}: give a positive number of tokens or auto")
+        raise UserError(f"{flag} {text!r}: give a positive number of {unit} or auto")
     return value
 
 
