@@ -108,7 +108,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) 
 # a far smaller share of the (4× higher) peak. The rate is held flat beyond the widest shape measured.
 CPU_EFFICIENCY = {
     "fp32": {64: 0.26, 96: 0.43, 128: 0.54, 192: 0.67, 256: 0.70, 384: 0.80},
-    "bf16": {64: 0.11, 96: 0.16, 128: 0.24, 192: 0.31, 256: 0.31, 384: 0.41},
+    "bf16": {64: 0.10, 96: 0.17, 128: 0.24, 192: 0.35, 256: 0.41, 384: 0.54},
 }
 
 

@@ -1,12 +1,10 @@
-import contextlib
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from budgetlm.models import blocks
-from budgetlm.models.blocks import Attention, Rotary, attention_kernel
+from budgetlm.models.blocks import Attention, Rotary, plain_attention, use_plain_attention
 
 
 def reference_attention(attn: Attention, x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
@@ -58,17 +56,34 @@ def test_attention_without_qk_norm_or_rotary_is_plain_causal_attention():
         assert torch.allclose(attn(x), expected, atol=1e-6)
 
 
-# bf16 on a CPU takes sdpa's plain math path for short sequences; it must agree with sdpa's own kernel
-def test_bf16_math_attention_agrees_with_sdpas_own_kernel(monkeypatch):
+# bf16 on a CPU writes attention out for short sequences; it must agree with sdpa's own kernel, forward and backward
+def test_bf16_plain_attention_agrees_with_sdpa(monkeypatch):
     torch.manual_seed(0)
-    attn = Attention(64, 2, causal=True).eval()
-    x = torch.randn(2, 40, 64)
+    attn = Attention(64, 2, causal=True)
+    x = torch.randn(2, 40, 64, requires_grad=True)
     rope = Rotary(32, 40).tables(0, 40, torch.bfloat16)
-    assert isinstance(attention_kernel(torch.zeros(1), 40), contextlib.nullcontext)  # fp32: sdpa's choice
-    assert not isinstance(attention_kernel(torch.zeros(1, dtype=torch.bfloat16), 40), contextlib.nullcontext)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        math_path = attn(x, rope=rope)
-        monkeypatch.setattr(blocks, "CPU_MATH_ATTENTION_MAX_LEN", 0)
-        own_kernel = attn(x, rope=rope)
-    assert math_path.dtype == torch.bfloat16
-    assert torch.allclose(math_path.float(), own_kernel.float(), atol=2e-2)
+    assert not use_plain_attention(torch.zeros(1), 40)  # fp32: sdpa
+    assert use_plain_attention(torch.zeros(1, dtype=torch.bfloat16), 40)
+    assert not use_plain_attention(torch.zeros(1, dtype=torch.bfloat16), 300)
+
+    def output_and_input_gradient():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = attn(x, rope=rope)
+        (gradient,) = torch.autograd.grad(y.float().square().sum(), x)
+        return y, gradient
+
+    plain, plain_grad = output_and_input_gradient()
+    monkeypatch.setattr(blocks, "CPU_PLAIN_ATTENTION_MAX_LEN", 0)
+    sdpa, sdpa_grad = output_and_input_gradient()
+    assert plain.dtype == torch.bfloat16
+    assert torch.allclose(plain.float(), sdpa.float(), atol=2e-2)
+    assert torch.allclose(plain_grad, sdpa_grad, atol=5e-2, rtol=5e-2)
+
+
+def test_plain_attention_is_causal_and_drops_out_only_when_asked():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.allclose(plain_attention(q, k, v, causal=True), expected, atol=1e-6)
+    assert not torch.allclose(plain_attention(q, k, v, causal=False), expected, atol=1e-3)
+    assert not torch.allclose(plain_attention(q, k, v, causal=True, dropout_p=0.5), expected, atol=1e-3)

@@ -54,9 +54,9 @@ def test_cached_generation_equals_uncached():
     assert len(cached) == 60
 
 
-def forward_in_chunks(model, x, cuts, dtype=torch.float32):
+def forward_in_chunks(model, x, cuts):
     """Logits of x fed through the KV cache in chunks ending at `cuts`, then the rest."""
-    caches = model.new_caches(x.shape[0], "cpu", dtype)
+    caches = model.new_caches(x.shape[0], "cpu")
     bounds = (0, *cuts, x.shape[1])
     return torch.cat([model(x[:, a:b], caches=caches) for a, b in zip(bounds, bounds[1:])], dim=1)
 
@@ -99,7 +99,7 @@ def test_bf16_weights_keep_fp32_rotary_tables_and_track_the_fp32_model():
         reference = model(x)
         model.cast_weights(torch.bfloat16)
         low = model(x)
-        stepped = forward_in_chunks(model, x, (12,), torch.bfloat16)
+        stepped = forward_in_chunks(model, x, (12,))
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert model.rotary.cos.dtype == torch.float32 and low.dtype == torch.bfloat16
     # bf16 keeps about 3 significant digits: close to fp32, far from exact

@@ -252,6 +252,38 @@ def test_orthogonalize_sends_singular_values_near_one():
         assert cosine > 0.95
 
 
+def test_orthogonalize_a_batch_equals_each_matrix_alone():
+    from budgetlm.train.muon import orthogonalize
+
+    batch = torch.randn(3, 40, 24, generator=torch.Generator().manual_seed(0))
+    together = orthogonalize(batch)
+    for matrix, result in zip(batch, together):
+        assert torch.allclose(result, orthogonalize(matrix), atol=1e-5)
+
+
+def test_muon_steps_matrices_of_one_shape_together_as_it_would_alone(monkeypatch):
+    from budgetlm.train import muon
+
+    torch.manual_seed(0)
+    weights = [torch.randn(16, 8), torch.randn(16, 8), torch.randn(16, 8), torch.randn(8, 8)]
+    grads = [torch.randn_like(w) for w in weights]
+
+    def stepped(params_per_optimizer):
+        params = [nn.Parameter(w.clone()) for w in weights]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        for chunk in params_per_optimizer(params):
+            muon.Muon(chunk, lr=0.02, weight_decay=0.1).step()
+        return [p.detach() for p in params]
+
+    alone = stepped(lambda params: [[p] for p in params])
+    monkeypatch.setattr(muon, "BATCH_ELEMENTS", 2 * 16 * 8)  # the three 16×8 in batches of two and one
+    together = stepped(lambda params: [params])
+    for a, b in zip(alone, together):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(together[0], weights[0])
+
+
 def test_muon_step_follows_its_rule_and_matches_torch():
     from budgetlm.train.muon import Muon, orthogonalize
 

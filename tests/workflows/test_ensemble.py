@@ -2,7 +2,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from budgetlm.errors import UserError
 from budgetlm.train.checkpoint import load_model

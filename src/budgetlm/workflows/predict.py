@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from budgetlm.data.labelled import LABELLED_SUFFIXES, read_rows
-from budgetlm.errors import UserError
+from budgetlm.errors import UserError, names
 from budgetlm.train.checkpoint import atomic_write_bytes, load_model, read_config
 from budgetlm.train.classify import (
     EVAL_BATCH,
@@ -63,7 +63,7 @@ def read_texts(path: str | Path, text_column: str) -> list[str]:
         raise UserError(f"{path}: give a .txt file (one text per line) or a {', '.join(LABELLED_SUFFIXES)} table")
     columns, rows = read_rows(path)
     if text_column not in columns:
-        raise UserError(f"{path}: no column {text_column!r} (columns: {', '.join(map(str, columns))}); "
+        raise UserError(f"{path}: no column {text_column!r} (columns: {names(columns)}); "
                         "choose one with --text-column")
     return ["" if row.get(text_column) is None else str(row[text_column]) for row in rows]
 
