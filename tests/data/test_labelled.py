@@ -37,7 +37,7 @@ def test_parquet(tmp_path):
 
 
 @pytest.mark.parametrize("content, fragments", [
-    ("text\tlabel\na\t1\nb\t0\n", ["no column 'sentence'", "text, label", "--text-column"]),
+    ("text\tlabel\na\t1\nb\t0\n", ["no column 'sentence'", "'text', 'label'", "--text-column"]),
     ("sentence\ty\na\t1\nb\t0\n", ["no column 'label'", "--label-column"]),
     ("sentence\tlabel\na\t1\nb\t\n", ["row 2", "empty label"]),
     ("sentence\tlabel\na\t1\nb\t1\n", ["every label is '1'", "two classes"]),
