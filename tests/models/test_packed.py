@@ -6,6 +6,7 @@ from torch import nn
 from budgetlm.models.gpt import GPT, GPTConfig
 from budgetlm.models.packed import PackedLinear, pack_linears, packing_available
 from budgetlm.models.sampling import generate
+from tests.models.test_gpt import forward_in_chunks
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(not packing_available(CPU, torch.float32), reason="no oneDNN packing here")
@@ -56,9 +57,8 @@ def test_bf16_packed_decoding_tracks_the_fp32_model():
     with torch.no_grad():
         reference = model(x)
         model.cast_weights(torch.bfloat16).pack_weights()
-        caches = model.new_caches(1, "cpu")
-        assert caches[0].k.dtype == torch.float32  # fp32 keys and values on a CPU (GPT.new_caches)
-        stepped = torch.cat([model(x[:, i : i + 1], caches=caches) for i in range(20)], dim=1)
+        assert model.new_caches(1, "cpu")[0].k.dtype == torch.float32  # fp32 keys and values on a CPU
+        stepped = forward_in_chunks(model, x, range(1, 20))  # one token at a time
     assert stepped.dtype == torch.bfloat16
     assert torch.allclose(stepped.float(), reference, atol=0.05)
 

@@ -19,6 +19,11 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
             "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0))}
 
 
+def log_loss(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Mean negative log-probability of the true class (nats), each probability floored at 1e-12."""
+    return float(-np.mean(np.log(np.maximum(probs[np.arange(len(y_true)), y_true], 1e-12))))
+
+
 def report(y_true: np.ndarray, y_pred: np.ndarray, labels: list[str]) -> dict:
     """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix
     (rows: true class, columns: predicted), every class of `labels` included."""

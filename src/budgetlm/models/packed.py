@@ -27,8 +27,7 @@ class PackedLinear(nn.Module):
         """Parameters passed in stay registered under their names (`weight`, `bias`); a plain tensor
         (a tied weight owned elsewhere) is only read."""
         super().__init__()
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.dtype = weight.dtype
+        self.dtype = weight.dtype  # read at every call: a plain attribute, not a lookup through the weight
         self.weight, self.bias = weight, bias
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
 
@@ -37,7 +36,8 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}"
+        out_features, in_features = self.weight.shape
+        return f"in_features={in_features}, out_features={out_features}, dtype={self.dtype}"
 
 
 def pack_linears(module: nn.Module) -> int:

@@ -24,7 +24,7 @@ from budgetlm.budget import format_duration, parse_duration
 from budgetlm.config import FinetuneConfig
 from budgetlm.data.labelled import LabelMap
 from budgetlm.errors import UserError
-from budgetlm.eval.classification import plot_confusion, report, scores
+from budgetlm.eval.classification import log_loss, plot_confusion, report, scores
 from budgetlm.models.classifier import ClassifierConfig, Ensemble
 from budgetlm.train.checkpoint import atomic_write_bytes, load_model, save_model
 from budgetlm.train.classify import EVAL_BATCH, classification_tokenizer, encode_texts, predict_probs
@@ -156,7 +156,7 @@ class Validation:
     def score(self, probs: np.ndarray, monitor: str) -> float:
         """`monitor` of these probabilities on the split, higher is better."""
         if monitor == "val_loss":
-            return float(np.mean(np.log(np.maximum(probs[np.arange(len(self.y)), self.y], 1e-12))))
+            return -log_loss(self.y, probs)
         predicted = probs.argmax(1)
         if monitor == "val_macro_f1":
             return scores(self.y, predicted)["macro_f1"]
@@ -182,7 +182,7 @@ def assemble(c: FinetuneConfig, out: Path, validation: Validation, summaries: li
     labels = list(config.labels)
     probs = np.mean(validation.probs, axis=0)  # what the ensemble's forward computes
     scored = report(validation.y, probs.argmax(1), labels)
-    val_loss = -validation.score(probs, "val_loss")
+    val_loss = log_loss(validation.y, probs)
 
     save_model(out, model, config.to_dict(), validation.tokenizers[0])  # a single member's config says members 1
     atomic_write_bytes(out / "confusion.json", json.dumps(

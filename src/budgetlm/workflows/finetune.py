@@ -26,7 +26,7 @@ from budgetlm.data.tokenizer import (
 )
 from budgetlm.data.tokens import content_hash
 from budgetlm.errors import UserError
-from budgetlm.eval.classification import plot_confusion, plot_training, report
+from budgetlm.eval.classification import log_loss, plot_confusion, plot_training, report
 from budgetlm.models.classifier import Classifier, ClassifierConfig, GPTBody
 from budgetlm.models.gpt import GPT, GPTConfig
 from budgetlm.models.lstm import LSTMConfig, LSTMEncoder, word_tokenizer
@@ -307,7 +307,7 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
     model.eval()
     probs = predict_probs(model, val_ids, EVAL_BATCH, device, model.pad_id)
     scored = report(np.asarray(val_y), probs.argmax(1), list(label_map.labels))
-    val_loss = float(-np.mean(np.log(np.maximum(probs[np.arange(len(val_y)), val_y], 1e-12))))
+    val_loss = log_loss(np.asarray(val_y), probs)
     save_model(out, model, mc.to_dict(), tokenizer)
     atomic_write_bytes(out / "confusion.json", json.dumps(
         {"labels": list(label_map.labels), "rows": "true label", "columns": "predicted label",
