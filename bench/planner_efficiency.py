@@ -17,7 +17,7 @@ import torch
 from budgetlm.models.gpt import GPT, GPTConfig
 from budgetlm.plan import LADDER, context_for, flops_per_token, matmul_peak
 from budgetlm.train.optim import build_optimizer
-from budgetlm.train.runtime import autocast, precision_dtype, set_threads
+from budgetlm.train.runtime import autocast, precision_dtype, setup_cpu
 
 VOCAB = 4096
 MICRO_BATCH = 8
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--max-width", type=int, default=384)
     ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args()
-    set_threads(None)
+    setup_cpu(None)
     rows = []
     for precision in args.precisions:
         dtype = precision_dtype(precision)

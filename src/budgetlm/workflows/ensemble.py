@@ -28,7 +28,7 @@ from budgetlm.eval.classification import log_loss, plot_confusion, report, score
 from budgetlm.models.classifier import ClassifierConfig, Ensemble
 from budgetlm.train.checkpoint import atomic_write_bytes, load_model, save_model
 from budgetlm.train.classify import EVAL_BATCH, classification_tokenizer, encode_texts, predict_probs
-from budgetlm.train.runtime import pick_device, set_threads
+from budgetlm.train.runtime import pick_device, setup_cpu
 from budgetlm.workflows.pretrain import parse_count, prepare_out, say
 
 MAX_AUTO_MEMBERS = 4
@@ -120,7 +120,7 @@ class Validation:
     def __init__(self, c: FinetuneConfig):
         from budgetlm.workflows.finetune import load_data
 
-        set_threads(c.threads)
+        setup_cpu(c.threads)
         self.device = pick_device(c.device)
         _, _, self.texts, self.labels = load_data(c)
         self.source = c.val or "the validation split"

@@ -48,7 +48,7 @@ from budgetlm.train.loop import FitConfig, fit
 from budgetlm.train.metrics import RunLog
 from budgetlm.train.optim import build_optimizer, parse_optim_args
 from budgetlm.train.resume import Checkpoints, find_resume
-from budgetlm.train.runtime import Runtime, pick_device, pick_precision, set_threads
+from budgetlm.train.runtime import Runtime, pick_device, pick_precision, setup_cpu
 from budgetlm.train.schedule import Schedule
 from budgetlm.train.signals import GracefulStop
 from budgetlm.workflows.pretrain import (
@@ -210,7 +210,7 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
     snapshot = find_resume(c.resume, out, needs=("tokenizer.json", "config.json"), warn=say)
     if snapshot is not None:
         budget.spent_s = snapshot.meta["spent_s"]
-    threads = set_threads(c.threads)
+    threads = setup_cpu(c.threads)
     torch.manual_seed(c.seed)
     device = pick_device(c.device)
     precision = pick_precision(c.precision, device)

@@ -12,7 +12,7 @@ from budgetlm.data.tokenizer import eot_id
 from budgetlm.errors import UserError
 from budgetlm.models.sampling import generate
 from budgetlm.train.checkpoint import load_language_model
-from budgetlm.train.runtime import pick_device, pick_precision, precision_dtype, set_threads
+from budgetlm.train.runtime import pick_device, pick_precision, precision_dtype, setup_cpu
 
 
 def run(model_dir: str, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
@@ -24,7 +24,7 @@ def run(model_dir: str, prompt: str, *, max_new_tokens: int = 200, temperature: 
         raise UserError("--temperature must be 0 (greedy) or more")
     if top_p is not None and not 0 < top_p <= 1:
         raise UserError("--top-p must be in (0, 1]")
-    set_threads()
+    setup_cpu()
     dev = pick_device(device)
     model, _, tokenizer = load_language_model(model_dir, dev, "generate text")
     precision = pick_precision(precision, dev)

@@ -33,7 +33,7 @@ from budgetlm.train.runtime import (
     Runtime,
     pick_device,
     pick_precision,
-    set_threads,
+    setup_cpu,
     should_compile,
 )
 from budgetlm.train.schedule import Schedule
@@ -141,7 +141,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     snapshot = find_resume(t.resume, out, needs=("tokenizer.json",), warn=say)
     if snapshot is not None:
         budget.spent_s = snapshot.meta["spent_s"]
-    threads = set_threads(t.threads)
+    threads = setup_cpu(t.threads)
     torch.manual_seed(t.seed)
     device = pick_device(t.device)
     precision = pick_precision(t.precision, device)
