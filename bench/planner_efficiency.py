@@ -17,7 +17,8 @@ import torch
 from budgetlm.models.gpt import GPT, GPTConfig
 from budgetlm.plan import LADDER, context_for, flops_per_token, matmul_peak
 from budgetlm.train.optim import build_optimizer
-from budgetlm.train.runtime import autocast, precision_dtype, setup_cpu
+from budgetlm.train.runtime import precision_dtype, setup_cpu
+from common import training_step
 
 VOCAB = 4096
 MICRO_BATCH = 8
@@ -31,14 +32,7 @@ def tokens_per_s(n_layer: int, d_model: int, n_head: int, precision: str, steps:
     x = torch.randint(0, VOCAB, (MICRO_BATCH, context))
     y = torch.randint(0, VOCAB, (MICRO_BATCH, context))
 
-    def step():
-        with autocast(torch.device("cpu"), precision):
-            loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = training_step(model, lambda: model(x, y), optimizer, torch.device("cpu"), precision)
     for _ in range(2):
         step()
     started = time.perf_counter()

@@ -55,8 +55,8 @@ def worker(which: str, steps: int, precision: str, compile_mode: str) -> dict:
     """Train `steps` timed steps (after 2 warm-up steps) and report tokens/s; runs in a subprocess."""
     from budgetlm.models.gpt import GPT, GPTConfig
     from budgetlm.train.optim import build_optimizer
-    from budgetlm.train.runtime import (autocast, keep_freed_memory, pick_device, pick_precision, set_threads,
-                                        should_compile)
+    from budgetlm.train.runtime import keep_freed_memory, pick_device, pick_precision, set_threads, should_compile
+    from common import training_step
 
     set_threads(None)
     if which != "hf":  # budgetlm's own process setup (runtime.setup_cpu); "hf" runs as it does out of the box
@@ -86,14 +86,7 @@ def worker(which: str, steps: int, precision: str, compile_mode: str) -> dict:
     x = torch.randint(0, s["vocab_size"], (s["micro_batch"], s["context"]), device=device)
     y = torch.randint(0, s["vocab_size"], (s["micro_batch"], s["context"]), device=device)
 
-    def step():
-        with autocast(device, precision):
-            loss = step_loss(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = training_step(model, lambda: step_loss(x, y), optimizer, device, precision)
     started = time.perf_counter()
     for _ in range(2):
         step()

@@ -96,10 +96,11 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30) -> bool:
     """Tell glibc's malloc to keep freed memory for the next allocation instead of handing it back to
-    the OS. By default it serves tensors of a few MB and up from fresh mmap pages and unmaps them when
-    freed, so every training step page-faults its working set anew: about 40,000 faults a step at the
-    benchmark's reference shape, some 3 µs each in a VM (measured), 10-15% of the step. The process
-    keeps its peak memory instead. True where the setting took (Linux with glibc)."""
+    the OS. By default it maps large tensors afresh and gives a freed heap top back once it exceeds 64 MB
+    at most, so a training step, which frees more than that at its end, page-faults its activations in
+    anew every step: about 40,000 faults a step at the benchmark's reference shape, about 3 µs each in a
+    VM; without them 4-55% more tokens/s in alternating runs (docs/performance.md). The process keeps its peak memory
+    instead. True where the setting took (Linux with glibc)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
