@@ -163,11 +163,11 @@ def main() -> None:
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from budgetlm.train.runtime import keep_freed_memory
-
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.precision, args.compile)))
         return
+
+    from budgetlm.train.runtime import keep_freed_memory
 
     keep_freed_memory()  # as `budgetlm generate` does, for the generation figures
     # The peaks are measured again in every round: this machine's speed drifted by 2x within an hour, so a
@@ -176,14 +176,16 @@ def main() -> None:
     runs: dict[str, list[dict]] = {which: [] for which in WORKERS}
     for r in range(args.rounds):
         peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-        print(f"round {r + 1} matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s", flush=True)
+        print(f"round {r + 1} matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s",
+              flush=True)
         for which in WORKERS:
             cmd = [sys.executable, __file__, "--worker", which, "--steps", str(args.steps),
                    "--precision", args.precision, "--compile", args.compile]
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             result = json.loads(done.stdout.strip().splitlines()[-1])
             runs[which].append(result)
-            print(f"round {r + 1} {which:14s} {result['tokens_per_s']:8.0f} tok/s  peak {result['peak_memory_mb']:.0f} MB"
+            print(f"round {r + 1} {which:14s} {result['tokens_per_s']:8.0f} tok/s"
+                  f"  peak {result['peak_memory_mb']:.0f} MB"
                   f"  ({result['precision']}, {'compiled' if result['compiled'] else 'eager'})", flush=True)
         ours_r = runs["budgetlm"][-1]
         precision = ours_r["precision"]
@@ -199,9 +201,9 @@ def main() -> None:
     gen = generation_speed()
     report = {
         "machine": f"{machine_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "shape": SHAPE, "rounds": rounds, "matmul_peak_gflops": peaks, "budgetlm": runs["budgetlm"], "hf_llama": runs["hf"],
-        "hf_kept_memory": runs["hf_kept_memory"], "budgetlm_tokens_per_s": ours, "hf_tokens_per_s": theirs,
-        "ratio_vs_hf": ours / theirs, "hf_kept_memory_tokens_per_s": theirs_kept,
+        "shape": SHAPE, "rounds": rounds, "matmul_peak_gflops": peaks, "budgetlm": runs["budgetlm"],
+        "hf_llama": runs["hf"], "hf_kept_memory": runs["hf_kept_memory"], "budgetlm_tokens_per_s": ours,
+        "hf_tokens_per_s": theirs, "ratio_vs_hf": ours / theirs, "hf_kept_memory_tokens_per_s": theirs_kept,
         "ratio_vs_hf_kept_memory": ours / theirs_kept,
         "budgetlm_model_gflops": gflops, "mfu_vs_bf16_peak": mfu_bf16, "mfu_vs_peak_of_precision_used": mfu_own,
         "generation": gen,
@@ -212,9 +214,9 @@ def main() -> None:
             of_peaks += f", {mfu_own:.0%} of the {precision} peak"
     else:  # a bf16 "peak" below fp32's is emulation, not a hardware limit to compare with
         of_peaks = f"{mfu_own:.0%} of the {precision} peak; bf16 is emulated on this CPU"
-    print(f"budgetlm {ours:.0f} tok/s ({gflops:.0f} GFLOP/s: {of_peaks}, medians of the rounds) vs HF Llama {theirs:.0f} tok/s: "
-          f"ratio {ours / theirs:.2f}; vs HF with freed memory kept as budgetlm keeps it {theirs_kept:.0f} tok/s: "
-          f"ratio {ours / theirs_kept:.2f}")
+    print(f"budgetlm {ours:.0f} tok/s ({gflops:.0f} GFLOP/s: {of_peaks}, medians of the rounds) "
+          f"vs HF Llama {theirs:.0f} tok/s: ratio {ours / theirs:.2f}; "
+          f"vs HF with freed memory kept as budgetlm keeps it {theirs_kept:.0f} tok/s: ratio {ours / theirs_kept:.2f}")
     print(f"generation at 256 new tokens ({gen['precision']}): cached {gen['cached']:.0f} tok/s, "
           f"uncached {gen['uncached']:.0f} tok/s ({gen['speedup']:.1f}x); fp32: cached {gen['fp32_cached']:.0f}, "
           f"uncached {gen['fp32_uncached']:.0f}")

@@ -99,8 +99,8 @@ def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 <
     the OS. By default it maps large tensors afresh and gives a freed heap top back once it exceeds 64 MB
     at most, so a training step, which frees more than that at its end, page-faults its activations in
     anew every step: about 40,000 faults a step at the benchmark's reference shape, about 3 µs each in a
-    VM; without them 4-55% more tokens/s in alternating runs (docs/performance.md). The process keeps its peak memory
-    instead. True where the setting took (Linux with glibc)."""
+    VM; without them 4-55% more tokens/s in alternating runs (docs/performance.md). The process keeps
+    its peak memory instead. True where the setting took (Linux with glibc)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
