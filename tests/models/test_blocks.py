@@ -87,3 +87,37 @@ def test_plain_attention_is_causal_and_drops_out_only_when_asked():
     assert torch.allclose(plain_attention(q, k, v, causal=True), expected, atol=1e-6)
     assert not torch.allclose(plain_attention(q, k, v, causal=False), expected, atol=1e-3)
     assert not torch.allclose(plain_attention(q, k, v, causal=True, dropout_p=0.5), expected, atol=1e-3)
+
+
+# --- dropout with a mask drawn four elements at a time ------------------------------------------------
+
+def test_cpu_dropout_drops_the_rate_keeps_the_expectation_and_its_gradient_is_the_mask():
+    torch.manual_seed(0)
+    drop = blocks.Dropout(0.1).train()
+    x = torch.ones(400_000, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.003  # 4 standard errors at 400k draws
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - round(0.1 * 65536) / 65536)))
+    assert abs(y.mean().item() - 1.0) < 0.005
+    # each of the four 16-bit lanes of a random word drops at the rate: no lane is biased
+    lanes = kept.view(-1, 4).float().mean(0)
+    assert torch.all((lanes - 0.9).abs() < 0.005), lanes
+    # neighbours are dropped independently (two lanes of one word, and two words)
+    pairs = kept.view(-1, 2).float()
+    assert abs((pairs[:, 0] * pairs[:, 1]).mean().item() - 0.81) < 0.005
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept)
+
+
+def test_cpu_dropout_follows_the_seed_keeps_dtype_and_shape_and_is_identity_in_eval():
+    drop = blocks.Dropout(0.25).train()
+    x = torch.randn(3, 5, 7, dtype=torch.bfloat16)
+    torch.manual_seed(1)
+    first = drop(x)
+    torch.manual_seed(1)
+    assert torch.equal(drop(x), first)
+    assert first.dtype == torch.bfloat16 and first.shape == x.shape
+    assert not torch.equal(drop(x), first)  # a fresh mask at the next call
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(blocks.Dropout(1.0).train()(x), torch.zeros_like(x))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from budgetlm.models.blocks import Block, KVCache, RMSNorm, Rotary, compute_dtype, init_weights
+from budgetlm.models.blocks import Block, Dropout, KVCache, RMSNorm, Rotary, compute_dtype, init_weights
 from budgetlm.models.loss import linear_cross_entropy
 from budgetlm.models.packed import PackedLinear, pack_linears, packing_available
 
@@ -48,7 +48,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = c = config
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
-        self.drop = nn.Dropout(c.dropout) if c.dropout > 0 else nn.Identity()
+        self.drop = Dropout(c.dropout) if c.dropout > 0 else nn.Identity()
         self.rotary = Rotary(c.d_model // c.n_head, c.context, c.rope_base)
         self.blocks = nn.ModuleList(
             Block(c.d_model, c.n_head, c.mlp_hidden, causal=True, mlp=c.mlp, dropout=c.dropout,

@@ -31,13 +31,17 @@ class LinearCrossEntropy(torch.autograd.Function):
             h, t = hidden[start : start + block], targets[start : start + block]
             valid = t != -100
             index = t.clamp(min=0)[:, None]
+            # softmax written out so that exp runs once over the block, in place: logsumexp would take its
+            # own exp of a copy of the logits
             logits = (h @ weight.T).to(wide)
-            log_norm = torch.logsumexp(logits, dim=-1)
-            total += ((log_norm - logits.gather(1, index).squeeze(1)) * valid).sum()
+            shifted = logits.sub_(logits.amax(dim=-1, keepdim=True))
+            target = shifted.gather(1, index).squeeze(1)
+            grad = shifted.exp_()
+            norm = grad.sum(dim=-1)
+            total += ((norm.log() - target) * valid).sum()
             # d(loss)/d(logits) = softmax - one-hot, zero on ignored rows
-            grad = logits.sub_(log_norm[:, None]).exp_()
-            grad.scatter_add_(1, index, torch.full_like(index, -1, dtype=grad.dtype))
-            grad.mul_(valid[:, None])
+            grad.mul_((valid / norm)[:, None])
+            grad.scatter_add_(1, index, -valid[:, None].to(grad.dtype))
             grad = grad.to(hidden.dtype)
             grad_hidden[start : start + block] = grad @ weight
             grad_weight += grad.T @ h
