@@ -294,6 +294,9 @@ class FinetuneConfig:
     layer_lr_decay: float | None = opt(None, above=0, high=1, help="learning-rate factor per layer below the head "
                                        "(default 0.9 for a pretrained body, 1 = off from scratch)")
     freeze_steps: int = opt(0, low=0, help="train only the head for this many optimizer steps, then everything")
+    freeze_embeddings: bool = opt(False, help="keep the body's token-embedding table as loaded (GPT: also its tied "
+                                  "output head): fewer weights to fit to a small labelled set, and no update for "
+                                  "the largest matrix")
     ema: float | None = opt(None, low=0, high=0.99999, help="evaluate and keep a moving average of the weights "
                             "with this decay per step (0: the raw weights; default 0.999 for a GPT body, else 0)")
     lm_weight: float | None = opt(None, low=0, help="GPT body: add this weight times its next-token loss on the "

@@ -139,6 +139,18 @@ def test_frozen_body_gets_no_gradient_until_freeze_steps():
         assert model.head.out.weight.grad is not None
 
 
+def test_an_embedding_frozen_for_the_run_stays_frozen_when_the_body_thaws():
+    seqs, labels = seqs_and_labels()
+    model = tiny_model()
+    model.body.token_embedding().requires_grad_(False)
+    task = ClassificationTask(seqs, labels, seqs, labels, micro_batch=8, body=model.body, freeze_steps=1)
+    for step, body_frozen in ((0, True), (1, False)):
+        model.zero_grad(set_to_none=True)
+        task.loss(model, task.batch(step, 0)).backward()
+        assert model.body.gpt.embed.weight.grad is None
+        assert (model.body.gpt.blocks[0].mlp_norm.weight.grad is None) == body_frozen
+
+
 def test_layer_decay_scales_each_layer_below_the_head():
     model = tiny_model()
     optimizer = build_optimizer(model, "adamw", lr=1e-3, weight_decay=0.01, device=CPU)

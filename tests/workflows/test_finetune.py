@@ -126,13 +126,19 @@ def test_lstm_with_the_bpe_tokenizer(toy, tmp_path):
     assert len(predict.run(out, texts=["a superb movie", ""])) == 2
 
 
-def test_a_pretrained_gpt_body_stays_untouched_while_frozen(play_file, tmp_path, toy):
+@pytest.fixture
+def pretrained(play_file, tmp_path) -> Path:
+    """A one-layer budgetlm GPT pretrained for three steps: a body to fine-tune."""
     from budgetlm.cli import main
 
-    pretrained = tmp_path / "pretrained"
-    assert main(["pretrain", "--data", str(play_file), "--max-steps", "3", "--out", str(pretrained), "--n-layer", "1",
+    folder = tmp_path / "pretrained"
+    assert main(["pretrain", "--data", str(play_file), "--max-steps", "3", "--out", str(folder), "--n-layer", "1",
                  "--d-model", "32", "--n-head", "1", "--context", "64", "--vocab-size", "300", "--compile", "off",
                  "--quiet"]) == 0
+    return folder
+
+
+def test_a_pretrained_gpt_body_stays_untouched_while_frozen(pretrained, tmp_path, toy):
     train, dev = toy
     out = tmp_path / "run"
     finetune.run(config(train, dev, model=str(pretrained), max_steps=3, freeze_steps=3, layer_lr_decay=0.8), out,
@@ -142,12 +148,17 @@ def test_a_pretrained_gpt_body_stays_untouched_while_frozen(play_file, tmp_path,
     assert json.loads((out / "config.json").read_text())["body_config"]["d_model"] == 32
 
 
-def test_a_pretrained_body_stops_after_three_epochs_unless_told(play_file, tmp_path, toy):
-    from budgetlm.cli import main
+def test_frozen_embeddings_keep_the_pretrained_table_and_train_the_rest(pretrained, tmp_path, toy):
+    train, dev = toy
+    out = tmp_path / "run"
+    finetune.run(config(train, dev, model=str(pretrained), max_steps=3, freeze_embeddings=True, ema=0.0), out,
+                 quiet=True)
+    before, after = load_file(pretrained / "model.safetensors"), load_file(out / "model.safetensors")
+    assert after["body.gpt.embed.weight"].equal(before["embed.weight"])
+    assert not all(after[f"body.gpt.{k}"].equal(v) for k, v in before.items() if k != "embed.weight")
 
-    pretrained = tmp_path / "pretrained"
-    assert main(["pretrain", "--data", str(play_file), "--max-steps", "2", "--out", str(pretrained), "--n-layer", "1",
-                 "--d-model", "32", "--n-head", "1", "--context", "64", "--vocab-size", "300", "--quiet"]) == 0
+
+def test_a_pretrained_body_stops_after_three_epochs_unless_told(pretrained, tmp_path, toy):
     train, dev = toy
     capped = finetune.run(config(train, dev, model=str(pretrained), max_steps=None), tmp_path / "a", quiet=True)
     assert capped["stop_reason"] == "max_tokens" and capped["epochs"] == pytest.approx(3, abs=0.1)

@@ -76,6 +76,9 @@ class GPTBody(nn.Module):
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         return self.gpt.loss(hidden[:, :-1], targets)
 
+    def token_embedding(self) -> nn.Module:
+        return self.gpt.embed
+
     def layers(self) -> list[list[nn.Parameter]]:
         blocks = [list(b.parameters()) for b in self.gpt.blocks]
         blocks[-1] += list(self.gpt.norm.parameters())

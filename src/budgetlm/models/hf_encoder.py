@@ -71,6 +71,9 @@ class HFEncoder(nn.Module):
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
 
+    def token_embedding(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
     def layers(self) -> list[list[nn.Parameter]]:
         """Embeddings (and whatever else lies outside the stack of layers) first, then each layer.
         The stack is the module list as long as the config's num_hidden_layers."""

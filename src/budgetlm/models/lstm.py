@@ -67,5 +67,8 @@ class LSTMEncoder(nn.Module):
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=ids.shape[1])
         return out
 
+    def token_embedding(self) -> nn.Module:
+        return self.embed
+
     def layers(self) -> list[list[nn.Parameter]]:
         return [list(self.embed.parameters()), list(self.lstm.parameters())]

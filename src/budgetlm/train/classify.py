@@ -125,6 +125,8 @@ class ClassificationTask:
         self.micro_batch, self.micro_steps = micro_batch, micro_steps
         self.label_smoothing, self.pad_id, self.device = label_smoothing, pad_id, device
         self.body, self.freeze_steps, self.lm_weight, self.prior = body, freeze_steps, lm_weight, prior
+        # what the body trains once unfrozen: parameters frozen for the whole run stay frozen
+        self.body_trainable = [p for p in body.parameters() if p.requires_grad] if body is not None else []
         self.sampler = LengthBucketSampler(np.array([len(s) for s in train]), micro_batch, seed)
         self.eval_batches = self._eval_plan(np.array([len(s) for s in val]), eval_batch, seed)
 
@@ -146,7 +148,8 @@ class ClassificationTask:
 
     def batch(self, step: int, micro: int) -> tuple[torch.Tensor, ...]:
         if self.body is not None and self.freeze_steps and micro == 0:
-            self.body.requires_grad_(step >= self.freeze_steps)
+            for p in self.body_trainable:
+                p.requires_grad_(step >= self.freeze_steps)
         rows = self.sampler.batch_at(step * self.micro_steps + micro)
         ids, mask = collate([self.train[i] for i in rows], self.pad_id)
         return ids, mask, torch.from_numpy(self.train_labels[rows])

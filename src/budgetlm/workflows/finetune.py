@@ -247,6 +247,8 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
                               extra={"settings": settings})
         model = Classifier(mc, body)
     model.to(device)
+    if c.freeze_embeddings:
+        model.body.token_embedding().requires_grad_(False)  # before the optimizer, which then leaves it out
     train_ids, val_ids = encode_texts(tokenizer, train_texts), encode_texts(tokenizer, val_texts)
 
     micro_batch = min(c.micro_batch or c.batch_size, c.batch_size)
