@@ -48,8 +48,8 @@ def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 class Dropout(nn.Dropout):
     """nn.Dropout with a mask drawn four elements at a time on a CPU in eager mode.
 
-    PyTorch's CPU dropout draws one random number per element (bernoulli_, about 8 ns each here: 9% of a
-    training step of a 4×128 GPT); this draws 64 random bits and cuts them into four 16-bit lanes, each
+    PyTorch's CPU dropout draws one random number per element (bernoulli_, about 8 ns each here: 14 ms of a
+    130 ms training step of a 4×128 GPT); this draws 64 random bits and cuts them into four 16-bit lanes, each
     compared with the rate, so the rate is rounded to a multiple of 1/65536 and the kept values are scaled
     by that rate's 1/(1-p). About half the time of F.dropout, forward and backward (docs/performance.md).
     Elsewhere (GPU, torch.compile, which draws its own masks inside fused kernels) it is nn.Dropout."""
