@@ -52,6 +52,20 @@ def test_dropout_is_planned_only_when_the_budget_repeats_the_corpus_many_times()
     assert small_corpus.expected_epochs > planner.REPEATS_BEFORE_DROPOUT and small_corpus.dropout > 0
     assert small_corpus.expected_epochs == pytest.approx(small_corpus.expected_tokens / 300_000, rel=1e-3)
     assert "dropout" in small_corpus.describe() and "dropout" not in big_corpus.describe()
+    assert big_corpus.bpe_dropout == 0 and small_corpus.bpe_dropout > 0
+    assert small_corpus.expected_epochs > planner.REPEATS_BEFORE_BPE_DROPOUT
+    assert "BPE-dropout" in small_corpus.describe()
+    # between the two thresholds: dropout in the model, the text as it is
+    middling = plan(300, train_tokens=600_000, vocab=2048, device=CPU, precision="fp32", peak_flops=PEAK)
+    assert planner.REPEATS_BEFORE_DROPOUT < middling.expected_epochs <= planner.REPEATS_BEFORE_BPE_DROPOUT
+    assert middling.dropout > 0 and middling.bpe_dropout == 0
+
+
+def test_bpe_passes_follow_the_epochs_the_run_will_read():
+    assert planner.bpe_passes(3.2) == 3  # the clean pass and three noisy ones: 4 for 3.2 epochs
+    assert planner.bpe_passes(1.5) == 1
+    assert planner.bpe_passes(400) == planner.MAX_BPE_PASSES
+    assert planner.bpe_passes(None) == planner.MAX_BPE_PASSES
 
 
 def test_predicted_loss_falls_with_data_and_repeats_are_discounted():

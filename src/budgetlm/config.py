@@ -51,6 +51,11 @@ class DataConfig:
     text_column: str | None = opt(None, help="column of .csv/.tsv/.parquet files holding the text")
     tokenizer: str | None = opt(None, help="a tokenizer.json to use instead of training one")
     vocab_size: int | None = opt(None, low=258, help="BPE vocabulary size (default: from the corpus size)")
+    bpe_dropout: float | None = opt(None, low=0, high=0.9, help="train on the text re-segmented with BPE merges "
+                                    "skipped at this rate (default: planned, 0.1 when the budget repeats the text "
+                                    "more than 6 times, else 0)")
+    bpe_passes: int | None = opt(None, low=1, help="re-segmented copies of the training text for --bpe-dropout "
+                                 "(default: one per expected epoch after the first, at most 4)")
 
 
 @dataclass

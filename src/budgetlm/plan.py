@@ -37,6 +37,13 @@ STEPS_TARGET = 2000      # optimizer steps a run should get: small budgets need 
 # dropout 0.1 reached 2.087 bpb against 2.141 without (docs/planner.md).
 REPEATS_BEFORE_DROPOUT = 4.0
 REPEAT_DROPOUT = 0.1
+# Further on, the training text is also re-segmented by BPE-dropout (data/tokens.py): at 8.9 epochs
+# (tinyshakespeare, 5 minutes) 2.086 → 2.040–2.057 bpb with 4 noisy passes, while at 4.2 epochs (the
+# SST-2 sentences, 10 minutes) it cost 0.99 → 1.17 (docs/planner.md); the threshold lies between.
+# 8 and 10 passes and rate 0.2 were no better. Each pass is a copy of the token stream.
+REPEATS_BEFORE_BPE_DROPOUT = 6.0
+REPEAT_BPE_DROPOUT = 0.1
+MAX_BPE_PASSES = 4
 
 
 @dataclass
@@ -51,9 +58,17 @@ class Plan:
     peak_flops: float
     expected_epochs: float
     dropout: float
+    bpe_dropout: float = 0.0
+
+    @property
+    def bpe_passes(self) -> int:
+        return bpe_passes(self.expected_epochs)
 
     def describe(self) -> str:
-        regularized = f", dropout {self.dropout:g} against memorizing" if self.dropout else ""
+        against = [f"dropout {self.dropout:g}"] if self.dropout else []
+        if self.bpe_dropout:
+            against.append(f"BPE-dropout {self.bpe_dropout:g}")
+        regularized = f", {' and '.join(against)} against memorizing" if against else ""
         return (f"planned {self.n_layer}×{self.d_model} at context {self.context}, batch {self.batch_tokens} tokens, "
                 f"about {self.expected_tokens / 1e6:.1f}M training tokens ({self.expected_epochs:.1f} epochs) in the "
                 f"budget{regularized} (matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s)")
@@ -164,5 +179,15 @@ def plan(budget_s: float, *, train_tokens: int, vocab: int, device: torch.device
     batch = max(micro * context, 2 ** round(math.log2(max(tokens / STEPS_TARGET, 1))))
     batch = micro * context * max(1, round(batch / (micro * context)))
     epochs = tokens / max(train_tokens, 1)
-    dropout = REPEAT_DROPOUT if epochs > REPEATS_BEFORE_DROPOUT else 0.0
-    return Plan(n_layer, d_model, n_head, context, batch, micro, int(tokens), peak, epochs, dropout)
+    return Plan(n_layer, d_model, n_head, context, batch, micro, int(tokens), peak, epochs,
+                REPEAT_DROPOUT if epochs > REPEATS_BEFORE_DROPOUT else 0.0,
+                REPEAT_BPE_DROPOUT if epochs > REPEATS_BEFORE_BPE_DROPOUT else 0.0)
+
+
+def bpe_passes(expected_epochs: float | None) -> int:
+    """Noisy passes of BPE-dropout for a run expected to read its text `expected_epochs` times
+    (None: not known): one per epoch after the first, rounded up, so the stream is about as long
+    as what the run reads."""
+    if expected_epochs is None:
+        return MAX_BPE_PASSES
+    return int(min(MAX_BPE_PASSES, max(1, math.ceil(expected_epochs) - 1)))

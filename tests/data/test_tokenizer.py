@@ -1,7 +1,8 @@
 import numpy as np
 
 from budgetlm.data.tokenizer import EOT, default_vocab_size, eot_id, train_tokenizer
-from budgetlm.data.tokens import WindowSampler, cached_tokens, eval_windows
+from budgetlm.data.tokens import (WindowSampler, bpe_dropout_tokens, cached_tokens, eval_windows, line_pieces,
+                                  supports_bpe_dropout)
 
 
 def test_round_trip_any_text(play_text):
@@ -27,6 +28,52 @@ def test_token_cache_is_reused(play_text, tmp_path):
     assert first.dtype == np.uint16
     assert first[0] == eot_id(tok)
     assert tok.decode(first[1:].tolist()) == play_text
+
+
+def documents_of(tok, stream):
+    """The texts a stream holds: its runs between document separators, decoded."""
+    sep = eot_id(tok)
+    cuts = [i for i, t in enumerate(stream.tolist()) if t == sep] + [len(stream)]
+    return [tok.decode(stream[a + 1 : b].tolist()) for a, b in zip(cuts, cuts[1:])]
+
+
+def test_bpe_dropout_respells_the_text_in_smaller_pieces(play_text):
+    tok = train_tokenizer([play_text], 512)
+    assert supports_bpe_dropout(tok)
+    texts = [play_text[:20_000], play_text[20_000:40_000]]
+    clean = np.asarray(cached_tokens(texts, tok, "train"))
+    stream, drawn = bpe_dropout_tokens(texts, tok, clean, 0.1, 3, seed=0)
+    assert drawn
+    assert (np.asarray(stream[: len(clean)]) == clean).all()  # the clean pass comes first
+    assert documents_of(tok, stream) == texts * 4  # every pass spells the same texts
+    noisy = np.asarray(stream[len(clean):])
+    passes = np.split(noisy, np.flatnonzero(noisy == eot_id(tok))[::2][1:])
+    assert len(passes) == 3
+    assert all(len(p) > 1.03 * len(clean) for p in passes)  # skipped merges: more, smaller pieces
+    assert len({p.tobytes() for p in passes}) == 3  # each pass drawn anew
+    assert tok.model.dropout is None  # the caller's tokenizer is left deterministic
+
+
+def test_line_pieces_tokenize_exactly_as_the_whole_text(play_text):
+    tok = train_tokenizer([play_text], 512)
+    text = play_text[:30_000] + "\n\n  indented\nlast line\n"
+    pieces = line_pieces(text, size=700)
+    assert len(pieces) > 20 and "".join(pieces) == text
+    assert all(p.endswith("\n") for p in pieces[:-1])
+    joined = [i for p in pieces for i in tok.encode(p, add_special_tokens=False).ids]
+    assert joined == tok.encode(text, add_special_tokens=False).ids
+    assert line_pieces("short", size=700) == ["short"]
+
+
+def test_bpe_dropout_streams_are_kept_per_seed(play_text):
+    tok = train_tokenizer([play_text], 512)
+    texts = [play_text[:20_000]]
+    clean = np.asarray(cached_tokens(texts, tok, "train"))
+    first, _ = bpe_dropout_tokens(texts, tok, clean, 0.1, 2, seed=0)
+    again, drawn_again = bpe_dropout_tokens(texts, tok, clean, 0.1, 2, seed=0)
+    other, drawn_other = bpe_dropout_tokens(texts, tok, clean, 0.1, 2, seed=1)
+    assert not drawn_again and (np.asarray(first) == np.asarray(again)).all()
+    assert drawn_other and first.filename != other.filename
 
 
 def test_sampler_is_a_pure_function_of_seed_and_step():

@@ -137,3 +137,39 @@ def test_a_full_disk_while_saving_is_one_clear_error(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [], "no temporary file is left behind"
     with pytest.raises(UserError, match="could not save the model .* free space"):
         checkpoint.save_model(tmp_path / "out", torch.nn.Linear(2, 2), {}, None)
+
+
+def test_resuming_with_another_bpe_dropout_is_refused(play_file, tmp_path, env):
+    out = tmp_path / "run"
+    bpe = ["--bpe-dropout", "0.1", "--bpe-passes", "2"]
+    subprocess.run(command(play_file, out, "--max-steps", "10", "--save-every", "5", *bpe), env=env, check=True,
+                   capture_output=True)
+    done = subprocess.run(command(play_file, out, "--max-steps", "20", "--resume", "auto", "--bpe-dropout", "0.2",
+                                  "--bpe-passes", "2"), env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "BPE-dropout 0.1 over 2 passes, not 0.2 over 2" in done.stderr.splitlines()[-1]
+    resumed = subprocess.run(command(play_file, out, "--max-steps", "20", "--resume", "auto", *bpe), env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stderr
+    assert "no longer cached" not in resumed.stderr and "re-segmented" not in resumed.stderr
+
+
+def test_a_resumed_planned_run_keeps_its_first_plan(play_file, tmp_path, monkeypatch):
+    """The plan is made once for the whole budget: a resume, with less time left, must not plan
+    again (another shape could not continue the checkpoint)."""
+    from budgetlm.cli import main
+    from budgetlm.workflows import pretrain
+
+    out = tmp_path / "run"
+    planned = ["pretrain", "--data", str(play_file), "--out", str(out), "--budget", "2m", "--vocab-size", "400",
+               "--compile", "off", "--threads", "1", "--quiet", "--save-every", "3"]
+    assert main([*planned, "--max-steps", "3"]) == 0
+    first = json.loads((out / "summary.json").read_text())
+
+    def plan_again(*args, **kwargs):
+        raise AssertionError("a resumed run planned again")
+
+    monkeypatch.setattr(pretrain, "plan", plan_again)
+    assert main([*planned, "--max-steps", "6", "--resume", "auto"]) == 0
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["steps"] == 6 and resumed["model"] == first["model"]

@@ -51,10 +51,24 @@ def test_validation_shorter_than_one_context_window(tmp_path, play_text):
     (["--val-fraction", "2"], "val_fraction: 2.0 is out of range"),
     (["--lr", "-1"], "lr: -1.0 is out of range"),
     (["--d-model", "30", "--n-head", "4"], "not divisible"),
+    (["--bpe-dropout", "1.5"], "bpe_dropout: 1.5 is out of range"),
 ])
 def test_bad_values(tmp_path, play_text, args, fragment):
     (tmp_path / "t.txt").write_text(play_text)
     assert_one_line_error(budgetlm("pretrain", "--data", str(tmp_path / "t.txt"), *TINY, *args), fragment)
+
+
+def test_bpe_dropout_with_a_tokenizer_that_is_not_bpe(tmp_path, play_text):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([play_text], trainers.WordLevelTrainer(vocab_size=300, special_tokens=["[UNK]"]))
+    tok.save(str(tmp_path / "words.json"))
+    (tmp_path / "t.txt").write_text(play_text)
+    done = budgetlm("pretrain", "--data", str(tmp_path / "t.txt"), *TINY, "--tokenizer", str(tmp_path / "words.json"),
+                    "--bpe-dropout", "0.1")
+    assert_one_line_error(done, "--bpe-dropout needs a BPE tokenizer")
 
 
 def test_unknown_choice_is_rejected_by_the_parser(tmp_path):

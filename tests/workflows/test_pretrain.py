@@ -71,6 +71,22 @@ def test_seeded_runs_repeat(play_file, tmp_path):
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
+def test_bpe_dropout_trains_on_respelled_text_and_repeats_per_seed(play_file, tmp_path, capsys):
+    bpe = ["--bpe-dropout", "0.1", "--bpe-passes", "2", "--max-steps", "12", "--seed", "3"]
+    main(["pretrain", "--data", str(play_file), "--out", str(tmp_path / "a"), *[a for a in TINY if a != "--quiet"], *bpe])
+    assert "re-segmented the training text 2 times with BPE-dropout 0.1" in capsys.readouterr().err
+    main(["pretrain", "--data", str(play_file), "--out", str(tmp_path / "b"), *TINY, *bpe])
+    a, b = read_summary(tmp_path / "a"), read_summary(tmp_path / "b")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert a["bpe_dropout"] == 0.1 and a["bpe_passes"] == 2
+    # epochs count the text, not its three spellings: 12 steps of 512 tokens over the training tokens
+    text_tokens = a["tokens_seen"] / a["epochs"]
+    main(["pretrain", "--data", str(play_file), "--out", str(tmp_path / "c"), *TINY, "--max-steps", "12"])
+    c = read_summary(tmp_path / "c")
+    assert text_tokens == pytest.approx(c["tokens_seen"] / c["epochs"], rel=1e-3)
+    assert a["best_val_loss"] != c["best_val_loss"]
+
+
 def test_generate_prints_the_prompt_and_its_continuation(play_file, tmp_path):
     out = tmp_path / "run"
     main(["pretrain", "--data", str(play_file), "--max-steps", "20", "--out", str(out), *TINY])

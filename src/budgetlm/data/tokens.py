@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from budgetlm.data.tokenizer import eot_id
 
@@ -33,22 +33,59 @@ def content_hash(texts: list[str], *extra: str) -> str:
     return h.hexdigest()[:24]
 
 
-def encode_to_memmap(texts: list[str], tok: Tokenizer, path: Path) -> np.memmap:
-    """Tokenize documents into `path` (each document preceded by the separator) and map it.
-    Written to a temporary name and renamed, so a killed run never leaves a partial cache."""
+def encode_to_memmap(texts: list[str], tok: Tokenizer, path: Path, *, passes: int = 1,
+                     first: np.ndarray | None = None, in_pieces: bool = False) -> np.memmap:
+    """Tokenize documents into `path` (each document preceded by the separator), `passes` times
+    over and after the tokens `first` if given, and map it. `in_pieces`: long documents are cut
+    into pieces at line ends (`line_pieces`) so that `encode_batch` spreads one document over
+    the cores. Written to a temporary name and renamed, so a killed run never leaves a partial file."""
     vocab = tok.get_vocab_size()
     dtype = np.uint16 if vocab <= 65536 else np.uint32
     sep = eot_id(tok)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     with tmp.open("wb") as f:
-        for i in range(0, len(texts), ENCODE_CHUNK):
-            for enc in tok.encode_batch(texts[i : i + ENCODE_CHUNK], add_special_tokens=False):
-                f.write(np.asarray([sep, *enc.ids], dtype=dtype).tobytes())
+        if first is not None:
+            f.write(np.asarray(first, dtype=dtype).tobytes())
+        for _ in range(passes):
+            for i in range(0, len(texts), ENCODE_CHUNK):
+                for ids in _encode(tok, texts[i : i + ENCODE_CHUNK], in_pieces):
+                    f.write(np.asarray([sep, *ids], dtype=dtype).tobytes())
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return np.memmap(path, dtype=dtype, mode="r")
+
+
+def line_pieces(text: str, size: int = 1 << 16) -> list[str]:
+    """`text` cut into pieces of about `size` characters, each cut after a newline with a
+    non-space character on both sides: the byte-level pre-tokenizer splits there anyway, so the
+    pieces' tokens, joined, are the text's."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = text.find("\n", start + size)
+        while cut != -1 and not (cut + 1 < len(text) and not text[cut - 1].isspace() and not text[cut + 1].isspace()):
+            cut = text.find("\n", cut + 1)
+        if cut == -1:
+            break
+        pieces.append(text[start : cut + 1])
+        start = cut + 1
+    pieces.append(text[start:])
+    return pieces
+
+
+def _encode(tok: Tokenizer, docs: list[str], in_pieces: bool) -> list[list[int]]:
+    if not in_pieces:
+        return [enc.ids for enc in tok.encode_batch(docs, add_special_tokens=False)]
+    owners, pieces = [], []
+    for d, doc in enumerate(docs):
+        for piece in line_pieces(doc):
+            owners.append(d)
+            pieces.append(piece)
+    ids: list[list[int]] = [[] for _ in docs]
+    for d, enc in zip(owners, tok.encode_batch(pieces, add_special_tokens=False)):
+        ids[d].extend(enc.ids)
+    return ids
 
 
 def cached_tokens(texts: list[str], tok: Tokenizer, name: str) -> np.memmap:
@@ -59,6 +96,31 @@ def cached_tokens(texts: list[str], tok: Tokenizer, name: str) -> np.memmap:
     if path.exists():
         return np.memmap(path, dtype=dtype, mode="r")
     return encode_to_memmap(texts, tok, path)
+
+
+def bpe_dropout_tokens(texts: list[str], tok: Tokenizer, clean: np.ndarray, rate: float, passes: int,
+                       seed: int) -> tuple[np.memmap, bool]:
+    """A training stream for BPE-dropout (Provilkov et al. 2020): `clean` (the stream of `texts` as
+    `tok` segments them), then `passes` more segmentations in which each merge is skipped with
+    probability `rate`, so a model reading the text many times sees its words spelled many ways in
+    smaller pieces: a regularizer against memorizing. Returns (stream, drawn now).
+
+    `tokenizers` does not seed that randomness, so the stream is drawn once per (data, tokenizer,
+    rate, passes, seed) and cached: runs of one seed on one machine train on the same tokens, and
+    a resumed run finds the stream it started with unless the cache was emptied in between."""
+    key = content_hash(texts, tok.to_str(), f"bpe-dropout {rate!r} {passes} {seed}")
+    path = cache_dir() / "tokens" / f"train-bpe-dropout-{key}.{clean.dtype.name}"
+    if path.exists():
+        return np.memmap(path, dtype=clean.dtype, mode="r"), False
+    noisy = Tokenizer.from_str(tok.to_str())
+    noisy.model.dropout = rate
+    # pieces only where cutting at line ends cannot change the text: byte-level pre-tokenizers
+    in_pieces = isinstance(tok.pre_tokenizer, pre_tokenizers.ByteLevel)
+    return encode_to_memmap(texts, noisy, path, passes=passes, first=clean, in_pieces=in_pieces), True
+
+
+def supports_bpe_dropout(tok: Tokenizer) -> bool:
+    return isinstance(tok.model, models.BPE)
 
 
 @dataclass

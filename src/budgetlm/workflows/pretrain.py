@@ -4,6 +4,7 @@ setup (budget clock, device, data, tokenizer, model) → fit → save → report
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
@@ -18,10 +19,10 @@ from budgetlm.config import SIZES, RunConfig
 from budgetlm.data.default_corpus import default_corpus_files
 from budgetlm.data.sources import load_corpus, split_validation
 from budgetlm.data.tokenizer import default_vocab_size, load_tokenizer, train_tokenizer
-from budgetlm.data.tokens import cache_dir, cached_tokens, content_hash
+from budgetlm.data.tokens import bpe_dropout_tokens, cache_dir, cached_tokens, content_hash, supports_bpe_dropout
 from budgetlm.errors import UserError
 from budgetlm.models.gpt import GPT, GPTConfig
-from budgetlm.plan import Plan, context_for, plan
+from budgetlm.plan import Plan, bpe_passes, context_for, plan
 from budgetlm.train.batching import largest_micro_batch
 from budgetlm.train.checkpoint import atomic_write_bytes, save_model
 from budgetlm.train.lm import LanguageModelTask
@@ -81,6 +82,29 @@ def model_config(cfg: RunConfig, vocab_size: int, planned: Plan | None) -> GPTCo
         dropout=m.dropout if m.dropout is not None else (planned.dropout if planned else 0.0),
         attention_dropout=m.attention_dropout,
     )
+
+
+def saved_plan(meta: dict) -> Plan | None:
+    """The plan a checkpoint's run was made with, or None (checkpoints from before plans were kept)."""
+    known = {f.name for f in dataclasses.fields(Plan)}
+    try:
+        return Plan(**{k: v for k, v in (meta.get("plan") or {}).items() if k in known})
+    except TypeError:
+        return None
+
+
+def bpe_dropout_setting(cfg: RunConfig, tokenizer, planned: Plan | None) -> tuple[float, int]:
+    """(rate, noisy passes) of BPE-dropout: the flags, else the plan; (0, 0) when off."""
+    d = cfg.data
+    rate = d.bpe_dropout if d.bpe_dropout is not None else (planned.bpe_dropout if planned else 0.0)
+    if not rate:
+        return 0.0, 0
+    if not supports_bpe_dropout(tokenizer):
+        if d.bpe_dropout:
+            raise UserError("--bpe-dropout needs a BPE tokenizer, and --tokenizer gave another kind; "
+                            "drop --bpe-dropout or use a BPE tokenizer")
+        return 0.0, 0
+    return rate, d.bpe_passes or bpe_passes(planned.expected_epochs if planned else None)
 
 
 # Peak learning rate of each optimizer relative to AdamW's (Muon's update is matched to AdamW's RMS).
@@ -162,8 +186,13 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
 
     planned = None
     if budget.seconds and not (cfg.model.size or cfg.model.n_layer or cfg.model.d_model or cfg.model.n_head):
-        planned = plan(budget.seconds - budget.elapsed(), train_tokens=len(train_tokens),
-                       vocab=tokenizer.get_vocab_size(), device=device, precision=precision, micro_batch=t.micro_batch)
+        # a resumed run keeps the plan its first session made for the whole budget; planning again
+        # for the time left could pick another shape, which the checkpoint cannot continue
+        planned = saved_plan(snapshot.meta) if snapshot is not None else None
+        if planned is None:
+            planned = plan(budget.seconds - budget.elapsed(), train_tokens=len(train_tokens),
+                           vocab=tokenizer.get_vocab_size(), device=device, precision=precision,
+                           micro_batch=t.micro_batch)
         say(planned.describe())
     mc = model_config(cfg, tokenizer.get_vocab_size(), planned)
     if mc.d_model % mc.n_head:
@@ -174,10 +203,22 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     if len(train_tokens) < 2 * mc.context + 2:
         raise UserError(f"the training text has {len(train_tokens)} tokens, too few for two context windows of "
                         f"{mc.context}; give more text or a smaller --context")
+    bpe_rate, passes = bpe_dropout_setting(cfg, tokenizer, planned)
     identity = {"model": mc.to_dict(), "train_tokens": Path(train_tokens.filename).name,
-                "vocab_asked": cfg.data.vocab_size}
+                "vocab_asked": cfg.data.vocab_size, "bpe_dropout": bpe_rate, "bpe_passes": passes,
+                "plan": dataclasses.asdict(planned) if planned is not None else None}
     if snapshot is not None:
         _check_same_run(snapshot, identity)
+    text_tokens = len(train_tokens)
+    if bpe_rate:
+        started = time.monotonic()
+        train_tokens, drawn = bpe_dropout_tokens(train_docs, tokenizer, train_tokens, bpe_rate, passes, t.seed)
+        if drawn and snapshot is not None:
+            say("the BPE-dropout segmentations this run started with are no longer cached: drew new ones, so the "
+                "resumed run reads other segmentations of the same text")
+        if drawn:
+            say(f"re-segmented the training text {passes} times with BPE-dropout {bpe_rate:g} in "
+                f"{time.monotonic() - started:.1f}s")
 
     model = GPT(mc).to(device)
     asked_tokens = parse_count(t.batch_tokens, "--batch-tokens", "tokens") if t.batch_tokens else None
@@ -235,7 +276,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         atomic_write_bytes(out / "config.json", json.dumps(mc.to_dict(), indent=2).encode())
     say(f"budgetlm pretrain: {model.num_params() / 1e6:.2f}M parameters ({mc.n_layer} layers, d_model {mc.d_model}, "
         f"{mc.n_head} heads, context {mc.context}), vocab {tokenizer.get_vocab_size()}, "
-        f"{len(train_tokens):,} training / {len(val_tokens):,} validation tokens")
+        f"{text_tokens:,} training / {len(val_tokens):,} validation tokens")
     say(f"  device {device} ({threads} threads), {precision}, {'compiled' if compiled else 'eager'}, "
         f"batch {micro_steps * micro_batch * mc.context} tokens (micro-batch {micro_batch} × {micro_steps}), "
         f"{t.optim} lr {lr:.2e} {t.schedule}, budget {budget.describe()}")
@@ -269,7 +310,9 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         "compiled": compiled,
         "stop_reason": result.stop_reason,
         "skipped_steps": result.state.skipped_steps,
-        "epochs": round(result.seen / max(len(train_tokens), 1), 3),
+        "epochs": round(result.seen / max(text_tokens, 1), 3),  # of the text, however segmented
+        "bpe_dropout": bpe_rate,
+        "bpe_passes": passes,
         "config": cfg.to_dict(),
         "model": mc.to_dict(),
     }
@@ -302,6 +345,11 @@ def _check_same_run(snapshot, identity: dict) -> None:
         raise UserError(f"checkpoint {snapshot.path} was trained with a tokenizer of "
                         f"{'--vocab-size ' + str(asked) if asked else 'the default vocabulary size'}, not --vocab-size "
                         f"{identity['vocab_asked']}; resume with the same --vocab-size or start a new --out")
+    saved_bpe = (snapshot.meta.get("bpe_dropout", 0.0), snapshot.meta.get("bpe_passes", 0))
+    if saved_bpe != (identity["bpe_dropout"], identity["bpe_passes"]) and (saved_bpe[0] or identity["bpe_dropout"]):
+        raise UserError(f"checkpoint {snapshot.path} was trained with BPE-dropout {saved_bpe[0]:g} over "
+                        f"{saved_bpe[1]} passes, not {identity['bpe_dropout']:g} over {identity['bpe_passes']}; "
+                        "resume with the same --bpe-dropout and --bpe-passes or start a new --out")
     if snapshot.meta.get("train_tokens") != identity["train_tokens"]:
         raise UserError(f"checkpoint {snapshot.path} was trained on other data; resume with the same --data "
                         "or start a new --out")
