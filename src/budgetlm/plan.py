@@ -60,10 +60,6 @@ class Plan:
     dropout: float
     bpe_dropout: float = 0.0
 
-    @property
-    def bpe_passes(self) -> int:
-        return bpe_passes(self.expected_epochs)
-
     def describe(self) -> str:
         against = [f"dropout {self.dropout:g}"] if self.dropout else []
         if self.bpe_dropout:

@@ -108,11 +108,12 @@ def bpe_dropout_tokens(texts: list[str], tok: Tokenizer, clean: np.ndarray, rate
     `tokenizers` does not seed that randomness, so the stream is drawn once per (data, tokenizer,
     rate, passes, seed) and cached: runs of one seed on one machine train on the same tokens, and
     a resumed run finds the stream it started with unless the cache was emptied in between."""
-    key = content_hash(texts, tok.to_str(), f"bpe-dropout {rate!r} {passes} {seed}")
+    spec = tok.to_str()
+    key = content_hash(texts, spec, f"bpe-dropout {rate!r} {passes} {seed}")
     path = cache_dir() / "tokens" / f"train-bpe-dropout-{key}.{clean.dtype.name}"
     if path.exists():
         return np.memmap(path, dtype=clean.dtype, mode="r"), False
-    noisy = Tokenizer.from_str(tok.to_str())
+    noisy = Tokenizer.from_str(spec)
     noisy.model.dropout = rate
     # pieces only where cutting at line ends cannot change the text: byte-level pre-tokenizers
     in_pieces = isinstance(tok.pre_tokenizer, pre_tokenizers.ByteLevel)

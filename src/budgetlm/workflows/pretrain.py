@@ -346,7 +346,7 @@ def _check_same_run(snapshot, identity: dict) -> None:
                         f"{'--vocab-size ' + str(asked) if asked else 'the default vocabulary size'}, not --vocab-size "
                         f"{identity['vocab_asked']}; resume with the same --vocab-size or start a new --out")
     saved_bpe = (snapshot.meta.get("bpe_dropout", 0.0), snapshot.meta.get("bpe_passes", 0))
-    if saved_bpe != (identity["bpe_dropout"], identity["bpe_passes"]) and (saved_bpe[0] or identity["bpe_dropout"]):
+    if saved_bpe != (identity["bpe_dropout"], identity["bpe_passes"]):
         raise UserError(f"checkpoint {snapshot.path} was trained with BPE-dropout {saved_bpe[0]:g} over "
                         f"{saved_bpe[1]} passes, not {identity['bpe_dropout']:g} over {identity['bpe_passes']}; "
                         "resume with the same --bpe-dropout and --bpe-passes or start a new --out")
