@@ -28,7 +28,9 @@ REPEAT_HALF_LIFE = 15.4  # R*: epochs of repetition after which more repeats are
 # A model far larger than its unique data memorizes it: on tinyshakespeare (350k tokens) at 5 minutes,
 # 4x128 (1.0M parameters) beat 4x192 (2.2M) and 6x128 on validation, though the fit above prefers
 # the larger ones; the fit was made on far larger models and data. Shapes beyond this many
-# parameters per unique training token are skipped (the smallest shape is always allowed).
+# body (non-embedding) parameters per unique training token are skipped (the smallest shape is
+# always allowed). The embedding is left out: counted in, a larger vocabulary pushed tinyshakespeare
+# down to 3x96, while 4x128 with a 4,096-token vocabulary was the best measured there (docs/planner.md).
 MAX_PARAMS_PER_TOKEN = 4.0
 OVERHEAD = 0.85          # share of the budget left for training steps (data, evaluation, saving, warm-up)
 STEPS_TARGET = 2000      # optimizer steps a run should get: small budgets need many small steps
@@ -162,8 +164,9 @@ def plan(budget_s: float, *, train_tokens: int, vocab: int, device: torch.device
     peak = peak_flops or device_peak(device, precision_dtype(precision))
     best = None
     for n_layer, d_model, n_head in LADDER:
-        n_params = 12 * n_layer * d_model**2 + vocab * d_model  # every parameter, as Chinchilla counts them
-        if best is not None and n_params > MAX_PARAMS_PER_TOKEN * train_tokens:
+        body_params = 12 * n_layer * d_model**2
+        n_params = body_params + vocab * d_model  # every parameter, as Chinchilla counts them
+        if best is not None and body_params > MAX_PARAMS_PER_TOKEN * train_tokens:
             break
         context = context_for(d_model)
         tokens = efficiency(d_model, device, precision) * peak * budget_s * OVERHEAD / flops_per_token(n_layer, d_model, vocab, context)
