@@ -33,14 +33,17 @@ def content_hash(texts: list[str], *extra: str) -> str:
     return h.hexdigest()[:24]
 
 
+def token_dtype(tok: Tokenizer) -> type:
+    return np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32
+
+
 def encode_to_memmap(texts: list[str], tok: Tokenizer, path: Path, *, passes: int = 1,
                      first: np.ndarray | None = None, in_pieces: bool = False) -> np.memmap:
     """Tokenize documents into `path` (each document preceded by the separator), `passes` times
     over and after the tokens `first` if given, and map it. `in_pieces`: long documents are cut
     into pieces at line ends (`line_pieces`) so that `encode_batch` spreads one document over
     the cores. Written to a temporary name and renamed, so a killed run never leaves a partial file."""
-    vocab = tok.get_vocab_size()
-    dtype = np.uint16 if vocab <= 65536 else np.uint32
+    dtype = token_dtype(tok)
     sep = eot_id(tok)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -64,7 +67,7 @@ def line_pieces(text: str, size: int = 1 << 16) -> list[str]:
     pieces, start = [], 0
     while len(text) - start > size:
         cut = text.find("\n", start + size)
-        while cut != -1 and not (cut + 1 < len(text) and not text[cut - 1].isspace() and not text[cut + 1].isspace()):
+        while cut != -1 and not _between_words(text, cut):
             cut = text.find("\n", cut + 1)
         if cut == -1:
             break
@@ -72,6 +75,10 @@ def line_pieces(text: str, size: int = 1 << 16) -> list[str]:
         start = cut + 1
     pieces.append(text[start:])
     return pieces
+
+
+def _between_words(text: str, i: int) -> bool:
+    return 0 < i < len(text) - 1 and not text[i - 1].isspace() and not text[i + 1].isspace()
 
 
 def _encode(tok: Tokenizer, docs: list[str], in_pieces: bool) -> list[list[int]]:
@@ -90,12 +97,18 @@ def _encode(tok: Tokenizer, docs: list[str], in_pieces: bool) -> list[list[int]]
 
 def cached_tokens(texts: list[str], tok: Tokenizer, name: str) -> np.memmap:
     """The token stream of `texts`, tokenized once per (data, tokenizer) and memory-mapped after."""
-    key = content_hash(texts, tok.to_str())
-    dtype = np.uint16 if tok.get_vocab_size() <= 65536 else np.uint32
-    path = cache_dir() / "tokens" / f"{name}-{key}.{np.dtype(dtype).name}"
+    stream, _ = _cached_stream(f"{name}-{content_hash(texts, tok.to_str())}", tok,
+                               lambda path: encode_to_memmap(texts, tok, path))
+    return stream
+
+
+def _cached_stream(stem: str, tok: Tokenizer, encode) -> tuple[np.memmap, bool]:
+    """The cached token stream `stem` of `tok`'s ids, or `encode(path)` writing it; (stream, encoded now)."""
+    dtype = token_dtype(tok)
+    path = cache_dir() / "tokens" / f"{stem}.{np.dtype(dtype).name}"
     if path.exists():
-        return np.memmap(path, dtype=dtype, mode="r")
-    return encode_to_memmap(texts, tok, path)
+        return np.memmap(path, dtype=dtype, mode="r"), False
+    return encode(path), True
 
 
 def bpe_dropout_tokens(texts: list[str], tok: Tokenizer, clean: np.ndarray, rate: float, passes: int,
@@ -109,15 +122,16 @@ def bpe_dropout_tokens(texts: list[str], tok: Tokenizer, clean: np.ndarray, rate
     rate, passes, seed) and cached: runs of one seed on one machine train on the same tokens, and
     a resumed run finds the stream it started with unless the cache was emptied in between."""
     spec = tok.to_str()
+
+    def draw(path: Path) -> np.memmap:
+        noisy = Tokenizer.from_str(spec)
+        noisy.model.dropout = rate
+        # pieces only where cutting at line ends cannot change the text: byte-level pre-tokenizers
+        in_pieces = isinstance(tok.pre_tokenizer, pre_tokenizers.ByteLevel)
+        return encode_to_memmap(texts, noisy, path, passes=passes, first=clean, in_pieces=in_pieces)
+
     key = content_hash(texts, spec, f"bpe-dropout {rate!r} {passes} {seed}")
-    path = cache_dir() / "tokens" / f"train-bpe-dropout-{key}.{clean.dtype.name}"
-    if path.exists():
-        return np.memmap(path, dtype=clean.dtype, mode="r"), False
-    noisy = Tokenizer.from_str(spec)
-    noisy.model.dropout = rate
-    # pieces only where cutting at line ends cannot change the text: byte-level pre-tokenizers
-    in_pieces = isinstance(tok.pre_tokenizer, pre_tokenizers.ByteLevel)
-    return encode_to_memmap(texts, noisy, path, passes=passes, first=clean, in_pieces=in_pieces), True
+    return _cached_stream(f"train-bpe-dropout-{key}", tok, draw)
 
 
 def supports_bpe_dropout(tok: Tokenizer) -> bool:

@@ -213,10 +213,10 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     if bpe_rate:
         started = time.monotonic()
         train_tokens, drawn = bpe_dropout_tokens(train_docs, tokenizer, train_tokens, bpe_rate, passes, t.seed)
-        if drawn and snapshot is not None:
-            say("the BPE-dropout segmentations this run started with are no longer cached: drew new ones, so the "
-                "resumed run reads other segmentations of the same text")
         if drawn:
+            if snapshot is not None:
+                say("the BPE-dropout segmentations this run started with are no longer cached: drew new ones, so "
+                    "the resumed run reads other segmentations of the same text")
             say(f"re-segmented the training text {passes} times with BPE-dropout {bpe_rate:g} in "
                 f"{time.monotonic() - started:.1f}s")
 
