@@ -14,9 +14,10 @@ def test_round_trip_any_text(play_text):
 
 
 def test_default_vocab_grows_with_the_corpus():
-    sizes = [default_vocab_size(n) for n in (10_000, 1_000_000, 5_000_000, 10**9)]
+    sizes = [default_vocab_size(n) for n in (1_000, 100_000, 1_115_394, 3_671_368, 10**9)]
     assert sizes == sorted(sizes)
     assert sizes[0] == 512 and sizes[-1] == 32768
+    assert sizes[2:4] == [4096, 8192]  # tinyshakespeare, the SST-2 training sentences
     assert all(s & (s - 1) == 0 for s in sizes)
 
 
