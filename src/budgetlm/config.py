@@ -72,6 +72,9 @@ class ModelConfig:
     attention_dropout: float = opt(0.0, low=0, high=0.95, help="dropout on attention probabilities (default 0: "
                                    "a random mask over every score, slow on a CPU; docs/planner.md)")
     logit_softcap: float = opt(0.0, low=0, help="cap logits at ±c with c·tanh(x/c); 0 turns it off")
+    canon: int | None = opt(None, low=0, help="Canon layers: mix each position with the previous canon-1 before "
+                            "attention and MLP, a causal per-channel convolution (default: planned, 4 when the budget "
+                            "repeats the text more than 4 times, else 0 = off)")
 
 
 @dataclass
@@ -97,6 +100,9 @@ class TrainConfig:
     weight_decay: float = opt(0.1, low=0, help="decoupled weight decay (L2) on weight matrices")
     l1: float = opt(0.0, low=0, help="L1 penalty on weight matrices, added to the loss")
     label_smoothing: float = opt(0.0, low=0, high=0.99, help="label smoothing of the training loss")
+    ema: float | None = opt(None, low=0, high=0.99999, help="evaluate and keep a moving average of the weights with "
+                            "this decay per step (default: planned, 0.998 when the budget repeats the text more than "
+                            "4 times, else 0 = the raw weights)")
     beta1: float = opt(0.9, low=0, high=0.9999, help="Adam β1")
     beta2: float = opt(0.95, low=0, high=0.99999, help="Adam β2")
     grad_clip: float = opt(1.0, low=0, help="clip the gradient norm to this (0: no clipping)")

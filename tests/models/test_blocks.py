@@ -121,3 +121,42 @@ def test_cpu_dropout_follows_the_seed_keeps_dtype_and_shape_and_is_identity_in_e
     assert not torch.equal(drop(x), first)  # a fresh mask at the next call
     assert torch.equal(drop.eval()(x), x)
     assert torch.equal(blocks.Dropout(1.0).train()(x), torch.zeros_like(x))
+
+
+def test_canon_is_a_causal_per_channel_convolution_plus_the_input():
+    torch.manual_seed(0)
+    canon = blocks.Canon(6, kernel=3)
+    x = torch.randn(2, 9, 6)
+    assert torch.equal(canon(x), x)  # starts as the identity
+    with torch.no_grad():
+        canon.weight.normal_()
+    # conv1d reads its kernel oldest position first; ours is indexed by distance back
+    kernel = canon.weight.flip(0).T.unsqueeze(1)
+    reference = x + F.conv1d(F.pad(x.transpose(1, 2), (2, 0)), kernel, groups=6).transpose(1, 2)
+    assert torch.allclose(canon(x), reference, atol=1e-6)
+    y = x.clone()
+    y[:, 5:] = 0
+    assert torch.equal(canon(x)[:, :5], canon(y)[:, :5])
+
+
+def test_canon_gradients_reach_its_weights_and_the_input():
+    torch.manual_seed(0)
+    canon = blocks.Canon(4)
+    with torch.no_grad():
+        canon.weight.normal_()
+    x = torch.randn(1, 7, 4, requires_grad=True)
+    (canon(x) ** 2).sum().backward()
+    kernel = canon.weight.detach().flip(0).T.unsqueeze(1)
+    x2 = x.detach().clone().requires_grad_()
+    (((x2 + F.conv1d(F.pad(x2.transpose(1, 2), (3, 0)), kernel, groups=4).transpose(1, 2))) ** 2).sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+    assert canon.weight.grad.abs().sum() > 0
+
+
+def test_canon_is_refused_in_a_bidirectional_block():
+    try:
+        blocks.Block(16, 2, 64, causal=False, canon=4)
+    except ValueError as e:
+        assert "causal" in str(e)
+    else:
+        raise AssertionError("a bidirectional block took a Canon mix")

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from budgetlm.models.gpt import GPT, GPTConfig
@@ -5,11 +6,23 @@ from budgetlm.models.sampling import generate
 from budgetlm.train.checkpoint import load_model, save_model
 
 SMALL = GPTConfig(vocab_size=97, context=32, n_layer=2, n_head=2, d_model=32)
+CANON = GPTConfig(vocab_size=97, context=32, n_layer=2, n_head=2, d_model=32, canon=4)
 
 
-def test_changing_future_tokens_never_changes_earlier_logits():
+def build(config: GPTConfig) -> GPT:
+    """An evaluation-mode model whose Canon mixes (zero, the identity, when new) carry random weights."""
+    model = GPT(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".canon_" in name:
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("config", [SMALL, CANON], ids=["plain", "canon"])
+def test_changing_future_tokens_never_changes_earlier_logits(config):
     torch.manual_seed(0)
-    model = GPT(SMALL).eval()
+    model = build(config)
     x = torch.randint(0, 97, (2, 32))
     y = x.clone()
     y[:, 20:] = torch.randint(0, 97, (2, 12))
@@ -41,9 +54,10 @@ def test_tied_embedding_and_parameter_count():
     assert model.flops_per_token() > 6 * model.num_params()
 
 
-def test_cached_generation_equals_uncached():
+@pytest.mark.parametrize("config", [SMALL, CANON], ids=["plain", "canon"])
+def test_cached_generation_equals_uncached(config):
     torch.manual_seed(0)
-    model = GPT(SMALL).eval()
+    model = build(config)
     prompt = torch.randint(0, 97, (1, 5))
     # greedy over more than the context, so the cache window slides
     cached = [int(t) for t in generate(model, prompt, 60, temperature=0)]
@@ -61,9 +75,10 @@ def forward_in_chunks(model, x, cuts):
     return torch.cat([model(x[:, a:b], caches=caches) for a, b in zip(bounds, bounds[1:])], dim=1)
 
 
-def test_cached_logits_match_full_forward():
+@pytest.mark.parametrize("config", [SMALL, CANON], ids=["plain", "canon"])
+def test_cached_logits_match_full_forward(config):
     torch.manual_seed(0)
-    model = GPT(SMALL).eval()
+    model = build(config)
     x = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
         full = model(x)
@@ -80,10 +95,11 @@ def test_sampling_is_seeded():
     assert draw(1) != draw(2)
 
 
-def test_saved_model_reloads_to_identical_logits(tmp_path):
+@pytest.mark.parametrize("config", [SMALL, CANON], ids=["plain", "canon"])
+def test_saved_model_reloads_to_identical_logits(tmp_path, config):
     torch.manual_seed(0)
-    model = GPT(SMALL).eval()
-    save_model(tmp_path, model, SMALL.to_dict(), tokenizer=None)
+    model = build(config)
+    save_model(tmp_path, model, config.to_dict(), tokenizer=None)
     loaded, config, tok = load_model(tmp_path)
     x = torch.randint(0, 97, (2, 32))
     with torch.no_grad():

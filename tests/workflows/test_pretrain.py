@@ -26,6 +26,7 @@ def test_short_run_lowers_validation_loss(play_file, tmp_path):
     assert evals[0]["step"] == 0
     assert s["best_val_loss"] < evals[0]["val_loss"] - 1.0
     assert s["stop_reason"] == "max_steps" and s["steps"] == 60
+    assert s["model"]["canon"] == 0 and s["ema"] == 0  # no plan: neither Canon layers nor a moving average
     assert s["tokens_seen"] == 60 * 8 * 64
     for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "loss.png"):
         assert (out / name).stat().st_size > 0
@@ -69,6 +70,26 @@ def test_seeded_runs_repeat(play_file, tmp_path):
     for name in ("a", "b"):
         main(["pretrain", "--data", str(play_file), "--max-steps", "8", "--seed", "3", "--out", str(tmp_path / name), *TINY])
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_the_kept_weights_are_a_moving_average_when_asked(play_file, tmp_path):
+    for name, flags in (("averaged", ["--ema", "0.998"]), ("raw", []), ("raw-asked", ["--ema", "0"])):
+        main(["pretrain", "--data", str(play_file), "--max-steps", "30", "--seed", "3", "--out", str(tmp_path / name),
+              *TINY, *flags])
+    assert read_summary(tmp_path / "averaged")["ema"] == 0.998 and read_summary(tmp_path / "raw")["ema"] == 0.0
+    weights = {name: (tmp_path / name / "model.safetensors").read_bytes() for name in ("averaged", "raw", "raw-asked")}
+    assert weights["averaged"] != weights["raw"] == weights["raw-asked"]
+
+
+def test_a_planned_run_on_a_repeated_text_averages_and_mixes(play_text, tmp_path, capsys):
+    """A tenth of the play is tiny: 10 seconds read it many times, so the plan adds Canon layers and the average."""
+    data, out = tmp_path / "tenth.txt", tmp_path / "run"
+    data.write_text(play_text[: len(play_text) // 10])
+    main(["pretrain", "--data", str(data), "--budget", "10s", "--vocab-size", "512", "--compile", "off",
+          "--out", str(out)])
+    s = read_summary(out)
+    assert s["ema"] == 0.998 and s["model"]["canon"] == 4
+    assert "Canon layers (4) and a moving average of the weights (0.998)" in capsys.readouterr().err
 
 
 def test_bpe_dropout_trains_on_respelled_text_and_repeats_per_seed(play_file, tmp_path, capsys):

@@ -100,12 +100,14 @@ class Rotary(nn.Module):
 
 
 class KVCache:
-    """Keys and values of past positions for one attention layer, preallocated to the context length."""
+    """Keys and values of past positions for one attention layer, preallocated to the context length,
+    and the last inputs of the layer's Canon mixes (their window reaches back a few positions)."""
 
     def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, device, dtype):
         self.k = torch.zeros(batch, n_head, max_len, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.length = 0
+        self.canon_inputs: dict[str, torch.Tensor] = {}
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[-2]
@@ -113,6 +115,39 @@ class KVCache:
         self.v[:, :, self.length : end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Canon(nn.Module):
+    """A causal mix of each position with the `kernel - 1` before it, per channel, plus the position itself:
+    x_t + Σ_j w_j ⊙ x_(t-j) ("Canon layers", Allen-Zhu 2025). Attention in a small, shallow model learns slowly
+    to read the previous few tokens; this reads them directly, for 2·kernel·d_model FLOPs a token. The weights
+    start at zero, so it starts as the identity. On tinyshakespeare at 5 minutes, before attention and MLP in
+    every block, with a moving average of the weights: 2.002 bits per byte over three seeds against 2.011 without
+    (docs/planner.md)."""
+
+    def __init__(self, d_model: int, kernel: int = 4):
+        super().__init__()
+        if kernel < 2:
+            raise ValueError(f"a Canon mix needs a kernel of at least 2 positions, got {kernel}")
+        self.weight = nn.Parameter(torch.zeros(kernel, d_model))
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, name: str = "") -> torch.Tensor:
+        """x: (batch, time, d_model). With a cache, the inputs of earlier calls under `name` are the
+        positions before x's first."""
+        if cache is None:
+            return self.mix(x)
+        before = cache.canon_inputs.get(name)
+        full = x if before is None else torch.cat((before, x), dim=1)
+        cache.canon_inputs[name] = full[:, -(self.weight.shape[0] - 1):]
+        return self.mix(full)[:, -x.shape[1]:]
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype)
+        out = torch.addcmul(x, x, w[0])
+        # in place on shifted slices: no padded copies (about 15% less time than shift-and-add)
+        for j in range(1, min(len(w), x.shape[1])):
+            out[:, j:].addcmul_(x[:, :-j], w[j])
+        return out
 
 
 class Attention(nn.Module):
@@ -199,9 +234,14 @@ class Block(nn.Module):
 
     def __init__(self, d_model: int, n_head: int, mlp_hidden: int, *, causal: bool, mlp: str = "relu2",
                  dropout: float = 0.0, attention_dropout: float = 0.0, qk_norm: bool = True,
-                 cross_attention: bool = False, eps: float = 1e-6):
-        """`dropout` on the residual branches, `attention_dropout` on the attention probabilities."""
+                 cross_attention: bool = False, canon: int = 0, eps: float = 1e-6):
+        """`dropout` on the residual branches, `attention_dropout` on the attention probabilities, `canon`:
+        the kernel of a Canon mix (causal models only) of the attention's and the MLP's inputs (0: none)."""
         super().__init__()
+        if canon and not causal:
+            raise ValueError("Canon mixes read earlier positions only: they are for causal blocks")
+        self.canon_attn = Canon(d_model, canon) if canon else None
+        self.canon_mlp = Canon(d_model, canon) if canon else None
         self.attn_norm = RMSNorm(d_model, eps)
         self.attn = Attention(d_model, n_head, causal=causal, dropout=attention_dropout, qk_norm=qk_norm)
         self.cross_norm = RMSNorm(d_model, eps) if cross_attention else None
@@ -214,17 +254,23 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, memory: torch.Tensor | None = None,
                 memory_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), mask=mask, cache=cache, rope=rope))
+        h = self.attn_norm(x)
+        if self.canon_attn is not None:
+            h = self.canon_attn(h, cache, "attn")
+        x = x + self.drop(self.attn(h, mask=mask, cache=cache, rope=rope))
         if self.cross is not None:
             x = x + self.drop(self.cross(self.cross_norm(x), memory=memory, mask=memory_mask))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        h = self.mlp_norm(x)
+        if self.canon_mlp is not None:
+            h = self.canon_mlp(h, cache, "mlp")
+        return x + self.drop(self.mlp(h))
 
 
 def init_weights(module: nn.Module, n_layer: int, std: float = 0.02) -> None:
-    """GPT-2 style init; residual output projections are scaled by 1/sqrt(2·n_layer) so the
-    residual stream's variance does not grow with depth."""
+    """GPT-2 style init of weight matrices; residual output projections are scaled by 1/sqrt(2·n_layer)
+    so the residual stream's variance does not grow with depth. Canon mixes keep their zeros."""
     for name, p in module.named_parameters():
-        if p.dim() < 2:
+        if p.dim() < 2 or ".canon_" in f".{name}":
             continue
         scale = 1.0 / math.sqrt(2 * n_layer) if name.endswith(("proj.weight", "down.weight")) else 1.0
         nn.init.normal_(p, mean=0.0, std=std * scale)

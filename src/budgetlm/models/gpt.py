@@ -29,6 +29,7 @@ class GPTConfig:
     qk_norm: bool = True
     rope_base: float = 10000.0
     logit_softcap: float = 0.0  # >0: logits = c·tanh(logits/c) (Gemma 2), 0 turns it off
+    canon: int = 0              # kernel of the Canon mixes before attention and MLP (blocks.Canon); 0: none
 
     @property
     def mlp_hidden(self) -> int:
@@ -53,7 +54,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(
             Block(c.d_model, c.n_head, c.mlp_hidden, causal=True, mlp=c.mlp, dropout=c.dropout,
                   attention_dropout=c.dropout if c.attention_dropout is None else c.attention_dropout,
-                  qk_norm=c.qk_norm)
+                  qk_norm=c.qk_norm, canon=c.canon)
             for _ in range(c.n_layer)
         )
         self.norm = RMSNorm(c.d_model)

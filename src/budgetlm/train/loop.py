@@ -174,7 +174,7 @@ def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.
         if averaged is not None:
             if resume.averaged is None:
                 raise UserError(f"checkpoint {resume.path} holds no moving average of the weights; resume with the "
-                                "run's own settings (without --ema) or start a new --out")
+                                "run's own settings (--ema 0: the raw weights) or start a new --out")
             averaged.load_state_dict(resume.averaged)
         optimizer.load_state_dict(resume.optimizer)
         cfg.schedule.load_state_dict(resume.meta.get("schedule", {}))

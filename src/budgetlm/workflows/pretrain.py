@@ -79,6 +79,7 @@ def model_config(cfg: RunConfig, vocab_size: int, planned: Plan | None) -> GPTCo
         d_model=d_model,
         n_head=m.n_head or (n_head if not m.d_model else max(1, d_model // 64)),
         mlp=m.mlp, mlp_ratio=m.mlp_ratio, logit_softcap=m.logit_softcap,
+        canon=m.canon if m.canon is not None else (planned.canon if planned else 0),
         dropout=m.dropout if m.dropout is not None else (planned.dropout if planned else 0.0),
         attention_dropout=m.attention_dropout,
     )
@@ -197,6 +198,8 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     mc = model_config(cfg, tokenizer.get_vocab_size(), planned)
     if mc.d_model % mc.n_head:
         raise UserError(f"--d-model {mc.d_model} is not divisible by --n-head {mc.n_head}; choose sizes that divide")
+    if mc.canon == 1:
+        raise UserError("--canon 1 would mix a position with itself only; give 0 (off) or a kernel of 2 or more")
     if len(val_tokens) < mc.context + 1:
         raise UserError(f"the validation text has {len(val_tokens)} tokens, fewer than one context window "
                         f"({mc.context + 1}); give more validation text (--val, --val-fraction) or a smaller --context")
@@ -259,7 +262,8 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
                         schedule_clock=t.schedule_clock, eval_every_steps=eval_steps, eval_every_s=eval_s,
                         eval_batches=eval_batches, monitor=monitor,
                         monitor_mode="max" if monitor in HIGHER_IS_BETTER else "min", patience=patience,
-                        min_delta=min_delta, save_every_steps=save_steps, save_every_s=save_s, l1=t.l1)
+                        min_delta=min_delta, save_every_steps=save_steps, save_every_s=save_s, l1=t.l1,
+                        ema=t.ema if t.ema is not None else (planned.ema if planned else 0.0))
 
     task = LanguageModelTask(train_tokens, val_tokens, val_bytes, mc.context, micro_batch, device, t.seed,
                              label_smoothing=t.label_smoothing)
@@ -308,6 +312,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         "device": _device_name(device),
         "precision": precision,
         "compiled": compiled,
+        "ema": fit_cfg.ema,
         "stop_reason": result.stop_reason,
         "skipped_steps": result.state.skipped_steps,
         "epochs": round(result.seen / max(text_tokens, 1), 3),  # of the text, however segmented
