@@ -139,18 +139,27 @@ def test_canon_is_a_causal_per_channel_convolution_plus_the_input():
     assert torch.equal(canon(x)[:, :5], canon(y)[:, :5])
 
 
-def test_canon_gradients_reach_its_weights_and_the_input():
+def test_canon_gradients_match_the_convolution_s():
+    """The mix's backward is written by hand: both gradients must equal autograd's through F.conv1d."""
     torch.manual_seed(0)
     canon = blocks.Canon(4)
     with torch.no_grad():
         canon.weight.normal_()
-    x = torch.randn(1, 7, 4, requires_grad=True)
-    (canon(x) ** 2).sum().backward()
-    kernel = canon.weight.detach().flip(0).T.unsqueeze(1)
-    x2 = x.detach().clone().requires_grad_()
-    (((x2 + F.conv1d(F.pad(x2.transpose(1, 2), (3, 0)), kernel, groups=4).transpose(1, 2))) ** 2).sum().backward()
-    assert torch.allclose(x.grad, x2.grad, atol=1e-5)
-    assert canon.weight.grad.abs().sum() > 0
+    for length in (7, 2):  # a sequence shorter than the kernel too
+        x = torch.randn(2, length, 4, requires_grad=True)
+        upstream = torch.randn(2, length, 4)
+        (canon(x) * upstream).sum().backward()
+        kernel = canon.weight.detach().clone().requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        conv = F.conv1d(F.pad(x2.transpose(1, 2), (3, 0)), kernel.flip(0).T.unsqueeze(1), groups=4).transpose(1, 2)
+        ((x2 + conv) * upstream).sum().backward()
+        assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+        assert torch.allclose(canon.weight.grad, kernel.grad, atol=1e-5)
+        canon.weight.grad = None
+    double = blocks.Canon(3).double()
+    with torch.no_grad():
+        double.weight.normal_()
+    assert torch.autograd.gradcheck(double.mix, (torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True),))
 
 
 def test_canon_is_refused_in_a_bidirectional_block():
