@@ -138,6 +138,24 @@ def pretrained(play_file, tmp_path) -> Path:
     return folder
 
 
+def test_a_body_with_canon_layers_fine_tunes_and_predicts(play_file, tmp_path, toy):
+    from budgetlm.cli import main
+
+    body = tmp_path / "canon-body"
+    assert main(["pretrain", "--data", str(play_file), "--max-steps", "3", "--out", str(body), "--n-layer", "1",
+                 "--d-model", "32", "--n-head", "1", "--context", "64", "--vocab-size", "300", "--canon", "4",
+                 "--compile", "off", "--quiet"]) == 0
+    pretrained_mix = load_file(body / "model.safetensors")["blocks.0.canon_attn.weight"]
+    assert pretrained_mix.abs().sum() > 0  # trained away from the identity it starts as
+    train, dev = toy
+    out = tmp_path / "run"
+    finetune.run(config(train, dev, model=str(body), max_steps=3, ema=0.0), out, quiet=True)
+    assert json.loads((out / "config.json").read_text())["body_config"]["canon"] == 4
+    tuned_mix = load_file(out / "model.safetensors")["body.gpt.blocks.0.canon_attn.weight"]
+    assert tuned_mix.shape == pretrained_mix.shape and not tuned_mix.equal(pretrained_mix)
+    assert len(predict.run(out, texts=["fine", "a superb, moving and funny film"])) == 2
+
+
 def test_a_pretrained_gpt_body_stays_untouched_while_frozen(pretrained, tmp_path, toy):
     train, dev = toy
     out = tmp_path / "run"
