@@ -139,7 +139,7 @@ def test_canon_is_a_causal_per_channel_convolution_plus_the_input():
     assert torch.equal(canon(x)[:, :5], canon(y)[:, :5])
 
 
-def test_canon_gradients_match_the_convolution_s():
+def test_canon_gradients_match_autograd_through_a_convolution():
     """The mix's backward is written by hand: both gradients must equal autograd's through F.conv1d."""
     torch.manual_seed(0)
     canon = blocks.Canon(4)

@@ -164,7 +164,7 @@ class _CanonMix(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, w = ctx.saved_tensors
         grad_x = torch.addcmul(grad, grad, w[0])
-        grad_w = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)  # taps past a short sequence stay 0
         grad_w[0] = (grad * x).sum((0, 1), dtype=torch.float32)
         for j in range(1, min(len(w), x.shape[1])):
             grad_x[:, :-j].addcmul_(grad[:, j:], w[j])
