@@ -76,9 +76,11 @@ class Plan:
         if self.bpe_dropout:
             against.append(f"BPE-dropout {self.bpe_dropout:g}")
         regularized = f", {' and '.join(against)} against memorizing" if against else ""
-        if self.ema or self.canon:
-            regularized += ", " + " and ".join(([f"Canon layers ({self.canon})"] if self.canon else []) +
-                                               ([f"a moving average of the weights ({self.ema:g})"] if self.ema else []))
+        repeat_aids = [f"Canon layers ({self.canon})"] if self.canon else []
+        if self.ema:
+            repeat_aids.append(f"a moving average of the weights ({self.ema:g})")
+        if repeat_aids:
+            regularized += ", " + " and ".join(repeat_aids)
         return (f"planned {self.n_layer}×{self.d_model} at context {self.context}, batch {self.batch_tokens} tokens, "
                 f"about {self.expected_tokens / 1e6:.1f}M training tokens ({self.expected_epochs:.1f} epochs) in the "
                 f"budget{regularized} (matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s)")

@@ -62,6 +62,13 @@ def tokenizer_for(train_docs: list[str], cfg: RunConfig):
     return tok
 
 
+def given_or_planned(given, planned: Plan | None, field: str, off):
+    """A setting the plan may choose: the flag where given, else the plan's, else `off` (no plan)."""
+    if given is not None:
+        return given
+    return getattr(planned, field) if planned else off
+
+
 def model_config(cfg: RunConfig, vocab_size: int, planned: Plan | None) -> GPTConfig:
     """Explicit flags first, then the size preset, then the plan, then the `small` preset."""
     m = cfg.model
@@ -79,8 +86,8 @@ def model_config(cfg: RunConfig, vocab_size: int, planned: Plan | None) -> GPTCo
         d_model=d_model,
         n_head=m.n_head or (n_head if not m.d_model else max(1, d_model // 64)),
         mlp=m.mlp, mlp_ratio=m.mlp_ratio, logit_softcap=m.logit_softcap,
-        canon=m.canon if m.canon is not None else (planned.canon if planned else 0),
-        dropout=m.dropout if m.dropout is not None else (planned.dropout if planned else 0.0),
+        canon=given_or_planned(m.canon, planned, "canon", 0),
+        dropout=given_or_planned(m.dropout, planned, "dropout", 0.0),
         attention_dropout=m.attention_dropout,
     )
 
@@ -97,7 +104,7 @@ def saved_plan(meta: dict) -> Plan | None:
 def bpe_dropout_setting(cfg: RunConfig, tokenizer, planned: Plan | None) -> tuple[float, int]:
     """(rate, noisy passes) of BPE-dropout: the flags, else the plan; (0, 0) when off."""
     d = cfg.data
-    rate = d.bpe_dropout if d.bpe_dropout is not None else (planned.bpe_dropout if planned else 0.0)
+    rate = given_or_planned(d.bpe_dropout, planned, "bpe_dropout", 0.0)
     if not rate:
         return 0.0, 0
     if not supports_bpe_dropout(tokenizer):
@@ -263,7 +270,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
                         eval_batches=eval_batches, monitor=monitor,
                         monitor_mode="max" if monitor in HIGHER_IS_BETTER else "min", patience=patience,
                         min_delta=min_delta, save_every_steps=save_steps, save_every_s=save_s, l1=t.l1,
-                        ema=t.ema if t.ema is not None else (planned.ema if planned else 0.0))
+                        ema=given_or_planned(t.ema, planned, "ema", 0.0))
 
     task = LanguageModelTask(train_tokens, val_tokens, val_bytes, mc.context, micro_batch, device, t.seed,
                              label_smoothing=t.label_smoothing)
