@@ -105,6 +105,8 @@ class TrainConfig:
                             "4 times, else 0 = the raw weights)")
     beta1: float = opt(0.9, low=0, high=0.9999, help="Adam β1")
     beta2: float = opt(0.95, low=0, high=0.99999, help="Adam β2")
+    calibrate: bool = opt(True, help="after training, fit a temperature for the logits on the validation text "
+                          "(kept where it predicts held-out text better; the reported figure is cross-fitted)")
     grad_clip: float = opt(1.0, low=0, help="clip the gradient norm to this (0: no clipping)")
     precision: str = opt("auto", help="auto: bf16 where the device runs it fast, else fp32",
                          choices=("auto", "fp32", "bf16", "fp16"))

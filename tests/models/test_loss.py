@@ -6,17 +6,19 @@ from budgetlm.models import loss
 from budgetlm.models.loss import linear_cross_entropy
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_blockwise_loss_and_gradients_equal_the_plain_path(monkeypatch, reduction):
+def test_blockwise_loss_and_gradients_equal_the_plain_path(monkeypatch, reduction, smoothing):
     monkeypatch.setattr(loss, "BLOCK_ELEMENTS", 7 * 50)  # blocks of 7 rows: the last one is partial
     torch.manual_seed(0)
     hidden = torch.randn(4, 6, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 50, (4, 6))
     targets[0, :3] = -100  # ignored positions count neither in the sum nor in the mean
-    got = linear_cross_entropy(hidden, weight, targets, reduction)
+    got = linear_cross_entropy(hidden, weight, targets, reduction, smoothing)
     got_grads = torch.autograd.grad(2 * got, (hidden, weight))
-    expected = F.cross_entropy((hidden @ weight.T).flatten(0, 1), targets.flatten(), reduction=reduction)
+    expected = F.cross_entropy((hidden @ weight.T).flatten(0, 1), targets.flatten(), reduction=reduction,
+                               label_smoothing=smoothing)
     expected_grads = torch.autograd.grad(2 * expected, (hidden, weight))
     assert torch.allclose(got, expected)
     for a, b in zip(got_grads, expected_grads):

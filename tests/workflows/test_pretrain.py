@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -38,20 +39,41 @@ def test_short_run_lowers_validation_loss(play_file, tmp_path):
     assert {"step", "tokens", "elapsed_s", "val_loss", "val_bpb"} <= set(evals[0])
 
 
+def run_eval(model, data) -> dict:
+    done = subprocess.run([sys.executable, "-m", "budgetlm", "eval", "--model", str(model), "--data", str(data)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
 def test_reported_bpb_is_the_saved_models_nats_per_validation_byte(play_file, tmp_path):
-    """`eval` of the saved model on the validation text alone reproduces best_val_bpb and the
-    definition: total nats ÷ (UTF-8 bytes × ln 2)."""
+    """`eval` of the saved model on the validation text alone follows the definition, total nats ÷ (UTF-8 bytes ×
+    ln 2), and at temperature 1 reproduces uncalibrated_val_bpb; best_val_bpb is the calibrated model's figure,
+    cross-fitted, so the saved model, whose temperature was fitted on all of that text, reads at most that."""
     out = tmp_path / "run"
     main(["pretrain", "--data", str(play_file), "--max-steps", "10", "--out", str(out), *TINY])
     s = read_summary(out)
     _, (val_text,) = split_validation([play_file.read_text()], 0.1)
     (tmp_path / "val.txt").write_text(val_text)
-    done = subprocess.run([sys.executable, "-m", "budgetlm", "eval", "--model", str(out), "--data", str(tmp_path / "val.txt")],
-                          capture_output=True, text=True, check=True)
-    result = json.loads(done.stdout)
+    result = run_eval(out, tmp_path / "val.txt")
     assert result["bytes"] == len(val_text.encode())
     assert result["bpb"] == pytest.approx(result["loss"] * result["tokens"] / (result["bytes"] * math.log(2)), rel=1e-9)
-    assert result["bpb"] == pytest.approx(s["best_val_bpb"], rel=1e-4)
+    assert json.loads((out / "config.json").read_text())["temperature"] == s["temperature"]
+    assert result["bpb"] <= s["best_val_bpb"] * (1 + 1e-4) and s["best_val_bpb"] <= s["uncalibrated_val_bpb"]
+    raw = tmp_path / "raw"
+    shutil.copytree(out, raw)
+    config = json.loads((raw / "config.json").read_text())
+    (raw / "config.json").write_text(json.dumps({**config, "temperature": 1.0}))
+    assert run_eval(raw, tmp_path / "val.txt")["bpb"] == pytest.approx(s["uncalibrated_val_bpb"], rel=1e-4)
+
+
+def test_without_calibration_the_reported_bpb_is_the_raw_models(play_file, tmp_path):
+    out = tmp_path / "run"
+    main(["pretrain", "--data", str(play_file), "--max-steps", "10", "--no-calibrate", "--out", str(out), *TINY])
+    s = read_summary(out)
+    assert s["temperature"] == 1.0 and s["best_val_bpb"] == s["uncalibrated_val_bpb"]
+    _, (val_text,) = split_validation([play_file.read_text()], 0.1)
+    (tmp_path / "val.txt").write_text(val_text)
+    assert run_eval(out, tmp_path / "val.txt")["bpb"] == pytest.approx(s["best_val_bpb"], rel=1e-4)
 
 
 def test_budget_stops_the_run_on_time(play_file, tmp_path):
@@ -64,6 +86,13 @@ def test_budget_stops_the_run_on_time(play_file, tmp_path):
     assert s["wall_s"] <= 20 * 1.03
     assert wall <= 20 * 1.03 + 1.0  # the summary's clock and the outside clock agree
     assert s["steps"] > 10
+
+
+def test_a_batch_smaller_than_a_micro_batch_is_the_batch_asked_for(play_file, tmp_path):
+    out = tmp_path / "run"
+    small = [a for a in TINY if a not in ("--micro-batch", "8")]
+    main(["pretrain", "--data", str(play_file), "--max-steps", "3", "--batch-tokens", "128", "--out", str(out), *small])
+    assert read_summary(out)["tokens_seen"] == 3 * 128  # two sequences of 64 per step, not the default eight
 
 
 def test_seeded_runs_repeat(play_file, tmp_path):
@@ -89,6 +118,8 @@ def test_a_planned_run_on_a_repeated_text_averages_and_mixes(play_text, tmp_path
           "--out", str(out)])
     s = read_summary(out)
     assert s["ema"] == 0.998 and s["model"]["canon"] == 4
+    # many epochs make a model overconfident: the temperature fitted on held-out text is above 1 and pays
+    assert s["temperature"] > 1 and s["best_val_bpb"] < s["uncalibrated_val_bpb"]
     assert "Canon layers (4) and a moving average of the weights (0.998)" in capsys.readouterr().err
 
 

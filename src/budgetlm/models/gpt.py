@@ -30,6 +30,8 @@ class GPTConfig:
     rope_base: float = 10000.0
     logit_softcap: float = 0.0  # >0: logits = c·tanh(logits/c) (Gemma 2), 0 turns it off
     canon: int = 0              # kernel of the Canon mixes before attention and MLP (blocks.Canon); 0: none
+    temperature: float = 1.0    # logits are divided by it; fitted on held-out text after pretraining
+                                # (eval/calibration.py)
 
     @property
     def mlp_hidden(self) -> int:
@@ -81,11 +83,15 @@ class GPT(nn.Module):
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if not c.logit_softcap:
+            h = self._tempered(h)
         # tied input/output embedding
         logits = self.packed_head(h) if self.packed_head is not None else F.linear(h, self.embed.weight)
-        if self.config.logit_softcap > 0:
-            cap = self.config.logit_softcap
-            logits = cap * torch.tanh(logits / cap)
+        if c.logit_softcap > 0:
+            logits = c.logit_softcap * torch.tanh(logits / c.logit_softcap)
+            if c.temperature != 1:
+                logits = logits / c.temperature
         return logits
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, reduction: str = "mean",
@@ -105,10 +111,14 @@ class GPT(nn.Module):
         # Block-wise loss in eager training (+12-15% tokens/s in bf16, +4% in fp32, less memory); under
         # torch.compile Inductor fuses the plain path itself, and the block-wise one measured no better.
         if (torch.is_grad_enabled() and not torch.compiler.is_compiling() and reduction in ("mean", "sum")
-                and not label_smoothing and not self.config.logit_softcap):
-            return linear_cross_entropy(h, self.embed.weight, targets, reduction)
+                and not self.config.logit_softcap):
+            return linear_cross_entropy(self._tempered(h), self.embed.weight, targets, reduction, label_smoothing)
         return F.cross_entropy(self.logits(h).flatten(0, 1).float(), targets.flatten(), reduction=reduction,
                                label_smoothing=label_smoothing)
+
+    def _tempered(self, h: torch.Tensor) -> torch.Tensor:
+        # without a softcap the head is linear: dividing its input divides the logits, at a vocabulary-th of the cost
+        return h if self.config.temperature == 1 else h * (1 / self.config.temperature)
 
     def cast_weights(self, dtype: torch.dtype) -> "GPT":
         """Weights in `dtype` for inference (decoding reads every weight once per token, so bf16 halves

@@ -16,11 +16,12 @@ BLOCK_ELEMENTS = 2**22  # logits per block: 16 MB in fp32
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Sum over rows of cross_entropy(hidden @ weight.T, targets); targets of -100 are ignored.
-    hidden (rows, d) and weight (vocab, d) must share a dtype; logits are reduced in fp32."""
+    """Sum over rows of cross_entropy(hidden @ weight.T, targets, label_smoothing=smoothing); targets of -100
+    are ignored. hidden (rows, d) and weight (vocab, d) must share a dtype; logits are reduced in fp32."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                smoothing: float = 0.0) -> torch.Tensor:
         rows, vocab = hidden.shape[0], weight.shape[0]
         block = max(1, BLOCK_ELEMENTS // vocab)
         wide = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 when given fp64
@@ -35,13 +36,18 @@ class LinearCrossEntropy(torch.autograd.Function):
             # own exp of a copy of the logits
             logits = (h @ weight.T).to(wide)
             shifted = logits.sub_(logits.amax(dim=-1, keepdim=True))
-            target = shifted.gather(1, index).squeeze(1)
+            # the smoothed target puts 1 - smoothing on the label and smoothing / vocab on every token
+            target = shifted.gather(1, index).squeeze(1) * (1 - smoothing)
+            if smoothing:
+                target += shifted.mean(dim=-1) * smoothing
             grad = shifted.exp_()
             norm = grad.sum(dim=-1)
             total += ((norm.log() - target) * valid).sum()
-            # d(loss)/d(logits) = softmax - one-hot, zero on ignored rows
+            # d(loss)/d(logits) = softmax - smoothed target, zero on ignored rows
             grad.mul_((valid / norm)[:, None])
-            grad.scatter_add_(1, index, -valid[:, None].to(grad.dtype))
+            grad.scatter_add_(1, index, -(1 - smoothing) * valid[:, None].to(grad.dtype))
+            if smoothing:
+                grad.sub_((smoothing / vocab) * valid[:, None])
             grad = grad.to(hidden.dtype)
             grad_hidden[start : start + block] = grad @ weight
             grad_weight += grad.T @ h
@@ -51,17 +57,18 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight * grad_total.to(grad_weight.dtype), None
+        return (grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight * grad_total.to(grad_weight.dtype),
+                None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         reduction: str = "mean") -> torch.Tensor:
-    """cross_entropy(hidden @ weight.T, targets) for hidden (..., d), in the autocast dtype when autocast
-    is on; reduction "mean" (over targets that are not -100) or "sum"."""
+                         reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
+    """cross_entropy(hidden @ weight.T, targets, label_smoothing=…) for hidden (..., d), in the autocast dtype
+    when autocast is on; reduction "mean" (over targets that are not -100) or "sum"."""
     dtype = compute_dtype(hidden)
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     with torch.autocast(hidden.device.type, enabled=False):
-        total = LinearCrossEntropy.apply(hidden.to(dtype), weight.to(dtype), targets)
+        total = LinearCrossEntropy.apply(hidden.to(dtype), weight.to(dtype), targets, label_smoothing)
     if reduction == "sum":
         return total
     return total / (targets != -100).sum().clamp(min=1)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from budgetlm.data.tokens import WindowSampler, eval_windows
+from budgetlm.eval.calibration import Calibration, calibrate
 
 
 def evaluate_lm(forward: Callable, tokens: np.ndarray, n_bytes: int, context: int, batch: int,
@@ -75,3 +76,7 @@ class LanguageModelTask:
     def evaluate(self, forward: Callable, max_batches: int | None) -> dict[str, float]:
         return evaluate_lm(forward, self.val_tokens, self.val_bytes, self.context, self._eval_micro_batch,
                            self.device, max_batches)
+
+    def calibrate(self, model) -> Calibration:
+        """The temperature of `model` fitted on the validation stream (eval/calibration.py); under no_grad."""
+        return calibrate(model, self.val_tokens, self.val_bytes, self.context, self._eval_micro_batch, self.device)

@@ -64,6 +64,8 @@ class FitConfig:
                                       # gets evaluated and kept (0: off, the raw weights)
     ema_every: int = 4                # steps between updates of the average (each by the decay to that power):
                                       # the same average, at a fraction of the cost of reading all weights
+    final_evals: float = 1.0          # passes over all validation batches after the loop that the budget keeps
+                                      # time for: the final evaluation, and whatever the caller does after
 
 
 @dataclass
@@ -206,8 +208,8 @@ def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.
         return metrics
 
     def reserve_s() -> float:
-        # the final evaluation on all validation batches, one periodic one, and saving
-        return st.eval_s_per_batch * (task.eval_batch_count() + (st.eval_batches or 0)) + 2.0
+        # the final evaluations on all validation batches, one periodic one, and saving
+        return st.eval_s_per_batch * (cfg.final_evals * task.eval_batch_count() + (st.eval_batches or 0)) + 2.0
 
     def record_eval(metrics: dict) -> bool:
         """Log an evaluation and keep the weights if they are the best so far. True: stop early."""

@@ -150,6 +150,7 @@ def parse_early_stop(text: str | None, patience: int, min_delta: float) -> tuple
 
 
 HIGHER_IS_BETTER = {"val_accuracy", "val_macro_f1"}
+CALIBRATION_EVALS = 3  # time the temperature's fit takes, in evaluations of the whole validation text (measured)
 
 
 def prepare_out(out: Path) -> None:
@@ -248,6 +249,8 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
                                           runtime.autocast)
     else:
         micro_batch = planned.micro_batch if planned else 8
+        if asked_tokens is not None:  # a batch smaller than one planned micro-batch: fewer sequences per pass
+            micro_batch = max(1, min(micro_batch, asked_tokens // mc.context))
     micro_steps = max(1, round(batch_tokens / (micro_batch * mc.context)))
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
@@ -270,7 +273,8 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
                         eval_batches=eval_batches, monitor=monitor,
                         monitor_mode="max" if monitor in HIGHER_IS_BETTER else "min", patience=patience,
                         min_delta=min_delta, save_every_steps=save_steps, save_every_s=save_s, l1=t.l1,
-                        ema=given_or_planned(t.ema, planned, "ema", 0.0))
+                        ema=given_or_planned(t.ema, planned, "ema", 0.0),
+                        final_evals=1 + CALIBRATION_EVALS * t.calibrate)
 
     task = LanguageModelTask(train_tokens, val_tokens, val_bytes, mc.context, micro_batch, device, t.seed,
                              label_smoothing=t.label_smoothing)
@@ -299,10 +303,20 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
                      resume=snapshot, stop=stop, scaler=scaler,
                      run_meta={**identity, "micro_steps": fit_cfg.micro_steps}, on_eval=on_eval)
 
+    best = {"val_bpb": result.final["val_bpb"], "val_loss": result.final["val_loss"]}
+    if t.calibrate and result.stop_reason != "interrupted":
+        model.eval()
+        with torch.no_grad(), runtime.autocast():
+            calibration = task.calibrate(model)
+        if calibration.val_bpb < calibration.raw_val_bpb:  # cross-fitted: on positions the fit did not see
+            mc.temperature = calibration.temperature
+            best = {"val_bpb": calibration.val_bpb, "val_loss": calibration.val_loss}
     save_model(out, model, mc.to_dict(), tokenizer)
     summary = {
-        "best_val_bpb": result.final["val_bpb"],
-        "best_val_loss": result.final["val_loss"],
+        "best_val_bpb": best["val_bpb"],
+        "best_val_loss": best["val_loss"],
+        "temperature": mc.temperature,
+        "uncalibrated_val_bpb": result.final["val_bpb"],
         "best_step": result.best.get("step"),
         "tokens_seen": result.seen,
         "steps": result.steps,
@@ -331,8 +345,10 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     plot_losses(log.records, out / "loss.png", title=f"{mc.n_layer}×{mc.d_model} GPT, {summary['tokens_seen']:,} tokens")
     summary["wall_s"] = round(budget.elapsed(), 2)
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
+    calibrated = (f", at temperature {mc.temperature:.3f}; {summary['uncalibrated_val_bpb']:.4f} at 1"
+                  if mc.temperature != 1 else "")
     say_done(result, out, f"best validation {summary['best_val_bpb']:.4f} bits/byte (loss "
-             f"{summary['best_val_loss']:.4f}), {summary['tokens_per_s']:,.0f} tokens/s", summary["wall_s"])
+             f"{summary['best_val_loss']:.4f}{calibrated}), {summary['tokens_per_s']:,.0f} tokens/s", summary["wall_s"])
     return summary
 
 
