@@ -298,20 +298,19 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
 
     log = RunLog(out / "metrics.jsonl", quiet=quiet,
                  resume_step=snapshot.meta["loop"]["step"] if snapshot is not None else None)
-    with GracefulStop() as stop:
+    with GracefulStop() as stop:  # a signal after training, too, waits until the model is saved
         result = fit(model, forward, task, optimizer, fit_cfg, budget, runtime, log, checkpoints=checkpoints,
                      resume=snapshot, stop=stop, scaler=scaler,
                      run_meta={**identity, "micro_steps": fit_cfg.micro_steps}, on_eval=on_eval)
-
-    best = {"val_bpb": result.final["val_bpb"], "val_loss": result.final["val_loss"]}
-    if t.calibrate and result.stop_reason != "interrupted":
-        model.eval()
-        with torch.no_grad(), runtime.autocast():
-            calibration = task.calibrate(model)
-        if calibration.val_bpb < calibration.raw_val_bpb:  # cross-fitted: on positions the fit did not see
-            mc.temperature = calibration.temperature
-            best = {"val_bpb": calibration.val_bpb, "val_loss": calibration.val_loss}
-    save_model(out, model, mc.to_dict(), tokenizer)
+        best = {"val_bpb": result.final["val_bpb"], "val_loss": result.final["val_loss"]}
+        if t.calibrate and result.stop_reason != "interrupted":
+            model.eval()
+            with torch.no_grad(), runtime.autocast():
+                calibration = task.calibrate(model)
+            if calibration.val_bpb < calibration.raw_val_bpb:  # cross-fitted: on positions the fit did not see
+                mc.temperature = calibration.temperature
+                best = {"val_bpb": calibration.val_bpb, "val_loss": calibration.val_loss}
+        save_model(out, model, mc.to_dict(), tokenizer)
     summary = {
         "best_val_bpb": best["val_bpb"],
         "best_val_loss": best["val_loss"],
