@@ -64,8 +64,9 @@ class FitConfig:
                                       # gets evaluated and kept (0: off, the raw weights)
     ema_every: int = 4                # steps between updates of the average (each by the decay to that power):
                                       # the same average, at a fraction of the cost of reading all weights
-    final_evals: float = 1.0          # passes over all validation batches after the loop that the budget keeps
-                                      # time for: the final evaluation, and whatever the caller does after
+    final_eval: bool = True           # score the kept weights on all validation batches after the loop (off: the
+                                      # caller does, as pretraining's calibration)
+    reserve_evals: float = 1.0        # evaluations of all validation batches the budget keeps time for after the loop
 
 
 @dataclass
@@ -209,7 +210,7 @@ def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.
 
     def reserve_s() -> float:
         # the final evaluations on all validation batches, one periodic one, and saving
-        return st.eval_s_per_batch * (cfg.final_evals * task.eval_batch_count() + (st.eval_batches or 0)) + 2.0
+        return st.eval_s_per_batch * (cfg.reserve_evals * task.eval_batch_count() + (st.eval_batches or 0)) + 2.0
 
     def record_eval(metrics: dict) -> bool:
         """Log an evaluation and keep the weights if they are the best so far. True: stop early."""
@@ -373,7 +374,7 @@ def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.
     model.load_state_dict(best_state)
     if stop_reason == "interrupted":
         final = {k: v for k, v in st.best_metrics.items() if k.startswith("val_")}
-    elif st.eval_batches < task.eval_batch_count():
+    elif st.eval_batches < task.eval_batch_count() and cfg.final_eval:
         final = evaluate(None)
     else:
         final = {k: v for k, v in st.best_metrics.items() if k.startswith("val_")}
