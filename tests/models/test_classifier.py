@@ -164,3 +164,29 @@ def test_hf_encoder_body_ignores_padding():
     layers = body.layers()
     assert len(layers) == 1 + 2  # embeddings (and the pooler), then each layer
     assert sum(len(g) for g in layers) == len(list(body.parameters()))
+
+
+def test_hf_encoder_fast_paths_on_cpu_keep_the_outputs():
+    transformers = pytest.importorskip("transformers")
+    from budgetlm.models.blocks import Dropout
+    from budgetlm.models.hf_encoder import HFEncoder
+
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    body = HFEncoder.from_config(config.to_dict())
+    dropouts = [m for m in body.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(type(m) is Dropout for m in dropouts)
+    if not hasattr(body.model, "set_attn_implementation"):
+        pytest.skip("this transformers cannot switch attention after loading")
+    body.eval()
+    _, _, ids, mask = padded_pair()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        written_out = body(ids, mask)
+        assert body.model.config._attn_implementation == "eager"
+        body.model.set_attn_implementation("sdpa")
+        library = body.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(written_out[mask.bool()], library[mask.bool()], atol=0.05, rtol=0.05)
+    with torch.no_grad():
+        body(ids, mask)
+    assert body.model.config._attn_implementation == body.own_attention == "sdpa"  # fp32: the model's own choice
