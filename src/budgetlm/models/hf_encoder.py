@@ -79,8 +79,8 @@ class HFEncoder(nn.Module):
         """Attention written out ("eager") in bf16 on a CPU, as the GPT's is; the model's own choice (sdpa)
         elsewhere. A MiniLM fine-tuning step took 4% less time (docs/performance.md). Chosen per call because
         only here is it known whether autocast is on."""
-        bf16_cpu = ids.device.type == "cpu" and compute_dtype(self.model.get_input_embeddings().weight) == torch.bfloat16
-        want = "eager" if bf16_cpu else self.own_attention
+        weight = self.model.get_input_embeddings().weight
+        want = "eager" if ids.device.type == "cpu" and compute_dtype(weight) == torch.bfloat16 else self.own_attention
         if want != self.model.config._attn_implementation and hasattr(self.model, "set_attn_implementation"):
             self.model.set_attn_implementation(want)  # transformers >= 4.54; older ones keep their own choice
 
