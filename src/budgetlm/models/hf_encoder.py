@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from budgetlm.errors import UserError
-from budgetlm.models.blocks import Dropout, compute_dtype
+from budgetlm.models.blocks import Dropout, use_plain_attention
 
 
 def _transformers():
@@ -76,11 +76,11 @@ class HFEncoder(nn.Module):
         return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
 
     def _pick_attention(self, ids: torch.Tensor) -> None:
-        """Attention written out ("eager") in bf16 on a CPU, as the GPT's is; the model's own choice (sdpa)
-        elsewhere. A MiniLM fine-tuning step took 4% less time (docs/performance.md). Chosen per call because
-        only here is it known whether autocast is on."""
-        weight = self.model.get_input_embeddings().weight
-        want = "eager" if ids.device.type == "cpu" and compute_dtype(weight) == torch.bfloat16 else self.own_attention
+        """Attention written out ("eager") where the GPT's is (bf16 on a CPU, short sequences); the model's own
+        choice (sdpa) elsewhere. A MiniLM fine-tuning step took 4% less time (docs/performance.md). Chosen per
+        call because only here is it known whether autocast is on."""
+        weight = self.model.get_input_embeddings().weight  # on the inputs' device, in the autocast dtype if on
+        want = "eager" if use_plain_attention(weight, ids.shape[1]) else self.own_attention
         if want != self.model.config._attn_implementation and hasattr(self.model, "set_attn_implementation"):
             self.model.set_attn_implementation(want)  # transformers >= 4.54; older ones keep their own choice
 
