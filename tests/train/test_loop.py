@@ -1,5 +1,6 @@
 """The loop's own behaviour on a tiny regression task: accumulation, faults, out-of-memory, limits."""
 
+import json
 import math
 
 import pytest
@@ -263,3 +264,48 @@ def test_resuming_a_run_without_an_average_into_one_with_it_is_refused(tmp_path)
     model, task, opt, cfg = make(ema=0.9, eval_every_steps=1000)
     with pytest.raises(UserError, match="no moving average"):
         run(model, task, opt, cfg, Budget(max_steps=8), resume=snapshot)
+
+
+@pytest.fixture
+def device_decides(monkeypatch):
+    """The loop as it runs on a GPU: the skip decided on the device, and no tensor read on the host
+    while a step is queued (a read would make the host wait for the GPU)."""
+    from budgetlm.train import loop
+
+    monkeypatch.setattr(loop, "decides_on_device", lambda optimizer, device: getattr(optimizer, "_step_supports_amp_scaling", False))
+    queue_step = loop._train_step
+
+    def no_host_reads(*args, **kwargs):
+        def refuse(*_):
+            raise AssertionError("a training step read a tensor on the host")
+
+        with pytest.MonkeyPatch.context() as inside:
+            for name in ("__float__", "__bool__", "item", "tolist"):
+                inside.setattr(torch.Tensor, name, refuse)
+            return queue_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_train_step", no_host_reads)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_on_a_gpu_a_step_is_skipped_without_a_host_read(device_decides, optimizer):
+    model, task, _, cfg = make({"poison_steps": {3, 7}})
+    task = Recording(model, poison_steps={3, 7})
+    opt = build_optimizer(model, optimizer, lr=1e-2, weight_decay=0.1, device=CPU)
+    result = run(model, task, opt, cfg, Budget(max_steps=12))
+    assert result.state.skipped_steps == 2 and result.state.rollbacks == 0
+    for poisoned in (3, 7):  # the weights after the poisoned step are those before it
+        assert all(torch.equal(a, b) for a, b in zip(task.raw[poisoned], task.raw[poisoned + 1]))
+    assert not all(torch.equal(a, b) for a, b in zip(task.raw[4], task.raw[5]))
+    assert result.final["val_loss"] < result.state.evals[0]["val_loss"]
+
+
+def test_on_a_gpu_faults_are_counted_a_step_late_but_all_counted(device_decides, tmp_path):
+    log_path = tmp_path / "metrics.jsonl"
+    model, task, opt, cfg = make({"poison_steps": {12, 13, 14}}, save_every_steps=5)
+    result = fit(model, model, task, opt, cfg, Budget(max_steps=30), Runtime(CPU, "fp32", False),
+                 RunLog(log_path, quiet=True), checkpoints=Checkpoints(tmp_path / "ck"))
+    assert result.state.rollbacks == 1 and result.state.skipped_steps == 3
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "fault"] == [13, 14, 15]  # the loop's count after each
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -301,3 +301,34 @@ def test_muon_step_follows_its_rule_and_matches_torch():
     theirs.grad = grad.clone()
     torch.optim.Muon([theirs], lr=0.02, weight_decay=0.1, momentum=0.9, adjust_lr_fn="match_rms_adamw").step()
     assert torch.allclose(ours.detach(), theirs.detach(), atol=2e-3)  # theirs iterates in bf16
+
+
+# --- skipping a step on the device (GradScaler's found_inf) ------------------------------------------
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "muon"])
+def test_found_inf_skips_the_whole_update_and_zero_takes_it(name):
+    """found_inf 1: weights and optimizer state untouched, even with NaN gradients; 0: the same update
+    as without it. This is how a step's skip is decided without the host reading the loss."""
+    tokens = batch()
+    skipped, plain, flagged = tiny_gpt(), tiny_gpt(), tiny_gpt()
+    optimizers = [build(m, name) for m in (skipped, plain, flagged)]
+    assert all(getattr(o, "_step_supports_amp_scaling", False) for o in optimizers)
+    for model, optimizer in zip((skipped, plain, flagged), optimizers):
+        train_step(model, optimizer, tokens)  # state exists (momentum, step counts) before the test
+    before = copy.deepcopy((skipped.state_dict(), optimizers[0].state_dict()))
+    skipped(tokens[:, :-1], tokens[:, 1:]).backward()
+    for p in skipped.parameters():
+        p.grad.fill_(float("nan"))
+    optimizers[0].found_inf = torch.ones(())
+    optimizers[0].step()
+    after = (skipped.state_dict(), optimizers[0].state_dict())
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    states = [s["state"] for s in (before[1], after[1])]
+    assert all(torch.equal(states[0][i][k], states[1][i][k]) for i in states[0] for k in states[0][i])
+
+    train_step(plain, optimizers[1], tokens)
+    flagged(tokens[:, :-1], tokens[:, 1:]).backward()
+    optimizers[2].found_inf = torch.zeros(())
+    optimizers[2].step()
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), flagged.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(plain.parameters(), skipped.parameters()))

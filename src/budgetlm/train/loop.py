@@ -6,6 +6,7 @@ Everything the loop must carry across a resume lives in `LoopState`."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -14,7 +15,6 @@ from typing import Callable, Protocol
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
 
 from budgetlm.budget import Budget
 from budgetlm.errors import UserError
@@ -138,6 +138,25 @@ class FitResult:
         return self.state.seen / self.state.train_s if self.state.train_s > 0 else 0.0
 
 
+@dataclass
+class StepOutcome:
+    """One optimizer step's summed loss and gradient norm, left on the device until `read`: reading
+    waits for the step to finish, so the loop reads a step only after queueing the next."""
+    units: int
+    loss: torch.Tensor
+    grad_norm: torch.Tensor | None       # None under the fp16 scaler, whose own skips are no faults
+    step: int = 0                        # the loop's count after this step, and what it logs with it
+    seen: int = 0
+    progress: float = 0.0
+    lr: float = 0.0
+    _values: tuple[float, float | None] | None = None
+
+    def read(self) -> tuple[float, float | None]:
+        if self._values is None:
+            self._values = (float(self.loss), None if self.grad_norm is None else float(self.grad_norm))
+        return self._values
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, torch.OutOfMemoryError):
         return True
@@ -189,6 +208,7 @@ def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.
     sign = 1.0 if cfg.monitor_mode == "min" else -1.0
     recent_loss, recent_units = 0.0, 0
     last_log = -math.inf
+    pending: StepOutcome | None = None  # the last step, read once the next one is queued
 
     def evaluate(max_batches: int | None) -> dict:
         evaluated.eval()
@@ -259,6 +279,50 @@ def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.
         log.record(kind="rollback", step=st.step, elapsed_s=budget.elapsed(), lr_scale=st.lr_scale,
                    restored=str(path) if path else "best")
 
+    def account(outcome: StepOutcome) -> str | None:
+        """Count a finished step: a fault (and after repeated faults a rollback) or its loss, and log
+        it. Returns "diverged" when faults persist after every rollback."""
+        nonlocal recent_loss, recent_units, last_log
+        loss, grad_norm = outcome.read()
+        if not (math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))):
+            st.skipped_steps += 1
+            st.consecutive_faults += 1
+            log.record(kind="fault", step=outcome.step, elapsed_s=budget.elapsed(), loss=_json_number(loss),
+                       grad_norm=_json_number(grad_norm), skipped_steps=st.skipped_steps)
+            if st.consecutive_faults >= FAULTS_BEFORE_ROLLBACK:
+                if st.rollbacks >= MAX_ROLLBACKS:
+                    log.message(f"error: training keeps producing non-finite values after {MAX_ROLLBACKS} rollbacks "
+                                "with a halved learning rate; stopping and keeping the best weights. Try a lower --lr, "
+                                "--precision fp32 or a smaller --grad-clip.")
+                    return "diverged"
+                roll_back()
+            return None
+        st.consecutive_faults = 0
+        recent_loss += loss
+        recent_units += outcome.units
+        now = budget.elapsed()
+        if now - last_log >= cfg.log_every_s or outcome.step == 1:
+            train_loss = recent_loss / max(recent_units, 1)
+            rate = st.seen / st.train_s
+            log.record(kind="train", step=outcome.step, **{task.unit: outcome.seen}, elapsed_s=now, lr=outcome.lr,
+                       train_loss=train_loss, **{f"{task.unit}_per_s": rate}, grad_norm=_json_number(grad_norm),
+                       skipped_steps=st.skipped_steps)
+            log.show(outcome.progress, loss=train_loss, val=_val_text(st.evals[-1]), rate=rate, unit=task.unit,
+                     left_s=budget.remaining())
+            last_log, recent_loss, recent_units = now, 0.0, 0
+        return None
+
+    def settle() -> str | None:
+        """Account for the step still in flight, if any (before evaluating, saving or stopping)."""
+        nonlocal pending
+        if pending is None:
+            return None
+        outcome, pending = pending, None
+        started = time.monotonic()
+        outcome.read()
+        st.train_s += time.monotonic() - started  # the wait is the rest of that step's time
+        return account(outcome)
+
     # Size the periodic evaluation from the time of two batches (after one to warm up or compile).
     if st.eval_batches is None:
         st.eval_batches = cfg.eval_batches
@@ -294,7 +358,7 @@ def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.
         # update equals that of the whole batch at once.
         started = time.monotonic()
         try:
-            step_loss, units, grad_norm = _train_step(model, forward, task, optimizer, cfg, runtime, st.step, scaler)
+            outcome = _train_step(model, forward, task, optimizer, cfg, runtime, st.step, scaler)
         except (RuntimeError, torch.OutOfMemoryError) as e:
             if is_out_of_memory(e):
                 optimizer.zero_grad(set_to_none=True)  # the partial gradients hold memory too
@@ -304,51 +368,34 @@ def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.
             cfg.micro_steps *= 2
             log.message(f"warning: out of memory; retrying with micro-batch {task.micro_batch} × {cfg.micro_steps}")
             continue
+        st.step += 1
+        st.seen += outcome.units
+        outcome.step, outcome.seen, outcome.progress, outcome.lr = st.step, st.seen, progress, lr
+        if averaged is not None and st.step % cfg.ema_every == 0:
+            averaged.update_parameters(model)  # a skipped step left the weights as they were
+        # The previous step's numbers are read only now that this one is queued, so a GPU never
+        # waits for the host; on a CPU both are already computed.
+        previous, pending = pending, outcome
+        if previous is not None:
+            previous.read()
         duration = time.monotonic() - started
         st.train_s += duration
         session_steps += 1
         if session_steps > WARMUP_STEPS:
-            st.steady_seen += units
+            st.steady_seen += outcome.units
             st.steady_s += duration
         st.step_s = duration if st.step_s is None or session_steps <= WARMUP_STEPS else 0.8 * st.step_s + 0.2 * duration
-        st.step += 1
-        st.seen += units
-
-        finite = math.isfinite(step_loss) and (grad_norm is None or math.isfinite(grad_norm))
-        if not finite:
-            st.skipped_steps += 1
-            st.consecutive_faults += 1
-            log.record(kind="fault", step=st.step, elapsed_s=budget.elapsed(), loss=_json_number(step_loss),
-                       grad_norm=_json_number(grad_norm), skipped_steps=st.skipped_steps)
-            if st.consecutive_faults >= FAULTS_BEFORE_ROLLBACK:
-                if st.rollbacks >= MAX_ROLLBACKS:
-                    stop_reason = "diverged"
-                    log.message(f"error: training keeps producing non-finite values after {MAX_ROLLBACKS} rollbacks "
-                                "with a halved learning rate; stopping and keeping the best weights. Try a lower --lr, "
-                                "--precision fp32 or a smaller --grad-clip.")
-                    break
-                roll_back()
-            continue
-        st.consecutive_faults = 0
-        if averaged is not None and st.step % cfg.ema_every == 0:
-            averaged.update_parameters(model)
-        recent_loss += step_loss
-        recent_units += units
+        if previous is not None and account(previous) == "diverged":
+            stop_reason = "diverged"
+            break
 
         now = budget.elapsed()
-        if now - last_log >= cfg.log_every_s or st.step == 1:
-            train_loss = recent_loss / max(recent_units, 1)
-            rate = st.seen / st.train_s
-            log.record(kind="train", step=st.step, **{task.unit: st.seen}, elapsed_s=now, lr=lr,
-                       train_loss=train_loss, **{f"{task.unit}_per_s": rate}, grad_norm=_json_number(grad_norm),
-                       skipped_steps=st.skipped_steps)
-            log.show(progress, loss=train_loss, val=_val_text(st.evals[-1]), rate=rate, unit=task.unit,
-                     left_s=budget.remaining())
-            last_log, recent_loss, recent_units = now, 0.0, 0
-
         due = (cfg.eval_every_steps and st.step - st.last_eval_step >= cfg.eval_every_steps) or \
               (cfg.eval_every_s and now - st.last_eval_time >= cfg.eval_every_s)
         if due:
+            if settle() == "diverged":
+                stop_reason = "diverged"
+                break
             metrics = evaluate(st.eval_batches)
             early = record_eval(metrics)
             if hasattr(cfg.schedule, "observe"):
@@ -363,8 +410,13 @@ def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.
                 break
         if (cfg.save_every_steps and st.step - st.last_save_step >= cfg.save_every_steps) or \
            (cfg.save_every_s and budget.elapsed() - st.last_save_time >= cfg.save_every_s):
+            if settle() == "diverged":
+                stop_reason = "diverged"
+                break
             save_checkpoint()
 
+    if stop_reason != "diverged" and settle() == "diverged":
+        stop_reason = "diverged"
     if stop_reason == "interrupted":
         save_checkpoint()
     elif st.last_eval_step != st.step:  # the last weights, unless just evaluated
@@ -383,9 +435,9 @@ def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.
 
 
 def _train_step(model, forward, task, optimizer, cfg: FitConfig, runtime: Runtime, step: int,
-                scaler: torch.amp.GradScaler | None) -> tuple[float, int, float | None]:
-    """(summed loss, units, gradient norm or None) of one optimizer step; the update is skipped when
-    the loss or gradient is not finite."""
+                scaler: torch.amp.GradScaler | None) -> StepOutcome:
+    """One optimizer step, queued without waiting for the device where the optimizer allows it; the
+    update is skipped when the loss or gradient is not finite."""
     batches = [task.batch(step, m) for m in range(cfg.micro_steps)]
     units = sum(task.count(b) for b in batches)
     step_loss = torch.zeros((), device=runtime.device)
@@ -394,7 +446,7 @@ def _train_step(model, forward, task, optimizer, cfg: FitConfig, runtime: Runtim
         penalty = cfg.l1 * sum(p.abs().sum() for p in model.parameters() if p.dim() >= 2 and p.requires_grad)
         (scaler.scale(penalty) if scaler is not None else penalty).backward()
     for b in batches:
-        b = tuple(t.to(runtime.device, non_blocking=True) for t in b)
+        b = tuple(to_device(t, runtime.device) for t in b)
         with runtime.autocast():
             loss_sum = task.loss(forward, b)
         scaled = loss_sum / units
@@ -403,34 +455,75 @@ def _train_step(model, forward, task, optimizer, cfg: FitConfig, runtime: Runtim
     if scaler is not None:
         scaler.unscale_(optimizer)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    loss_value = float(step_loss)  # one host sync per step: the fault check needs it
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     if scaler is not None:
         # the scaler skips steps with inf/nan gradients itself and lowers its scale
         scaler.step(optimizer)
         scaler.update()
         grad_norm = None
-    elif math.isfinite(loss_value) and math.isfinite(grad_norm):
+    elif decides_on_device(optimizer, runtime.device):
+        optimizer.found_inf = (~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif math.isfinite(float(step_loss)) and math.isfinite(float(grad_norm)):  # the others decide on the host
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_value, units, grad_norm
+    return StepOutcome(units, step_loss, grad_norm)
 
 
-def moving_average(model: nn.Module, decay: float, every: int = 1) -> AveragedModel:
-    """An exponential moving average of `model`'s weights (Polyak averaging), `decay` per step, updated
-    every `every` steps. Evaluated in place of the raw weights, it smooths out the noise of the last
-    steps, worth most to small, noisy datasets. The decay ramps up as (1 + n) / (10 + n) over the first updates, so early
-    evaluations do not see an average dominated by the initial weights."""
-    if not 0 < decay < 1:
-        raise UserError(f"--ema must lie in (0, 1), e.g. 0.999; got {decay}")
-    decay = decay**every
+def decides_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> bool:
+    """Whether a step's skip (non-finite loss or gradient) is decided on the device: where the
+    optimizer takes GradScaler's `found_inf` (fused AdamW, Adam and SGD; budgetlm's Muon), as the
+    whole update is then skipped (step count included) without the host reading the loss and so
+    waiting for the GPU. A CPU has computed both already, so there the host decides, at no cost."""
+    return device.type != "cpu" and getattr(optimizer, "_step_supports_amp_scaling", False)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device` without making the host wait for the GPU's queue: a copy from pageable memory
+    would first wait for the stream, so batches for CUDA go through page-locked memory."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+class MovingAverage(nn.Module):
+    """An exponential moving average of a model's weights (Polyak averaging): `module` holds the
+    average, `n_averaged` the updates so far; the state dict is laid out as torch's AveragedModel's.
+    Written here because AveragedModel reads its update count on the host, which makes each update
+    wait for a GPU to finish its queue."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__()
+        self.module = copy.deepcopy(model)
+        self.decay = decay
+        device = next(model.parameters()).device
+        self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long, device=device))
 
     @torch.no_grad()
-    def update(averages: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
-        n = float(n_averaged)
-        torch._foreach_lerp_(averages, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+    def update_parameters(self, model: nn.Module) -> None:
+        averages, current = list(self.module.parameters()), [p.detach() for p in model.parameters()]
+        n = self.n_averaged.float()
+        # The decay ramps up as (1 + n) / (10 + n), so early evaluations do not see an average
+        # dominated by the initial weights; the first update copies.
+        rate = torch.where(n == 0, 1.0, 1.0 - torch.clamp((1.0 + n) / (10.0 + n), max=self.decay))
+        # average += rate · (current − average); _foreach_lerp_ with a tensor weight reads it on the host
+        torch._foreach_add_(averages, torch._foreach_mul(torch._foreach_sub(current, averages), rate))
+        buffers = list(self.module.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, list(model.buffers()))
+        self.n_averaged += 1
 
-    return AveragedModel(model, multi_avg_fn=update)
+
+def moving_average(model: nn.Module, decay: float, every: int = 1) -> MovingAverage:
+    """The moving average of `model`'s weights, `decay` per step, updated every `every` steps (each
+    update by the decay to that power). Evaluated in place of the raw weights, it smooths out the
+    noise of the last steps, worth most to small, noisy datasets."""
+    if not 0 < decay < 1:
+        raise UserError(f"--ema must lie in (0, 1), e.g. 0.999; got {decay}")
+    return MovingAverage(model, decay**every)
 
 
 def _val_text(metrics: dict) -> str:

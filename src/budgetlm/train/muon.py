@@ -90,17 +90,32 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # GradScaler's protocol, as fused AdamW keeps it: gradients still scaled by `grad_scale`, and
+        # `found_inf` 1 where the whole update must be skipped, decided on the device without a host read.
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        keep = None if found_inf is None else found_inf == 0
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            grads = [p.grad for p in params]
+            if grad_scale is not None:
+                grads = torch._foreach_div(grads, grad_scale)
+            if keep is not None:
+                # a skipped step sees its momentum as the gradient: every update below is then exactly nil
+                grads = [torch.where(keep, g, b) for g, b in zip(grads, bufs)]
+            # One kernel per list rather than per matrix: on a GPU the step is bound by launches.
+            torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
+            updates = torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
+            decay = 1 - group["lr"] * group["weight_decay"]
+            if keep is not None:
+                decay = torch.where(keep, decay, 1.0)
             by_shape: dict[tuple, list[tuple[nn.Parameter, torch.Tensor]]] = {}  # (rows, cols, device, dtype)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - group["momentum"])
-                update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+            for p, update in zip(params, updates):
                 by_shape.setdefault((*p.shape, p.device, p.dtype), []).append((p, update))
             for items in by_shape.values():
                 rows, cols = items[0][0].shape
@@ -111,11 +126,13 @@ class Muon(torch.optim.Optimizer):
                 per_batch = max(1, BATCH_ELEMENTS // (rows * cols))
                 for start in range(0, len(items), per_batch):
                     chunk = items[start : start + per_batch]
-                    updates = orthogonalize(torch.stack([u for _, u in chunk]), group["ns_steps"], group["eps"],
-                                            self.ns_dtype)
-                    for (p, _), update in zip(chunk, updates):
-                        p.mul_(1 - group["lr"] * group["weight_decay"])
-                        p.add_(update, alpha=-group["lr"] * scale)
+                    ortho = orthogonalize(torch.stack([u for _, u in chunk]), group["ns_steps"], group["eps"],
+                                          self.ns_dtype)
+                    weights, step_size = [p for p, _ in chunk], -group["lr"] * scale
+                    if keep is not None:
+                        step_size = torch.where(keep, step_size, 0.0)
+                    torch._foreach_mul_(weights, decay)
+                    torch._foreach_add_(weights, torch._foreach_mul(ortho.unbind(), step_size))
         return loss
 
 
@@ -130,6 +147,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.muon, self.adamw = muon, adamw
         super().__init__(muon.param_groups + adamw.param_groups, defaults={})
         self._share()
+        # GradScaler's grad_scale and found_inf reach both, where AdamW's (fused) kernel takes them
+        self._step_supports_amp_scaling = getattr(adamw, "_step_supports_amp_scaling", False)
 
     def _share(self) -> None:
         n = len(self.muon.param_groups)
@@ -141,8 +160,16 @@ class MuonWithAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.muon.step()
-        self.adamw.step()
+        for name in ("grad_scale", "found_inf"):
+            value = getattr(self, name, None)
+            for inner in (self.muon, self.adamw):
+                setattr(inner, name, value)
+        try:
+            self.muon.step()
+            self.adamw.step()
+        finally:
+            for inner in (self.muon, self.adamw):
+                del inner.grad_scale, inner.found_inf
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
