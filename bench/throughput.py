@@ -7,7 +7,8 @@ plus attention), HF Llama configured to the same shape (SwiGLU of the same width
 same precision, same fused AdamW, same clipping) once as it runs out of the box and once with budgetlm's allocator
 setting (runtime.keep_freed_memory, to show what that alone buys), the ratios and peak memory of each, and
 generation tokens/s with and without the KV cache. Each training measurement runs in a fresh subprocess, so peak
-memory is its own."""
+memory is its own. Everything runs on the GPU where one is visible, else on the CPU; on a GPU give more steps
+(--steps 100), since 8 take milliseconds there."""
 
 from __future__ import annotations
 
@@ -27,22 +28,32 @@ WORKERS = ("budgetlm", "hf", "hf_kept_memory")
 SHAPE = dict(n_layer=6, d_model=384, n_head=6, context=256, vocab_size=8192, micro_batch=8)
 
 
-def matmul_peak(dtype: torch.dtype, seconds: float = 3.0) -> float:
-    """GFLOP/s of large square matmuls; the size shrinks until one product takes under a second."""
-    n = 2048
+def matmul_peak(dtype: torch.dtype, device: torch.device, seconds: float = 3.0) -> float:
+    """GFLOP/s of large square matmuls on `device`: 8192² on a GPU; on a CPU the size shrinks until one
+    product takes under a second."""
+    n = 8192 if device.type == "cuda" else 2048
     while True:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
         start = time.perf_counter()
         a @ b
+        _synchronize(device)
         if time.perf_counter() - start < 1.0 or n <= 256:
             break
         n //= 2
     a @ b
+    _synchronize(device)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
+        for _ in range(10 if device.type == "cuda" else 1):
+            a @ b
+            count += 1
+        _synchronize(device)
     return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -90,14 +101,12 @@ def worker(which: str, steps: int, precision: str, compile_mode: str) -> dict:
     started = time.perf_counter()
     for _ in range(2):
         step()
+    _synchronize(device)
     warmup_s = time.perf_counter() - started
-    if device.type == "cuda":
-        torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(steps):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _synchronize(device)
     tps = steps * s["micro_batch"] * s["context"] / (time.perf_counter() - started)
     params = sum(p.numel() for p in model.parameters())
     return {"which": which, "tokens_per_s": tps, "params": params, "precision": precision, "compiled": compiled,
@@ -124,18 +133,20 @@ def generation_speed(new_tokens: int = 256, rounds: int = 3) -> dict:
     the weights packed as it packs them."""
     from budgetlm.models.gpt import GPT, GPTConfig
     from budgetlm.models.sampling import generate
-    from budgetlm.train.runtime import pick_precision, precision_dtype
+    from budgetlm.train.runtime import pick_device, pick_precision, precision_dtype
 
     s = SHAPE
+    device = pick_device("auto")
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=s["vocab_size"], context=s["context"], n_layer=s["n_layer"], n_head=s["n_head"],
                        d_model=s["d_model"], mlp="swiglu", mlp_ratio=4.0)
     fp32_weights = GPT(config).state_dict()
-    prompt = torch.zeros(1, 1, dtype=torch.long)
-    result = {"precision": pick_precision("auto", torch.device("cpu"))}
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+    result = {"precision": pick_precision("auto", device)}
     for precision in dict.fromkeys(("fp32", result["precision"])):
         model = GPT(config).eval()
         model.load_state_dict(fp32_weights)
+        model.to(device)
         model.cast_weights(precision_dtype(precision))
         result[f"{precision}_packed"] = model.pack_weights()
         speeds = {True: [], False: []}
@@ -145,6 +156,7 @@ def generation_speed(new_tokens: int = 256, rounds: int = 3) -> dict:
             for cached in (True, False):
                 started = time.perf_counter()
                 list(generate(model, prompt, new_tokens, temperature=0, use_cache=cached))
+                _synchronize(device)
                 speeds[cached].append(new_tokens / (time.perf_counter() - started))
         result[f"{precision}_cached"] = statistics.median(speeds[True])
         result[f"{precision}_uncached"] = statistics.median(speeds[False])
@@ -167,15 +179,16 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.steps, args.precision, args.compile)))
         return
 
-    from budgetlm.train.runtime import keep_freed_memory
+    from budgetlm.train.runtime import keep_freed_memory, pick_device
 
+    device = pick_device("auto")
     keep_freed_memory()  # as `budgetlm generate` does, for the generation figures
     # The peaks are measured again in every round: this machine's speed drifted by 2x within an hour, so a
     # fraction of the peak is only meaningful against a peak taken beside the run it divides.
     rounds: list[dict] = []
     runs: dict[str, list[dict]] = {which: [] for which in WORKERS}
     for r in range(args.rounds):
-        peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+        peaks = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
         print(f"round {r + 1} matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s",
               flush=True)
         for which in WORKERS:
