@@ -505,12 +505,17 @@ class MovingAverage(nn.Module):
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
         averages, current = list(self.module.parameters()), [p.detach() for p in model.parameters()]
-        n = self.n_averaged.float()
         # The decay ramps up as (1 + n) / (10 + n), so early evaluations do not see an average
         # dominated by the initial weights; the first update copies.
-        rate = torch.where(n == 0, 1.0, 1.0 - torch.clamp((1.0 + n) / (10.0 + n), max=self.decay))
-        # average += rate · (current − average); _foreach_lerp_ with a tensor weight reads it on the host
-        torch._foreach_add_(averages, torch._foreach_mul(torch._foreach_sub(current, averages), rate))
+        if self.n_averaged.device.type == "cpu":  # reading the count costs nothing here
+            n = int(self.n_averaged)
+            torch._foreach_lerp_(averages, current, 1.0 if n == 0 else 1.0 - min(self.decay, (1.0 + n) / (10.0 + n)))
+        else:
+            n = self.n_averaged.float()
+            rate = torch.where(n == 0, 1.0, 1.0 - torch.clamp((1.0 + n) / (10.0 + n), max=self.decay))
+            # average += rate · (current − average): _foreach_lerp_ with a tensor weight reads it on the
+            # host, and three list kernels cost a GPU less than one kernel per tensor (13× a lerp on a CPU)
+            torch._foreach_add_(averages, torch._foreach_mul(torch._foreach_sub(current, averages), rate))
         buffers = list(self.module.buffers())
         if buffers:
             torch._foreach_copy_(buffers, list(model.buffers()))
