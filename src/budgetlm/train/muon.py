@@ -68,6 +68,8 @@ class Muon(torch.optim.Optimizer):
     AdamW's learning rate and weight decay carry over (Liu et al. 2025); "original" uses
     √max(1, rows/cols) (Jordan et al. 2024)."""
 
+    _step_supports_amp_scaling = True  # takes GradScaler's grad_scale and found_inf (see step)
+
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_steps: int = 5, eps: float = 1e-7,
                  adjust_lr_fn: str = "match_rms_adamw", ns_dtype: torch.dtype = torch.float32):
