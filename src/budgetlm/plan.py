@@ -111,9 +111,9 @@ def device_peak(device: torch.device, dtype: torch.dtype) -> float:
     return peak
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
-    """FLOP/s of repeated square matmuls large enough to reach the device's steady state."""
-    n = 1024 if device.type == "cpu" else 4096
+def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.3, n: int | None = None) -> float:
+    """FLOP/s of repeated n × n matmuls, by default large enough to reach the device's steady state."""
+    n = n or (1024 if device.type == "cpu" else 4096)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
