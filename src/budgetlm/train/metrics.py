@@ -41,6 +41,7 @@ class RunLog:
                         bar_format="{l_bar}{bar}| {postfix}")
         self._shown = 0
         self._last_line = 0.0
+        self._last_loss: float | None = None
 
     def record(self, **fields) -> None:
         fields = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in fields.items()}
@@ -51,7 +52,9 @@ class RunLog:
 
     def show(self, progress: float, *, loss: float | None, val: str | None, rate: float, unit: str = "tokens",
              left_s: float | None, force: bool = False) -> None:
-        """Update the progress line: loss, latest validation figure, throughput, time left."""
+        """Update the progress line: loss, latest validation figure, throughput, time left. Without a
+        new loss (an evaluation's line) the last one is repeated, so every printed line carries one."""
+        loss = self._last_loss = loss if loss is not None else self._last_loss
         parts = []
         if loss is not None:
             parts.append(f"loss {loss:.3f}")
