@@ -102,7 +102,8 @@ def test_multiclass_numeric_labels_from_jsonl(tmp_path):
     assert summary["labels"] == ["1", "2", "10"]  # numeric order, as written
     assert summary["val_examples"] == 90  # 20% of each class: 30 + 60 from 150 + 300
     got = predict.run(out, texts=["the movie was neutral"])[0]
-    assert set(got["probs"]) == {"1", "2", "10"} and got["label"] in got["probs"]
+    assert set(got["probs"]) == {"1", "2", "10"} and str(got["label"]) in got["probs"]
+    assert type(got["label"]) is int  # as the JSON wrote it
 
 
 def test_lstm_baseline_trains_and_predict_loads_it(toy, tmp_path):

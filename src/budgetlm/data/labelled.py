@@ -43,34 +43,47 @@ def read_rows(path: str | Path) -> tuple[list[str], list[dict]]:
     return columns, rows
 
 
+def label_text(value) -> str:
+    """The text a label is compared by: a JSON or parquet 1 and a CSV "1" are the same class."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, (bool, int, float)):
+        return json.dumps(value)
+    return str(value)
+
+
 def labelled_from_rows(path: str | Path, columns: list[str], rows: list[dict], text_column: str,
-                       label_column: str) -> tuple[list[str], list[str]]:
-    """(texts, labels as strings) from rows read by `read_rows`, one per row, with every check applied."""
+                       label_column: str) -> tuple[list[str], list[str], dict[str, object]]:
+    """(texts, labels as text, the labels written as numbers or booleans by their text) from rows
+    read by `read_rows`, one per row, with every check applied."""
     for column, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
         if column not in columns:
             raise UserError(f"{path}: no column {column!r} (columns: {names(columns)}); "
                             f"choose one with {flag}")
     if not rows:
         raise UserError(f"{path}: holds no rows")
-    texts, labels = [], []
+    texts, labels, written = [], [], {}
     for k, row in enumerate(rows, 1):
         text, label = row.get(text_column), row.get(label_column)
         if text is None:
             raise UserError(f"{path}: row {k} has no value in column {text_column!r}")
-        if label is None or str(label).strip() == "":
+        if label is None or label_text(label) == "":
             raise UserError(f"{path}: row {k} has an empty label in column {label_column!r}; "
                             "every example needs a label")
         texts.append(str(text))
-        labels.append(str(label).strip())
+        labels.append(label_text(label))
+        if not isinstance(label, str):
+            written.setdefault(labels[-1], label)
     if len(set(labels)) < 2:
         raise UserError(f"{path}: every label is {labels[0]!r}; classification needs at least two classes "
                         f"(is {label_column!r} the right --label-column?)")
-    return texts, labels
+    return texts, labels, written
 
 
 def load_labelled(path: str | Path, text_column: str = "sentence",
-                  label_column: str = "label") -> tuple[list[str], list[str]]:
-    """(texts, labels as strings) from a .tsv, .csv, .jsonl or .parquet file."""
+                  label_column: str = "label") -> tuple[list[str], list[str], dict[str, object]]:
+    """(texts, labels as text, labels written as numbers or booleans) from a .tsv, .csv, .jsonl or
+    .parquet file."""
     columns, rows = read_rows(path)
     return labelled_from_rows(path, columns, rows, text_column, label_column)
 
@@ -115,18 +128,23 @@ def _number(label: str) -> float | None:
 
 @dataclass(frozen=True)
 class LabelMap:
-    """String labels ↔ class indices. Sorted, numerically when every label looks like a number,
-    so "2" < "10" and a 0/1 dataset keeps 0 → 0 and 1 → 1."""
+    """Labels (as text) ↔ class indices. Sorted, numerically when every label looks like a number,
+    so "2" < "10" and a 0/1 dataset keeps 0 → 0 and 1 → 1. `written` holds each label as the data
+    wrote it where some were numbers or booleans (JSON, parquet), so predictions can give them back
+    in kind; empty when every label was text."""
 
     labels: tuple[str, ...]
+    written: tuple = ()
 
     @classmethod
-    def from_labels(cls, labels: list[str]) -> LabelMap:
+    def from_labels(cls, labels: list[str], written: dict[str, object] | None = None) -> LabelMap:
         distinct = set(labels)
         numbers = {label: _number(label) for label in distinct}
         if all(v is not None for v in numbers.values()):
-            return cls(tuple(sorted(distinct, key=lambda label: (numbers[label], label))))
-        return cls(tuple(sorted(distinct)))
+            ordered = tuple(sorted(distinct, key=lambda label: (numbers[label], label)))
+        else:
+            ordered = tuple(sorted(distinct))
+        return cls(ordered, tuple(written.get(label, label) for label in ordered) if written else ())
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -138,24 +156,6 @@ class LabelMap:
             raise UserError(f"{source}: label(s) {', '.join(map(repr, unknown[:5]))} never occur in the training "
                             f"data (its labels: {', '.join(self.labels)})")
         return [index[label] for label in labels]
-
-    def decode(self, indices: list[int]) -> list[str]:
-        return [self.labels[i] for i in indices]
-
-    def to_json(self) -> str:
-        return json.dumps({"labels": list(self.labels)})
-
-    @classmethod
-    def from_json(cls, text: str) -> LabelMap:
-        try:
-            labels = json.loads(text)["labels"]
-        except (json.JSONDecodeError, TypeError, KeyError):
-            raise UserError('label map: expected a JSON object {"labels": [...]}') from None
-        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
-            raise UserError("label map: \"labels\" must be a list of strings")
-        if len(set(labels)) != len(labels):
-            raise UserError("label map: \"labels\" holds duplicates")
-        return cls(tuple(labels))
 
 
 def stratified_split(texts: list[str], labels: list[str], fraction: float,

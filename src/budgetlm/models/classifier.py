@@ -99,7 +99,7 @@ def body_class(kind: str) -> type[nn.Module]:
 class ClassifierConfig:
     body: str                            # gpt | hf | lstm
     body_config: dict                    # the body's own config, enough to rebuild it offline
-    labels: list[str]                    # class index → label as written in the training data
+    labels: list[str]                    # class index → label as text (as written, for a text label)
     pooling: str = "mean"
     dropout: float = 0.1
     max_length: int = 128                # inputs are truncated to this many tokens
@@ -107,6 +107,7 @@ class ClassifierConfig:
     label_column: str = "label"
     source: str = ""                     # where the body's weights came from
     members: int = 1                     # >1: an ensemble of this many classifiers of this config
+    label_values: list | None = None     # class index → label as written, where some were numbers or booleans
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

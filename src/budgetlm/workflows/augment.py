@@ -26,7 +26,7 @@ def run(src: str | Path, dst: str | Path, *, text_column: str = "sentence", labe
     if dst.exists() and dst.resolve() == src.resolve():
         raise UserError(f"{dst}: OUT is the input file; choose another name so the original is kept")
     columns, rows = read_rows(src)
-    texts, _ = labelled_from_rows(src, columns, rows, text_column, label_column)
+    texts, _, _ = labelled_from_rows(src, columns, rows, text_column, label_column)
     thesaurus = load_synonyms(synonyms) if cfg.needs_synonyms else None
     out_rows = []
     for i, row in enumerate(rows):

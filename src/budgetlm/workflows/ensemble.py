@@ -122,7 +122,7 @@ class Validation:
 
         setup_cpu(c.threads)
         self.device = pick_device(c.device)
-        _, _, self.texts, self.labels = load_data(c)
+        _, _, self.texts, self.labels, _ = load_data(c)
         self.source = c.val or "the validation split"
         self.models: list[torch.nn.Module] = []
         self.tokenizers = []

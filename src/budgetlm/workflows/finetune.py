@@ -72,18 +72,19 @@ MONITORS = ("val_accuracy", "val_macro_f1", "val_loss")
 WORD_VOCAB = 20000
 
 
-def load_data(c: FinetuneConfig) -> tuple[list[str], list[str], list[str], list[str]]:
-    """(train texts, train labels, validation texts, validation labels), labels as written."""
+def load_data(c: FinetuneConfig) -> tuple[list[str], list[str], list[str], list[str], dict[str, object]]:
+    """(train texts, train labels, validation texts, validation labels, the training labels written as
+    numbers or booleans), labels as text."""
     if not c.data:
         raise UserError("give the labelled training data with --data (a .tsv, .csv, .jsonl or .parquet file)")
-    texts, labels = load_labelled(c.data, c.text_column, c.label_column)
+    texts, labels, written = load_labelled(c.data, c.text_column, c.label_column)
     if c.val:
-        val_texts, val_labels = load_labelled(c.val, c.text_column, c.label_column)
-        return texts, labels, val_texts, val_labels
+        val_texts, val_labels, _ = load_labelled(c.val, c.text_column, c.label_column)
+        return texts, labels, val_texts, val_labels, written
     train_idx, val_idx = stratified_split(texts, labels, c.val_fraction,
                                           c.split_seed if c.split_seed is not None else c.seed)
     pick = lambda xs, idx: [xs[i] for i in idx]
-    return pick(texts, train_idx), pick(labels, train_idx), pick(texts, val_idx), pick(labels, val_idx)
+    return pick(texts, train_idx), pick(labels, train_idx), pick(texts, val_idx), pick(labels, val_idx), written
 
 
 def check_labels(label_map: LabelMap, n_train: int, c: FinetuneConfig) -> None:
@@ -216,8 +217,8 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
     precision = pick_precision(c.precision, device)
 
     # Data: labelled rows → train/validation split → label map → augmented training split.
-    train_texts, train_labels, val_texts, val_labels = load_data(c)
-    label_map = LabelMap.from_labels(train_labels)
+    train_texts, train_labels, val_texts, val_labels, written = load_data(c)
+    label_map = LabelMap.from_labels(train_labels, written)
     check_labels(label_map, len(train_texts), c)
     val_y = label_map.encode(val_labels, source=c.val or "the validation split")
     n_original = len(train_texts)
@@ -242,6 +243,7 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
         max_length = min(c.max_length, body.max_length or c.max_length)
         tokenizer = classification_tokenizer(tokenizer, max_length, wrap)
         mc = ClassifierConfig(body=body.kind, body_config=body.config_dict(), labels=list(label_map.labels),
+                              label_values=list(label_map.written) or None,
                               pooling=settings["pooling"], dropout=settings["dropout"], max_length=max_length,
                               text_column=c.text_column, label_column=c.label_column, source=c.model,
                               extra={"settings": settings})

@@ -40,12 +40,14 @@ def load_classifier(folder: str | Path, device: torch.device | str = "cpu") -> t
 
 def predict(model: nn.Module, config: dict, tok: Tokenizer, texts: list[str],
             device: torch.device | str = "cpu") -> list[dict]:
-    """One {"label", "probs"} per text, labels as written in the training data."""
+    """One {"label", "probs"} per text: the label as written in the training data (a JSON 1 stays a
+    number), the probabilities keyed by the labels' text."""
     if not texts:
         return []
     labels = config["labels"]
+    written = config.get("label_values") or labels
     probs = predict_probs(model, encode_texts(tok, texts), EVAL_BATCH, torch.device(device), model.pad_id)
-    return [{"label": labels[int(p.argmax())], "probs": {label: round(float(v), 6) for label, v in zip(labels, p)}}
+    return [{"label": written[int(p.argmax())], "probs": {label: round(float(v), 6) for label, v in zip(labels, p)}}
             for p in probs]
 
 
