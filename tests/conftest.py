@@ -39,3 +39,20 @@ def shared_data(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (shared benchmark data)")
     return path
+
+
+class HostReads:
+    """Counts reads of tensor values on the host (each one makes the host wait for a GPU's queue)."""
+
+    NAMES = ("__float__", "item", "tolist", "cpu", "numpy")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+
+            def counted(*args, _original=original, **kwargs):
+                self.count += 1
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)

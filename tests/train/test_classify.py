@@ -98,6 +98,25 @@ def test_task_batches_losses_and_evaluation():
     assert metrics["val_accuracy"] == pytest.approx(np.mean(truth == np.array(labels)))
 
 
+@pytest.mark.parametrize("ensemble", [False, True])
+def test_an_evaluation_reads_the_device_a_fixed_number_of_times(ensemble, monkeypatch):
+    from tests.conftest import HostReads
+
+    seqs, labels = seqs_and_labels()
+    model = tiny_model().eval()
+    prior = (np.full((40, 2), 0.5, dtype=np.float32), 1) if ensemble else None
+    reads = []
+    for eval_batch in (40, 4):  # one batch, then ten
+        task = ClassificationTask(seqs, labels, seqs, labels, micro_batch=8, eval_batch=eval_batch, prior=prior)
+        assert len(task.eval_batches) == 40 // eval_batch
+        with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+            counter = HostReads(patch)
+            metrics = task.evaluate(model, None)
+        reads.append(counter.count)
+        assert metrics["val_examples"] == 40
+    assert reads[0] == reads[1]
+
+
 def test_a_later_ensemble_member_is_evaluated_as_part_of_the_ensemble():
     seqs, labels = seqs_and_labels()
     model = tiny_model().eval()

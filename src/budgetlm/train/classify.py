@@ -18,6 +18,7 @@ from torch import nn
 from budgetlm.errors import UserError
 from budgetlm.eval.classification import scores
 from budgetlm.train.muon import MuonWithAdamW
+from budgetlm.train.runtime import to_device
 
 POOL_BATCHES = 50     # a shuffled pool of this many batches is sorted by length before it is cut
 EVAL_WINDOW = 8       # validation batches per length-sorted window of a fixed random order
@@ -170,25 +171,28 @@ class ClassificationTask:
         return len(self.eval_batches)
 
     def evaluate(self, forward: Callable, max_batches: int | None) -> dict[str, float]:
-        total, truth, guess, alone = 0.0, [], [], []
+        """Validation loss, accuracy and macro-F1; the per-batch results stay on the device until the
+        end, so a GPU is not made to wait after every batch."""
+        losses, truth, guess, alone = [], [], [], []
         for rows in self.eval_batches[:max_batches]:
             ids, mask = collate([self.val[i] for i in rows], self.pad_id)
-            labels = torch.from_numpy(self.val_labels[rows]).to(self.device)
-            logits = forward(ids.to(self.device), mask.to(self.device)).float()
+            logits = forward(to_device(ids, self.device), to_device(mask, self.device)).detach().float()
             if self.prior is not None:
-                alone.append(logits.argmax(-1).cpu().numpy())
+                alone.append(logits.argmax(-1))
                 prior_sum, n = self.prior
-                probs = (torch.from_numpy(prior_sum[rows]).to(logits) + logits.softmax(-1)) / (n + 1)
+                probs = (to_device(torch.from_numpy(prior_sum[rows]), self.device).to(logits)
+                         + logits.softmax(-1)) / (n + 1)
                 logits = probs.clamp(min=1e-30).log()  # the ensemble's, as log-probabilities
-            total += float(F.cross_entropy(logits, labels, reduction="sum"))
-            truth.append(labels.cpu().numpy())
-            guess.append(logits.argmax(-1).cpu().numpy())
-        truth, guess = np.concatenate(truth), np.concatenate(guess)
+            losses.append(F.cross_entropy(logits, to_device(torch.from_numpy(self.val_labels[rows]), self.device),
+                                          reduction="sum"))
+            truth.append(self.val_labels[rows])
+            guess.append(logits.argmax(-1))
+        truth, guess = np.concatenate(truth), torch.cat(guess).cpu().numpy()
         s = scores(truth, guess)
-        metrics = {"val_loss": total / len(truth), "val_accuracy": s["accuracy"], "val_macro_f1": s["macro_f1"],
-                   "val_examples": len(truth)}
+        metrics = {"val_loss": float(torch.stack(losses).sum()) / len(truth), "val_accuracy": s["accuracy"],
+                   "val_macro_f1": s["macro_f1"], "val_examples": len(truth)}
         if alone:
-            metrics["val_member_accuracy"] = float(np.mean(np.concatenate(alone) == truth))
+            metrics["val_member_accuracy"] = float(np.mean(torch.cat(alone).cpu().numpy() == truth))
         return metrics
 
 

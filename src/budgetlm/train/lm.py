@@ -11,19 +11,21 @@ import torch
 
 from budgetlm.data.tokens import WindowSampler, eval_windows
 from budgetlm.eval.calibration import Calibration, calibrate
+from budgetlm.train.runtime import to_device
 
 
 def evaluate_lm(forward: Callable, tokens: np.ndarray, n_bytes: int, context: int, batch: int,
                 device: torch.device, max_batches: int | None = None) -> dict[str, float]:
     """Loss per token, bits per byte and perplexity over the stream (or its first batches; bpb
-    then scales the bytes by the share of tokens seen)."""
-    total_nats, total_tokens = 0.0, 0
+    then scales the bytes by the share of tokens seen). The sums stay on the device until the end, so a
+    GPU is not made to wait after every batch."""
+    batch_nats, total_tokens = [], 0
     for i, (x, y) in enumerate(eval_windows(tokens, context, batch)):
         if max_batches is not None and i >= max_batches:
             break
-        nats = forward(x.to(device), y.to(device), reduction="sum")
-        total_nats += float(nats)
+        batch_nats.append(forward(to_device(x, device), to_device(y, device), reduction="sum").detach().float())
         total_tokens += int((y != -100).sum())
+    total_nats = float(torch.stack(batch_nats).cpu().double().sum()) if batch_nats else 0.0  # MPS has no float64
     all_tokens = len(tokens) - 1
     bytes_seen = n_bytes * total_tokens / all_tokens
     loss = total_nats / max(total_tokens, 1)

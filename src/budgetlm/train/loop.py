@@ -20,7 +20,7 @@ from budgetlm.budget import Budget
 from budgetlm.errors import UserError
 from budgetlm.train.metrics import RunLog
 from budgetlm.train.resume import Checkpoints, Snapshot
-from budgetlm.train.runtime import Runtime
+from budgetlm.train.runtime import Runtime, to_device
 from budgetlm.train.schedule import Schedule
 from budgetlm.train.signals import GracefulStop
 
@@ -479,14 +479,6 @@ def decides_on_device(optimizer: torch.optim.Optimizer, device: torch.device) ->
     whole update is then skipped (step count included) without the host reading the loss and so
     waiting for the GPU. A CPU has computed both already, so there the host decides, at no cost."""
     return device.type != "cpu" and getattr(optimizer, "_step_supports_amp_scaling", False)
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`t` on `device` without making the host wait for the GPU's queue: a copy from pageable memory
-    would first wait for the stream, so batches for CUDA go through page-locked memory."""
-    if device.type == "cuda" and t.device.type == "cpu":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
 
 
 class MovingAverage(nn.Module):
