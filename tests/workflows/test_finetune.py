@@ -274,3 +274,14 @@ def test_the_minilm_encoder_loads_trains_and_predicts(toy, tmp_path):
     assert summary["body"] == "hf" and summary["steps"] == 2 and summary["pooling"] == "mean"
     got = predict.run(out, texts=["a superb movie"])[0]
     assert set(got["probs"]) == {"neg", "pos"}
+
+
+def test_a_package_folder_points_to_the_model_folder_inside_it(toy, tmp_path):
+    train, dev = toy
+    (tmp_path / "package" / "model").mkdir(parents=True)
+    (tmp_path / "package" / "model" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"no config\.json.*one is inside: hf:.*package/model\)"):
+        finetune.run(config(train, dev, model=f"hf:{tmp_path / 'package'}", max_steps=2), tmp_path / "out", quiet=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"no config\.json; give a Hugging Face model folder$"):
+        finetune.run(config(train, dev, model=f"hf:{tmp_path / 'empty'}", max_steps=2), tmp_path / "out", quiet=True)

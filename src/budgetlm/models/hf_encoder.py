@@ -134,5 +134,7 @@ def load_hf_encoder(folder: str | Path) -> tuple[HFEncoder, Tokenizer]:
     if not folder.is_dir():
         raise UserError(f"hf:{folder}: no such folder; give a Hugging Face model folder (config.json, weights, tokenizer)")
     if not (folder / "config.json").is_file():
-        raise UserError(f"hf:{folder}: no config.json; give a Hugging Face model folder")
+        inside = sorted(p.parent for p in folder.glob("*/config.json"))
+        hint = f" (one is inside: hf:{inside[0]})" if inside else ""
+        raise UserError(f"hf:{folder}: no config.json; give a Hugging Face model folder{hint}")
     return HFEncoder.from_pretrained(folder), load_hf_tokenizer(folder)
