@@ -177,10 +177,14 @@ def test_frozen_embeddings_keep_the_pretrained_table_and_train_the_rest(pretrain
     assert not all(after[f"body.gpt.{k}"].equal(v) for k, v in before.items() if k != "embed.weight")
 
 
-def test_a_pretrained_body_stops_after_three_epochs_unless_told(pretrained, tmp_path, toy):
+def test_a_pretrained_body_stops_after_three_epochs_unless_told(pretrained, tmp_path, toy, monkeypatch):
     train, dev = toy
+    monkeypatch.setattr(finetune, "MIN_PRETRAINED_STEPS", 20)  # 400 examples, batch 32: 3 epochs are 37 steps
     capped = finetune.run(config(train, dev, model=str(pretrained), max_steps=None), tmp_path / "a", quiet=True)
     assert capped["stop_reason"] == "max_tokens" and capped["epochs"] == pytest.approx(3, abs=0.1)
+    monkeypatch.setattr(finetune, "MIN_PRETRAINED_STEPS", 100)  # small data: the epochs grow to give the steps
+    small = finetune.run(config(train, dev, model=str(pretrained), max_steps=None), tmp_path / "s", quiet=True)
+    assert small["stop_reason"] == "max_tokens" and small["steps"] == 100 and small["epochs"] == pytest.approx(8)
     told = finetune.run(config(train, dev, model=str(pretrained), max_steps=None, epochs=1), tmp_path / "b", quiet=True)
     assert told["epochs"] == pytest.approx(1, abs=0.1)
 
