@@ -68,7 +68,7 @@ EVALS_PER_RUN = 12  # a classifier's dev set is small: evaluating often costs ~4
 # 10-minute budget bought, and MiniLM's best evaluations came before its third epoch (docs/finetune.md).
 PRETRAINED_EPOCHS = 3.0
 # ... but takes at least this many optimizer steps: on 500 SST-2 examples 3 epochs are 47 steps and reached 0.61
-# dev accuracy, 15 epochs (235 steps) 0.65 — more than augmenting the examples fivefold bought (docs/finetune.md).
+# dev accuracy, 15 epochs (235 steps) 0.65 — as much as augmenting the examples fivefold bought (docs/finetune.md).
 MIN_PRETRAINED_STEPS = 500
 EMA_DECAY = 0.999
 MONITORS = ("val_accuracy", "val_macro_f1", "val_loss")
