@@ -38,7 +38,7 @@ from budgetlm.config import RunConfig, apply, load_toml
 from budgetlm.errors import UserError
 from budgetlm.train.checkpoint import atomic_write_bytes
 from budgetlm.workflows import pretrain
-from budgetlm.workflows.pretrain import prepare_out, say
+from budgetlm.report import prepare_out, say
 
 LIMITS = ("budget", "max_steps", "max_tokens")
 

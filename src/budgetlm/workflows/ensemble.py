@@ -29,7 +29,8 @@ from budgetlm.models.classifier import ClassifierConfig, Ensemble
 from budgetlm.train.checkpoint import atomic_write_bytes, load_model, save_model
 from budgetlm.train.classify import EVAL_BATCH, classification_tokenizer, encode_texts, predict_probs
 from budgetlm.train.runtime import pick_device, setup_cpu
-from budgetlm.workflows.pretrain import parse_count, prepare_out, say
+from budgetlm.report import prepare_out, say
+from budgetlm.workflows.pretrain import parse_count
 
 MAX_AUTO_MEMBERS = 4
 # auto: another member when the time left is at least this share of the first member's time (a member

@@ -51,15 +51,13 @@ from budgetlm.train.resume import Checkpoints, find_resume
 from budgetlm.train.runtime import Runtime, pick_device, pick_precision, setup_cpu
 from budgetlm.train.schedule import Schedule
 from budgetlm.train.signals import GracefulStop
+from budgetlm.report import prepare_out, say, say_done
 from budgetlm.workflows.pretrain import (
     HIGHER_IS_BETTER,
     LR_RELATIVE_TO_ADAMW,
     default_lr,
     parse_early_stop,
     parse_every,
-    prepare_out,
-    say,
-    say_done,
 )
 
 EVALS_PER_RUN = 12  # a classifier's dev set is small: evaluating often costs ~4% and finds the best weights

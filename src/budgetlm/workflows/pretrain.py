@@ -8,7 +8,6 @@ import dataclasses
 import json
 import math
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from budgetlm.data.tokenizer import default_vocab_size, load_tokenizer, train_to
 from budgetlm.data.tokens import bpe_dropout_tokens, cache_dir, cached_tokens, content_hash, supports_bpe_dropout
 from budgetlm.errors import UserError
 from budgetlm.models.gpt import GPT, GPTConfig
+from budgetlm.report import prepare_out, say, say_done
 from budgetlm.plan import Plan, bpe_passes, context_for, plan
 from budgetlm.train.batching import largest_micro_batch
 from budgetlm.train.checkpoint import atomic_write_bytes, save_model
@@ -39,10 +39,6 @@ from budgetlm.train.runtime import (
 )
 from budgetlm.train.schedule import Schedule
 from budgetlm.train.signals import GracefulStop
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def tokenizer_for(train_docs: list[str], cfg: RunConfig):
@@ -154,16 +150,6 @@ HIGHER_IS_BETTER = {"val_accuracy", "val_macro_f1"}
 # measured 1.4 on the default corpus' and 1.8 on tinyshakespeare's (a small text, where the fixed cost of the fit
 # shows; the reserve's 2 s of slack covers it)
 CALIBRATION_EVALS = 1.5
-
-
-def prepare_out(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to the output folder {out} ({e.strerror or e}); choose another --out") from None
 
 
 def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict:
@@ -354,15 +340,6 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     say_done(result, out, f"best validation {summary['best_val_bpb']:.4f} bits/byte (loss "
              f"{summary['best_val_loss']:.4f}{calibrated}), {summary['tokens_per_s']:,.0f} tokens/s", summary["wall_s"])
     return summary
-
-
-def say_done(result, out: Path, figures: str, wall_s: float) -> None:
-    """The run's last line: its figures, or after a signal how to resume it."""
-    if result.stop_reason == "interrupted":
-        say(f"stopped at step {result.steps}; best weights so far are in {out}. Resume with the same command "
-            f"and --resume auto --out {out}")
-    else:
-        say(f"done ({result.stop_reason}) in {format_duration(wall_s)}: {figures}; files in {out}")
 
 
 def _check_same_run(snapshot, identity: dict) -> None:

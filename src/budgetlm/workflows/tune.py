@@ -41,7 +41,8 @@ from budgetlm.workflows.compare import (
     warm_up,
     with_overrides,
 )
-from budgetlm.workflows.pretrain import model_config, prepare_out, say
+from budgetlm.report import prepare_out, say
+from budgetlm.workflows.pretrain import model_config
 
 LR_FACTOR = "lr_factor"
 

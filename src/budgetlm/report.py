@@ -1,0 +1,32 @@
+"""What a run tells its user on stderr, and the folder it writes to."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from budgetlm.budget import format_duration
+from budgetlm.errors import UserError
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def prepare_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to the output folder {out} ({e.strerror or e}); choose another --out") from None
+
+
+def say_done(result, out: Path, figures: str, wall_s: float) -> None:
+    """The run's last line: its figures, or after a signal how to resume it."""
+    if result.stop_reason == "interrupted":
+        say(f"stopped at step {result.steps}; best weights so far are in {out}. Resume with the same command "
+            f"and --resume auto --out {out}")
+    else:
+        say(f"done ({result.stop_reason}) in {format_duration(wall_s)}: {figures}; files in {out}")
