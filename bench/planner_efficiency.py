@@ -14,10 +14,11 @@ import time
 
 import torch
 
-from budgetlm.models.gpt import GPT, GPTConfig
+from budgetlm.models.gpt import GPT
+from budgetlm.models.config import ModelConfig
 from budgetlm.plan import LADDER, context_for, flops_per_token, matmul_peak
 from budgetlm.train.optim import build_optimizer
-from budgetlm.train.runtime import precision_dtype, setup_cpu
+from budgetlm.train.runtime import keep_freed_memory, precision_dtype, set_threads
 from common import training_step
 
 VOCAB = 4096
@@ -27,7 +28,7 @@ MICRO_BATCH = 8
 def tokens_per_s(n_layer: int, d_model: int, n_head: int, precision: str, steps: int) -> float:
     torch.manual_seed(0)
     context = context_for(d_model)
-    model = GPT(GPTConfig(vocab_size=VOCAB, context=context, n_layer=n_layer, n_head=n_head, d_model=d_model))
+    model = GPT(ModelConfig(vocab_size=VOCAB, context=context, n_layer=n_layer, n_head=n_head, d_model=d_model))
     optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device=torch.device("cpu"))
     x = torch.randint(0, VOCAB, (MICRO_BATCH, context))
     y = torch.randint(0, VOCAB, (MICRO_BATCH, context))
@@ -48,7 +49,8 @@ def main() -> None:
     ap.add_argument("--max-width", type=int, default=384)
     ap.add_argument("--out", help="write the rows as JSON here")
     args = ap.parse_args()
-    setup_cpu(None)
+    keep_freed_memory()
+    set_threads(None)
     rows = []
     for precision in args.precisions:
         dtype = precision_dtype(precision)

@@ -19,7 +19,8 @@ import torch
 
 
 def worker(keep: bool, steps: int) -> dict:
-    from budgetlm.models.gpt import GPT, GPTConfig
+    from budgetlm.models.config import ModelConfig
+    from budgetlm.models.gpt import GPT
     from budgetlm.train.optim import build_optimizer
     from budgetlm.train.runtime import keep_freed_memory, pick_precision, set_threads
     from common import training_step
@@ -30,7 +31,7 @@ def worker(keep: bool, steps: int) -> dict:
     device = torch.device("cpu")
     precision = pick_precision("auto", device)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=8192, context=256, n_layer=6, n_head=6, d_model=384))
+    model = GPT(ModelConfig(vocab_size=8192, context=256, n_layer=6, n_head=6, d_model=384))
     optimizer = build_optimizer(model, "muon", lr=3e-3, weight_decay=0.1, device=device)
     x, y = torch.randint(0, 8192, (2, 8, 256))
 

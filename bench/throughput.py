@@ -58,22 +58,25 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 def worker(which: str, steps: int, precision: str, compile_mode: str) -> dict:
     """Train `steps` timed steps (after 2 warm-up steps) and report tokens/s; runs in a subprocess."""
-    from budgetlm.models.gpt import GPT, GPTConfig
+    from budgetlm.models.config import ModelConfig
+    from budgetlm.models.gpt import GPT
+    from budgetlm.train.kernels import apply_kernels
     from budgetlm.train.optim import build_optimizer
     from budgetlm.train.runtime import keep_freed_memory, pick_device, pick_precision, set_threads, should_compile
     from common import training_step
 
     set_threads(None)
-    if which != "hf":  # budgetlm's own process setup (runtime.setup_cpu); "hf" runs as it does out of the box
+    if which != "hf":  # as the command line sets up its process (cli.main); "hf" runs as it does out of the box
         keep_freed_memory()
     device = pick_device("auto")
     precision = pick_precision(precision, device)
     s = SHAPE
     torch.manual_seed(0)
     if which == "budgetlm":
-        model = GPT(GPTConfig(vocab_size=s["vocab_size"], context=s["context"], n_layer=s["n_layer"], n_head=s["n_head"],
+        model = GPT(ModelConfig(vocab_size=s["vocab_size"], context=s["context"], n_layer=s["n_layer"], n_head=s["n_head"],
                               d_model=s["d_model"], mlp="swiglu", mlp_ratio=4.0)).to(device)
         compiled = should_compile(compile_mode, device)
+        apply_kernels(model, device, compiled=compiled)
         forward = torch.compile(model) if compiled else model
         step_loss = lambda x, y: forward(x, y)
         flops_per_token = model.flops_per_token()
@@ -125,14 +128,17 @@ def generation_speed(new_tokens: int = 256, rounds: int = 3) -> dict:
     """Greedy decoding at batch 1 at the reference shape, with and without the KV cache (alternating, the
     median of `rounds`), in fp32 and in the precision that `budgetlm generate` picks on this machine, with
     the weights packed as it packs them."""
-    from budgetlm.models.gpt import GPT, GPTConfig
+    from budgetlm.models.config import ModelConfig
+    from budgetlm.models.gpt import GPT
     from budgetlm.models.sampling import generate
+    from budgetlm.train.kernels import apply_kernels, cache_dtype
+    from budgetlm.train.packed import pack_for_inference
     from budgetlm.train.runtime import pick_device, pick_precision, precision_dtype
 
     s = SHAPE
     device = pick_device("auto")
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=s["vocab_size"], context=s["context"], n_layer=s["n_layer"], n_head=s["n_head"],
+    config = ModelConfig(vocab_size=s["vocab_size"], context=s["context"], n_layer=s["n_layer"], n_head=s["n_head"],
                        d_model=s["d_model"], mlp="swiglu", mlp_ratio=4.0)
     fp32_weights = GPT(config).state_dict()
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -142,14 +148,16 @@ def generation_speed(new_tokens: int = 256, rounds: int = 3) -> dict:
         model.load_state_dict(fp32_weights)
         model.to(device)
         model.cast_weights(precision_dtype(precision))
-        result[f"{precision}_packed"] = model.pack_weights()
+        apply_kernels(model, device)
+        result[f"{precision}_packed"] = pack_for_inference(model)
+        kv = cache_dtype(device, model.embed.weight.dtype)
         speeds = {True: [], False: []}
         for cached in (True, False):
-            list(generate(model, prompt, 8, temperature=0, use_cache=cached))  # warm up
+            list(generate(model, prompt, 8, temperature=0, use_cache=cached, cache_dtype=kv))  # warm up
         for _ in range(rounds):
             for cached in (True, False):
                 started = time.perf_counter()
-                list(generate(model, prompt, new_tokens, temperature=0, use_cache=cached))
+                list(generate(model, prompt, new_tokens, temperature=0, use_cache=cached, cache_dtype=kv))
                 _synchronize(device)
                 speeds[cached].append(new_tokens / (time.perf_counter() - started))
         result[f"{precision}_cached"] = statistics.median(speeds[True])

@@ -2,7 +2,7 @@ import time
 
 import pytest
 
-from budgetlm.budget import Budget, format_duration, parse_duration
+from budgetlm.budget import Budget, EarlyStop, Every, format_duration, parse_duration
 from budgetlm.errors import UserError
 
 
@@ -50,3 +50,33 @@ def test_exhausted_reasons():
 def test_no_limit_is_an_error():
     with pytest.raises(UserError, match="--budget"):
         Budget()
+
+
+def test_the_config_offers_exactly_the_optimizers_and_schedules_training_builds():
+    from budgetlm import config
+    from budgetlm.train import optim, schedule
+
+    assert set(config.OPTIMIZERS) == set(optim.OPTIMIZERS) == set(optim.OPTIM_ARGS)
+    assert set(config.SCHEDULES) == set(schedule.SCHEDULES)
+
+
+@pytest.mark.parametrize("text, steps, seconds", [("100", 100, None), ("30s", None, 30.0), ("1m30s", None, 90.0)])
+def test_intervals_are_read_once_into_steps_or_seconds(text, steps, seconds):
+    every = Every.parse(text)
+    assert (every.steps, every.seconds) == (steps, seconds)
+    assert Every.parse(str(every)) == every
+
+
+@pytest.mark.parametrize("text", ["0", "-3", "soon", "", "3x"])
+def test_bad_intervals_are_refused(text):
+    with pytest.raises(UserError):
+        Every.parse(text)
+
+
+def test_early_stopping_rules_are_read_once_with_their_direction():
+    rule = EarlyStop.parse("val_accuracy,3,0.01")
+    assert (rule.metric, rule.patience, rule.min_delta, rule.mode) == ("val_accuracy", 3, 0.01, "max")
+    assert EarlyStop.parse("val_bpb,2").mode == "min"
+    for bad in ("val_bpb", "val_bpb,x", ",3", "val_bpb,-1"):
+        with pytest.raises(UserError):
+            EarlyStop.parse(bad)

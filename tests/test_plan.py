@@ -29,11 +29,16 @@ def test_a_small_corpus_plans_a_smaller_model_than_a_large_one():
     assert small.d_model < large.d_model
 
 
-def test_five_minutes_on_tinyshakespeare_plans_the_measured_best_size():
-    # docs/planner.md: at 5 minutes on this CPU a sweep of sizes found 4x128 best
-    p = plan(300, train_tokens=300_000, vocab=2048, device=CPU, precision="fp32", peak_flops=PEAK)
-    assert shape(p) == (4, 128)
-    assert p.context == 256
+@pytest.mark.parametrize("train_tokens", [3_000, 300_000, 3_000_000, 10**9])
+@pytest.mark.parametrize("budget_s", [30, 300, 3000, 30000])
+def test_the_memorization_guard_holds_at_every_budget(train_tokens, budget_s):
+    """No planned body holds more than MAX_PARAMS_PER_TOKEN parameters per unique training token, unless it is
+    the ladder's smallest; and on the same data more budget never plans a smaller model."""
+    p = plan(budget_s, train_tokens=train_tokens, vocab=4096, device=CPU, precision="fp32", peak_flops=PEAK)
+    body = 12 * p.n_layer * p.d_model**2
+    assert body <= planner.MAX_PARAMS_PER_TOKEN * train_tokens or (p.n_layer, p.d_model) == LADDER[0][:2]
+    more = plan(budget_s * 4, train_tokens=train_tokens, vocab=4096, device=CPU, precision="fp32", peak_flops=PEAK)
+    assert (more.n_layer, more.d_model) >= (p.n_layer, p.d_model)
 
 
 def test_a_larger_vocabulary_keeps_the_shape_on_a_small_corpus():

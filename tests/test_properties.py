@@ -1,5 +1,6 @@
 """Property tests: whatever bytes, encodings, lines or values come in, the outcome is a result or a
-clean UserError, never another exception."""
+clean one-line UserError, never another exception; and what is accepted keeps its meaning (a config value
+survives a TOML round trip, a duration its formatting)."""
 
 import json
 import string
@@ -7,7 +8,9 @@ import string
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from budgetlm.budget import parse_duration
+import tomllib
+
+from budgetlm.budget import format_duration, parse_duration
 from budgetlm.config import (
     DataConfig,
     ModelConfig,
@@ -15,6 +18,7 @@ from budgetlm.config import (
     TrainConfig,
     apply,
     resolve,
+    to_toml,
 )
 from budgetlm.data.sources import load_corpus, split_validation
 from budgetlm.errors import UserError
@@ -81,7 +85,17 @@ scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=
     [f for cls in SECTIONS.values() for f in cls.__dataclass_fields__]), st.text(max_size=10)), value=scalar)
 def test_config_values(table, key, value):
     run = RunConfig()
-    outcome(apply, getattr(run, table), {key: value})
+    before = to_toml(run)
+    result = outcome(apply, getattr(run, table), {key: value})
+    if isinstance(result, UserError):
+        assert to_toml(run) == before  # a refused value changes nothing
+        return
+    # an accepted value is stored typed and comes back the same from the TOML the run would save
+    path_text = to_toml(run)
+    again = RunConfig()
+    for name, values in tomllib.loads(path_text).items():
+        apply(getattr(again, name), values)
+    assert getattr(getattr(again, table), key) == getattr(getattr(run, table), key)
 
 
 @FAST
@@ -96,4 +110,14 @@ def test_config_files_of_any_text(tmp_path_factory, doc):
 @given(text=st.text(max_size=12))
 def test_durations(text):
     result = outcome(parse_duration, text)
-    assert isinstance(result, UserError) or result > 0
+    if not isinstance(result, UserError):
+        assert result > 0
+        if result >= 0.5:  # formatting rounds to whole seconds and reads back as those seconds
+            assert parse_duration(format_duration(result)) == max(1, round(result))
+
+
+@FAST
+@given(seconds=st.integers(min_value=1, max_value=10**6))
+def test_whole_seconds_format_and_parse_back_exactly(seconds):
+    assert parse_duration(format_duration(seconds)) == seconds
+    assert parse_duration(f"{seconds}s") == parse_duration(str(seconds)) == seconds

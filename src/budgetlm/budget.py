@@ -32,6 +32,66 @@ def parse_duration(text: str | float | int) -> float:
     return seconds
 
 
+HIGHER_IS_BETTER = {"val_accuracy", "val_macro_f1"}
+
+
+@dataclass(frozen=True)
+class Every:
+    """An interval: every `steps` optimizer steps, or every `seconds` of the budget's clock."""
+    steps: int | None = None
+    seconds: float | None = None
+
+    @classmethod
+    def parse(cls, text) -> "Every":
+        """"100" → every 100 steps; "30s" → every 30 seconds."""
+        if isinstance(text, Every):
+            return text
+        if isinstance(text, int) and not isinstance(text, bool):
+            text = str(text)
+        if not isinstance(text, str):
+            raise UserError(f"an interval must be a number of steps or a duration like 30s, not {text!r}")
+        if text.strip().isdigit():
+            if int(text) < 1:
+                raise UserError(f"an interval of {text} steps must be at least 1")
+            return cls(steps=int(text))
+        return cls(seconds=parse_duration(text))
+
+    def __str__(self) -> str:
+        return str(self.steps) if self.steps else f"{self.seconds:g}s"
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """Keep the best weights by `metric`; stop after `patience` evaluations without an improvement of at
+    least `min_delta` (patience 0: never stop)."""
+    metric: str = "val_loss"
+    patience: int = 0
+    min_delta: float = 0.0
+
+    @property
+    def mode(self) -> str:
+        return "max" if self.metric in HIGHER_IS_BETTER else "min"
+
+    @classmethod
+    def parse(cls, text) -> "EarlyStop":
+        """"val_bpb,3,0.001" → EarlyStop("val_bpb", 3, 0.001)."""
+        if isinstance(text, EarlyStop):
+            return text
+        parts = [p.strip() for p in str(text).split(",")]
+        try:
+            if not 2 <= len(parts) <= 3 or not parts[0]:
+                raise ValueError
+            rule = cls(parts[0], int(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0)
+        except ValueError:
+            raise UserError(f"--early-stop {text!r}: write metric,patience[,min_delta], e.g. val_bpb,3,0.001") from None
+        if rule.patience < 0 or not rule.min_delta >= 0:
+            raise UserError(f"--early-stop {text!r}: patience and min_delta must not be negative")
+        return rule
+
+    def __str__(self) -> str:
+        return f"{self.metric},{self.patience},{self.min_delta:g}"
+
+
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     h, rest = divmod(seconds, 3600)

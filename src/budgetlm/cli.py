@@ -85,14 +85,14 @@ def _baseline(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from budgetlm.workflows import finetune
+    from budgetlm.workflows import ensemble
 
     cfg = resolve(FinetuneRunConfig, {"finetune": FinetuneConfig}, args.config, vars(args))
     if args.print_config:
         print(to_toml(cfg))
         return 0
     out = Path(args.out) if args.out else _default_out()
-    return _exit_code(finetune.run(cfg.finetune, out, quiet=args.quiet))
+    return _exit_code(ensemble.run(cfg.finetune, out, quiet=args.quiet))
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from budgetlm.train.runtime import keep_freed_memory
+
+    keep_freed_memory()  # process-wide: for the command line's own process, not for a program importing budgetlm
     try:
         return args.func(args)
     except UserError as e:

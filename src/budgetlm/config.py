@@ -1,48 +1,36 @@
 """Typed run configuration: dataclasses with defaults, loadable from TOML, overridden by flags.
 
 Each field of a section becomes a command-line flag of the same name (`n_layer` → `--n-layer`), so
-flags and code cannot drift apart. Field metadata holds the help text and the allowed values."""
+flags and code cannot drift apart. Field metadata holds the help text and the allowed values. Settings
+written as text ("5m", "30s", "val_bpb,3") are parsed into typed values when the config is built, so a
+bad value is refused before any work starts and a workflow never parses a string."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
-import json
-import math
+import difflib
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
+from budgetlm.budget import EarlyStop, Every, format_duration
 from budgetlm.errors import UserError
-from budgetlm.train.optim import OPTIMIZERS
-from budgetlm.train.schedule import SCHEDULES
+from budgetlm.models.config import SIZES, ModelConfig
+from budgetlm.settings import Section, _base_type, _coerce, _hints, count_or_auto, duration, flag_name, opt
 
-
-def opt(default: Any = None, help: str = "", choices: tuple | None = None, factory=None, flag: str | None = None,
-        low: float | None = None, high: float | None = None, above: float | None = None):
-    """A config field with its help text, its allowed values (choices, or numbers in [low, high] or
-    above `above`) and (rarely) a flag name of its own."""
-    meta = {"help": help, "choices": choices, "flag": flag, "low": low, "high": high, "above": above}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-SIZES = {
-    # name: (n_layer, d_model, n_head)
-    "tiny": (2, 128, 2),
-    "small": (4, 256, 4),
-    "base": (6, 384, 6),
-    "medium": (8, 512, 8),
-    "large": (12, 768, 12),
-}
+# Names only: train/optim.py and train/schedule.py build them (a test checks both lists agree).
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adafactor", "lamb", "muon")
+SCHEDULES = ("wsd", "cosine", "linear", "constant", "step", "exponential", "inverse-sqrt", "plateau")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     data: list[str] = opt(factory=list, help="text: .txt/.md files, folders, globs, .jsonl/.csv/.tsv/.parquet, "
                           "or a Hugging Face dataset; several allowed (default: Shakespeare's complete works)")
     val: list[str] = opt(factory=list, help="validation text (default: a held-out tail of --data)")
@@ -59,72 +47,74 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    size: str | None = opt(None, help="preset size", choices=tuple(SIZES))
-    n_layer: int | None = opt(None, low=1, help="Transformer blocks")
-    d_model: int | None = opt(None, low=8, help="width of the residual stream")
-    n_head: int | None = opt(None, low=1, help="attention heads")
-    context: int | None = opt(None, low=2, help="context length in tokens")
-    mlp: str = opt("relu2", help="feed-forward type", choices=("relu2", "swiglu"))
-    mlp_ratio: float = opt(4.0, above=0, help="feed-forward width ÷ d_model")
-    dropout: float | None = opt(None, low=0, high=0.95, help="dropout on embeddings and residual branches "
-                                "(default: planned, 0.1 when the budget repeats the text more than 4 times, else 0)")
-    attention_dropout: float = opt(0.0, low=0, high=0.95, help="dropout on attention probabilities (default 0: "
-                                   "a random mask over every score, slow on a CPU; docs/planner.md)")
-    logit_softcap: float = opt(0.0, low=0, help="cap logits at ±c with c·tanh(x/c); 0 turns it off")
-    canon: int | None = opt(None, low=0, help="Canon layers: mix each position with the previous canon-1 before "
-                            "attention and MLP, a causal per-channel convolution (default: planned, 4 when the budget "
-                            "repeats the text more than 4 times, else 0 = off)")
-
-
-@dataclass
-class TrainConfig:
-    budget: str | None = opt(None, help="wall-clock budget, e.g. 90s, 5m, 1h30m (evaluation and saving count)")
+class TrainingSettings(Section):
+    """What every training command takes: limits, optimizer, schedule, regularization, precision,
+    evaluation, checkpoints. Pretraining and fine-tuning extend it and change some defaults."""
+    budget: float | None = opt(None, parse=duration, help="wall-clock budget, e.g. 90s, 5m, 1h30m (data "
+                               "preparation, evaluation and saving count)")
     max_steps: int | None = opt(None, low=1, help="stop after this many optimizer steps")
-    max_tokens: int | None = opt(None, low=1, help="stop after this many training tokens")
-    batch_tokens: str | None = opt(None, help="tokens per optimizer step (the effective batch), or auto")
-    micro_batch: int | None = opt(None, low=1, help="sequences per forward pass; accumulation fills batch_tokens")
-    # Muon: 2.104 vs AdamW's 2.163 bpb at 5 minutes on tinyshakespeare, 2.20 vs 2.38 at 60 s (docs/toolbox.md)
-    optim: str = opt("muon", help="optimizer", choices=OPTIMIZERS)
+    optim: str | None = opt("muon", help="optimizer", choices=OPTIMIZERS)
     optim_args: str | None = opt(None, help="extra optimizer arguments, e.g. momentum=0.9,nesterov=false")
     lr: float | None = opt(None, above=0, help="peak learning rate (default: from the model width and optimizer)")
     min_lr_ratio: float = opt(0.0, low=0, high=1, help="learning-rate floor as a fraction of the peak")
     warmup: float = opt(0.02, low=0, help="linear warmup: a fraction of the budget (<1) or a number of steps (>=1)")
     schedule: str = opt("wsd", help="learning-rate schedule after warmup", choices=SCHEDULES)
-    schedule_clock: str = opt("time", help="what schedules count: the budget's clock (time) or optimizer steps",
-                              choices=("time", "steps"))
     decay_fraction: float = opt(0.4, low=0, high=1, help="wsd: share of the budget spent decaying to the floor")
-    gamma: float = opt(0.1, above=0, high=1, help="step and plateau: factor per reduction; exponential: total decay over the run")
-    step_size: float = opt(0.25, above=0, help="step: interval between reductions (<1: fraction of the budget; >=1: steps)")
+    gamma: float = opt(0.1, above=0, high=1,
+                       help="step and plateau: factor per reduction; exponential: total decay over the run")
+    step_size: float = opt(0.25, above=0,
+                           help="step: interval between reductions (<1: fraction of the budget; >=1: steps)")
     plateau_patience: int = opt(2, low=1, help="plateau: evaluations without improvement before the rate is reduced")
-    weight_decay: float = opt(0.1, low=0, help="decoupled weight decay (L2) on weight matrices")
-    l1: float = opt(0.0, low=0, help="L1 penalty on weight matrices, added to the loss")
+    weight_decay: float | None = opt(0.1, low=0, help="decoupled weight decay (L2) on weight matrices")
     label_smoothing: float = opt(0.0, low=0, high=0.99, help="label smoothing of the training loss")
     ema: float | None = opt(None, low=0, high=0.99999, help="evaluate and keep a moving average of the weights with "
                             "this decay per step (default: planned, 0.998 when the budget repeats the text more than "
                             "4 times, else 0 = the raw weights)")
     beta1: float = opt(0.9, low=0, high=0.9999, help="Adam β1")
     beta2: float = opt(0.95, low=0, high=0.99999, help="Adam β2")
-    calibrate: bool = opt(True, help="after training, fit a temperature for the logits on the validation text "
-                          "(kept where it predicts held-out text better; the reported figure is cross-fitted)")
     grad_clip: float = opt(1.0, low=0, help="clip the gradient norm to this (0: no clipping)")
     precision: str = opt("auto", help="auto: bf16 where the device runs it fast, else fp32",
                          choices=("auto", "fp32", "bf16", "fp16"))
-    compile: str = opt("auto", help="torch.compile the model (auto: on CUDA, and on CPU for budgets of 10m or more)",
-                       choices=("auto", "on", "off"))
     device: str = opt("auto", help="auto, cpu, cuda, cuda:N or mps")
-    eval_every: str | None = opt(None, help="evaluate every N steps or a duration like 30s (default: ~12 times a run)")
-    eval_tokens: int | None = opt(None, low=1, help="validation tokens per periodic evaluation (default: fit ~0.5%% of the "
-                                  "budget); the final evaluation always uses all")
-    early_stop: str | None = opt(None, help="early stopping as metric,patience[,min_delta], e.g. val_bpb,3,0.001")
-    patience: int = opt(0, low=0, help="stop after this many evaluations without improvement in val_loss (0: never)")
-    min_delta: float = opt(0.0, low=0, help="smallest improvement of the monitored metric that counts")
-    save_every: str | None = opt(None, help="save a resumable checkpoint every N steps or a duration like 30s")
+    eval_every: Every | None = opt(None, parse=Every.parse, help="evaluate every N steps or a duration like 30s "
+                                   "(default: ~12 times a run)")
+    early_stop: EarlyStop | None = opt(None, parse=EarlyStop.parse, help="early stopping as metric,patience"
+                                       "[,min_delta], e.g. val_bpb,3,0.001")
+    save_every: Every | None = opt(None, parse=Every.parse, help="save a resumable checkpoint every N steps or a "
+                                   "duration like 30s")
     keep_checkpoints: int = opt(2, low=1, help="how many of the latest checkpoints to keep")
     resume: str | None = opt(None, help="auto: the newest valid checkpoint in --out (a fresh start when none); "
                              "or a checkpoint folder")
     seed: int = opt(0, low=0, help="seed for initialization and data order")
     threads: int | None = opt(None, low=1, help="CPU threads for PyTorch (default: the machine's cores)")
+
+
+@dataclass
+class TrainConfig(TrainingSettings):
+    # Muon: 2.104 vs AdamW's 2.163 bpb at 5 minutes on tinyshakespeare, 2.20 vs 2.38 at 60 s (docs/toolbox.md)
+    optim: str = opt("muon", help="optimizer", choices=OPTIMIZERS)
+    weight_decay: float = opt(0.1, low=0, help="decoupled weight decay (L2) on weight matrices")
+    max_tokens: int | None = opt(None, low=1, help="stop after this many training tokens")
+    batch_tokens: int | str | None = opt(None, parse=count_or_auto("--batch-tokens", "tokens"),
+                                         help="tokens per optimizer step (the effective batch), or auto: the "
+                                         "largest micro-batch that fits memory")
+    micro_batch: int | None = opt(None, low=1, help="sequences per forward pass; accumulation fills batch_tokens")
+    schedule_clock: str = opt("time", help="what schedules count: the budget's clock (time) or optimizer steps",
+                              choices=("time", "steps"))
+    l1: float = opt(0.0, low=0, help="L1 penalty on weight matrices, added to the loss")
+    calibrate: bool = opt(True, help="after training, fit a temperature for the logits on the validation text "
+                          "(kept where it predicts held-out text better; the reported figure is cross-fitted)")
+    compile: str = opt("auto", help="torch.compile the model (auto: on CUDA, and on CPU for budgets of 10m or more)",
+                       choices=("auto", "on", "off"))
+    eval_tokens: int | None = opt(None, low=1, help="validation tokens per periodic evaluation (default: fit ~0.5%% of "
+                                  "the budget); the final evaluation always uses all")
+    patience: int = opt(0, low=0, help="stop after this many evaluations without improvement in val_loss (0: never)")
+    min_delta: float = opt(0.0, low=0, help="smallest improvement of the monitored metric that counts")
+
+    @property
+    def stopping(self) -> EarlyStop:
+        """--early-stop, else val_loss with --patience and --min-delta."""
+        return self.early_stop or EarlyStop("val_loss", self.patience, self.min_delta)
 
 
 @dataclass
@@ -134,78 +124,28 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def _flag(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-
-
-def _base_type(tp) -> tuple[type, bool]:
-    """(scalar type, is_list) of an annotation like `int | None` or `list[str]`."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    if typing.get_origin(tp) is list:
-        return typing.get_args(tp)[0], True
-    return tp, False
-
-
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
+        return plain(self)
 
 
 def add_section_flags(parser: argparse.ArgumentParser, cls, title: str) -> None:
     group = parser.add_argument_group(title)
     hints = _hints(cls)
     for f in fields(cls):
+        if flag_name(f) is None:
+            continue
         tp, is_list = _base_type(hints[f.name])
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:
-            kw["type"] = tp
+            kw["type"] = str if f.metadata.get("parse") else tp  # parsed (and refused) when the config is built
             kw["metavar"] = f.name.upper()
             if is_list:
                 kw.update(action="extend", nargs="+")
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
             kw.pop("metavar", None)
-        group.add_argument(_flag(f), **kw)
-
-
-def _coerce(cls, name: str, value: Any, where: str) -> Any:
-    f = next(x for x in fields(cls) if x.name == name)
-    tp, is_list = _base_type(_hints(cls)[name])
-    choices = f.metadata.get("choices")
-
-    def one(v):
-        if v is None:
-            return None
-        if tp is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if tp is str and isinstance(v, (int, float)) and not isinstance(v, bool):
-            v = str(v)
-        if not isinstance(v, tp) or (tp is int and isinstance(v, bool)):
-            raise UserError(f"{where}{name}: expected {tp.__name__}, got {v!r}")
-        if choices and v not in choices:
-            raise UserError(f"{where}{name}: {v!r} is not allowed; choose one of {', '.join(map(str, choices))}")
-        if tp in (int, float):
-            low, high, above = f.metadata.get("low"), f.metadata.get("high"), f.metadata.get("above")
-            if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high) or \
-                    (above is not None and v <= above):
-                allowed = " and ".join(x for x in (f"> {above:g}" if above is not None else "",
-                                                   f">= {low:g}" if low is not None else "",
-                                                   f"<= {high:g}" if high is not None else "") if x)
-                raise UserError(f"{where}{name}: {v!r} is out of range; it must be {allowed or 'finite'}")
-        return v
-
-    if is_list:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            raise UserError(f"{where}{name}: expected a list of {tp.__name__}, got {value!r}")
-        return [one(v) for v in value]
-    return one(value)
+        group.add_argument(flag_name(f), **kw)
 
 
 def load_toml(path: str | Path) -> dict:
@@ -220,7 +160,8 @@ def load_toml(path: str | Path) -> dict:
 
 
 def apply(config: Any, values: dict, where: str = "") -> None:
-    """Set the dataclass `config`'s fields from `values`, checking names, types and choices."""
+    """Set the dataclass `config`'s fields from `values`, checking names, types and choices, and
+    parsing values written as text."""
     names = {f.name for f in fields(config)}
     for key, value in values.items():
         if key not in names:
@@ -241,33 +182,106 @@ def resolve(run_cls, sections: dict[str, type], toml_path: str | None, flags: di
             apply(getattr(run, table), values, where=f"{toml_path} [{table}] ")
     for table in sections:
         section = getattr(run, table)
-        own = {f.name for f in fields(section)}
+        own = {f.name for f in fields(section) if flag_name(f)}
         apply(section, {k: v for k, v in flags.items() if k in own})
     return run
 
 
+def _written(value: Any) -> Any:
+    """A typed setting as its TOML and flag text ("5m", "30s", "val_bpb,3,0")."""
+    if isinstance(value, (Every, EarlyStop)):
+        return str(value)
+    return value
+
+
+def plain(config: Any) -> dict:
+    """A run config as nested dicts of plain values (typed settings as their text), for JSON and TOML."""
+    out = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, (Every, EarlyStop)):
+            out[f.name] = plain(value)
+        elif f.name == "budget" and value is not None:
+            out[f.name] = format_duration(value) if value == round(value) else f"{value:g}s"
+        else:
+            out[f.name] = _written(value)
+    return out
+
+
 def to_toml(config: Any) -> str:
-    """TOML of a run config. Hand-written: our configs are flat tables of scalars and string lists,
-    which tomllib (read-only) cannot write and which need no extra dependency."""
-    lines = []
-    for table, values in dataclasses.asdict(config).items():
-        if not isinstance(values, dict):
-            continue
-        lines.append(f"[{table}]")
-        for key, value in values.items():
-            if value is None:
-                lines.append(f"# {key} = (auto)")
-            else:
-                lines.append(f"{key} = {json.dumps(value) if not isinstance(value, bool) else str(value).lower()}")
-        lines.append("")
-    return "\n".join(lines)
+    """TOML of a run config; settings left to the plan or the model (None) are listed as comments."""
+    parts = []
+    for table, values in plain(config).items():
+        text = tomli_w.dumps({table: {k: v for k, v in values.items() if v is not None}})
+        unset = "".join(f"# {key} = (auto)\n" for key, v in values.items() if v is None)
+        parts.append(text + unset)
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- flat overrides (compare, tune)
+
+def _sections(cfg: Any) -> list[str]:
+    return [f.name for f in fields(cfg)]
+
+
+def config_keys(cfg: Any) -> list[str]:
+    return sorted(f.name for s in _sections(cfg) for f in fields(getattr(cfg, s)))
+
+
+def section_of(cfg: Any, key: str) -> str | None:
+    return next((s for s in _sections(cfg) if key in {f.name for f in fields(getattr(cfg, s))}), None)
+
+
+def normalize_key(cfg: Any, key: str, where: str) -> str:
+    """`n-layer` or `n_layer` → `n_layer`; unknown keys are an error listing the allowed ones."""
+    name = key.strip().replace("-", "_")
+    if section_of(cfg, name) is None:
+        close = difflib.get_close_matches(name, config_keys(cfg), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"{where}unknown key {key!r}{hint}; allowed: {', '.join(config_keys(cfg))}")
+    return name
+
+
+def with_overrides(base: Any, settings: dict, where: str = "") -> Any:
+    """A copy of `base` with flat `settings` (key → value) applied and validated by `apply`."""
+    cfg = copy.deepcopy(base)
+    for key, value in settings.items():
+        name = normalize_key(cfg, key, where)
+        apply(getattr(cfg, section_of(cfg, name)), {name: value}, where)
+    return cfg
+
+
+def setting(cfg: Any, key: str) -> Any:
+    """The value of a flat key as JSON and TOML write it (typed settings as their text)."""
+    return plain(getattr(cfg, section_of(cfg, key)))[key]
+
+
+def value_types(cfg: Any, key: str) -> set[type]:
+    """The scalar types a config key holds: `int | None` → {int}, `list[str]` → {str}; a setting written
+    as text ("5m", "30s") → {str}."""
+    section = type(getattr(cfg, section_of(cfg, key)))
+    if next(f for f in fields(section) if f.name == key).metadata.get("parse"):
+        return {str}
+    hint = typing.get_type_hints(section)[key]
+    parts = typing.get_args(hint) if typing.get_origin(hint) is not list else ()
+    found = set()
+    for part in parts or (hint,):
+        found |= set(typing.get_args(part)) if typing.get_origin(part) is list else {part}
+    return found - {type(None)}
+
+
+# A one-step run of a tiny model, to pay a process's one-time costs (imports, tokenizer, token caches)
+# before the budgets of compare's variants or tune's trials start.
+WARM_UP = {"budget": None, "max_tokens": None, "max_steps": 1, "size": None, "n_layer": 1, "d_model": 32,
+           "n_head": 1, "context": 32, "micro_batch": 16, "batch_tokens": None, "compile": "off", "eval_every": "1",
+           "eval_tokens": 512, "early_stop": None, "patience": 0, "save_every": None, "resume": None}
 
 
 FINETUNE_POOLINGS = ("mean", "last", "first")  # as budgetlm.models.classifier.POOLINGS
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(TrainingSettings):
     """`budgetlm finetune`: one flat section. Defaults left as None depend on the model (see the help)."""
     model: str = opt("scratch", help="the body: a budgetlm pretrain folder, hf:PATH (a Hugging Face encoder folder "
                      "with config.json, weights and tokenizer) or scratch (see --arch)")
@@ -291,15 +305,12 @@ class FinetuneConfig:
                               choices=FINETUNE_POOLINGS)
     dropout: float | None = opt(None, low=0, high=0.95, help="dropout before the linear head (default 0.1; lstm 0.5)")
     max_length: int = opt(128, low=3, help="inputs are truncated to this many tokens")
-    budget: str | None = opt(None, help="wall-clock budget, e.g. 90s, 10m (data preparation and evaluation count)")
-    max_steps: int | None = opt(None, low=1, help="stop after this many optimizer steps")
     epochs: float | None = opt(None, above=0, help="stop after this many passes over the training split "
                                "(default: 3 for a pretrained body, no limit from scratch)")
     batch_size: int = opt(32, low=1, help="examples per optimizer step")
     micro_batch: int | None = opt(None, low=1,
                                   help="examples per forward pass; gradient accumulation fills --batch-size")
     optim: str | None = opt(None, help="optimizer (default adamw; lstm: adam)", choices=OPTIMIZERS)
-    optim_args: str | None = opt(None, help="extra optimizer arguments, e.g. eps=1e-6")
     lr: float | None = opt(None, above=0,
                            help="peak learning rate (default: 5e-5·384/width for a Hugging Face encoder, a quarter "
                            "of pretrain's default for a budgetlm GPT, pretrain's default for a scratch GPT, 1e-3 for "
@@ -316,37 +327,21 @@ class FinetuneConfig:
                                   "training texts to the training loss, as GPT-1 (default 0: off)")
     warmup: float = opt(0.06, low=0, help="linear warmup: a fraction of the budget (<1) or a number of steps (>=1)")
     schedule: str = opt("linear", help="learning-rate schedule after warmup", choices=SCHEDULES)
-    min_lr_ratio: float = opt(0.0, low=0, high=1, help="learning-rate floor as a fraction of the peak")
-    decay_fraction: float = opt(0.4, low=0, high=1, help="wsd: share of the budget spent decaying to the floor")
-    gamma: float = opt(0.1, above=0, high=1,
-                       help="step and plateau: factor per reduction; exponential: total decay over the run")
-    step_size: float = opt(0.25, above=0,
-                           help="step: interval between reductions (<1: fraction of the budget; >=1: steps)")
-    plateau_patience: int = opt(2, low=1, help="plateau: evaluations without improvement before the rate is reduced")
     weight_decay: float | None = opt(None, low=0, help="weight decay on weight matrices, embeddings excepted (default "
                                      "0.01; lstm 0, as the guide's Adam)")
-    label_smoothing: float = opt(0.0, low=0, high=0.99, help="label smoothing of the training loss")
-    beta1: float = opt(0.9, low=0, high=0.9999, help="Adam β1")
     beta2: float = opt(0.999, low=0, high=0.99999, help="Adam β2")
-    grad_clip: float = opt(1.0, low=0, help="clip the gradient norm to this (0: no clipping)")
-    precision: str = opt("auto", help="auto: bf16 where the device runs it fast, else fp32",
-                         choices=("auto", "fp32", "bf16", "fp16"))
-    device: str = opt("auto", help="auto, cpu, cuda, cuda:N or mps")
-    eval_every: str | None = opt(None, help="evaluate every N steps or a duration like 60s (default: ~12 times a run)")
-    early_stop: str | None = opt(None, help="metric,patience[,min_delta], e.g. val_loss,3: keep the best weights by "
-                                 "that metric and stop after patience evaluations without improvement (default: "
-                                 "keep the best val_accuracy, never stop early)")
-    save_every: str | None = opt(None, help="save a resumable checkpoint every N steps or a duration like 60s")
-    keep_checkpoints: int = opt(2, low=1, help="how many of the latest checkpoints to keep")
-    resume: str | None = opt(None, help="auto: the newest valid checkpoint in --out (a fresh start when none); "
-                             "or a checkpoint folder")
-    seed: int = opt(0, help="seed for initialization, data order and augmentation")
+    eval_every: Every | None = opt(None, parse=Every.parse, help="evaluate every N steps or a duration like 60s "
+                                   "(default: ~12 times a run)")
+    early_stop: EarlyStop | None = opt(None, parse=EarlyStop.parse, help="metric,patience[,min_delta], e.g. "
+                                       "val_loss,3: keep the best weights by that metric and stop after patience "
+                                       "evaluations without improvement (default: keep the best val_accuracy, never "
+                                       "stop early)")
+    seed: int = opt(0, low=0, help="seed for initialization, data order and augmentation")
     split_seed: int | None = opt(None, help="seed of the stratified --val-fraction split (default: --seed)")
-    members: str = opt("auto", help="fine-tune this many times with seeds --seed, --seed+1, ... and keep, as one "
+    members: int | str = opt("auto", parse=count_or_auto("--members", "members"), help="fine-tune this many times with seeds --seed, --seed+1, ... and keep, as one "
                        "model, the ensemble of those that raise its validation score (auto: a budgetlm GPT body "
                        "trains another member while the time left is at least 3/4 of the first member's, up to 4; "
                        "else 1)")
-    threads: int | None = opt(None, low=1, help="CPU threads for PyTorch (default: the machine's cores)")
 
 
 @dataclass
@@ -354,4 +349,4 @@ class FinetuneRunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return plain(self)

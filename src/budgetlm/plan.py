@@ -13,10 +13,12 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, fields
 
 import torch
 
+from budgetlm.models.config import SIZES, ModelConfig
 from budgetlm.train.runtime import precision_dtype
 
 # (n_layer, d_model, n_head): width grows faster than depth at small scale, as in the GPT-2/Pythia families
@@ -70,6 +72,15 @@ class Plan:
     bpe_dropout: float = 0.0
     ema: float = 0.0   # plans saved before these two fields had neither
     canon: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Plan | None":
+        """A plan saved with a run (a checkpoint's meta), or None where none was saved."""
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in (d or {}).items() if k in known})
+        except TypeError:
+            return None
 
     def describe(self) -> str:
         against = [f"dropout {self.dropout:g}"] if self.dropout else []
@@ -206,3 +217,32 @@ def bpe_passes(expected_epochs: float | None) -> int:
     if expected_epochs is None:
         return MAX_BPE_PASSES
     return int(min(MAX_BPE_PASSES, max(1, math.ceil(expected_epochs) - 1)))
+
+
+def given_or_planned(given, planned: Plan | None, field: str, off):
+    """A setting the plan may choose: the flag where given, else the plan's, else `off` (no plan)."""
+    if given is not None:
+        return given
+    return getattr(planned, field) if planned else off
+
+
+def model_for(m: ModelConfig, vocab_size: int, planned: Plan | None) -> ModelConfig:
+    """The model's whole shape: explicit flags first, then the size preset, then the plan, then the `small`
+    preset."""
+    if m.size:
+        n_layer, d_model, n_head = SIZES[m.size]
+    elif planned is not None:
+        n_layer, d_model, n_head = planned.n_layer, planned.d_model, planned.n_head
+    else:
+        n_layer, d_model, n_head = SIZES["small"]
+    d_model = m.d_model or d_model
+    return dataclasses.replace(
+        m,
+        vocab_size=math.ceil(vocab_size / 64) * 64,  # a multiple of 64 keeps the head's matmul fast
+        context=m.context or (planned.context if planned else context_for(d_model)),
+        n_layer=m.n_layer or n_layer,
+        d_model=d_model,
+        n_head=m.n_head or (n_head if not m.d_model else max(1, d_model // 64)),
+        canon=given_or_planned(m.canon, planned, "canon", 0),
+        dropout=given_or_planned(m.dropout, planned, "dropout", 0.0),
+    )

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import sys
 from pathlib import Path
+from typing import Callable
 
 from budgetlm.budget import format_duration
 from budgetlm.errors import UserError
@@ -30,3 +34,16 @@ def say_done(result, out: Path, figures: str, wall_s: float) -> None:
             f"and --resume auto --out {out}")
     else:
         say(f"done ({result.stop_reason}) in {format_duration(wall_s)}: {figures}; files in {out}")
+
+
+def run_quietly(run: Callable, cfg, folder: Path) -> None:
+    """`run(cfg, folder, quiet=True)` for what it leaves behind (imports, device start, tokenizer training,
+    token caches): its output and its folder are thrown away, its errors left for the real runs to report.
+    compare and tune warm up with it, so the first run's budget buys as much training as the others'."""
+    try:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+            run(cfg, folder, quiet=True)
+    except UserError:
+        pass
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from budgetlm.eval.calibration import calibrate, fit_inverse_temperature
-from budgetlm.models.gpt import GPT, GPTConfig
+from budgetlm.models.gpt import GPT
+from budgetlm.models.config import ModelConfig
 from budgetlm.train.lm import evaluate_lm
 
-CONFIG = GPTConfig(vocab_size=64, context=16, n_layer=1, n_head=2, d_model=32)
+CONFIG = ModelConfig(vocab_size=64, context=16, n_layer=1, n_head=2, d_model=32)
 
 
 @pytest.mark.parametrize("true_temperature", [0.7, 1.6])
@@ -51,7 +52,7 @@ def test_an_overconfident_model_is_calibrated_on_held_out_positions_only():
 @pytest.mark.parametrize("softcap", [0.0, 5.0])
 def test_the_temperature_divides_the_logits_in_every_path(softcap):
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=64, context=16, n_layer=1, n_head=2, d_model=32, logit_softcap=softcap)
+    config = ModelConfig(vocab_size=64, context=16, n_layer=1, n_head=2, d_model=32, logit_softcap=softcap)
     model = GPT(config)
     x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
     with torch.no_grad():

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from budgetlm.models import blocks
-from budgetlm.models.blocks import Attention, Rotary, plain_attention, use_plain_attention
+from budgetlm.models.blocks import Attention, Rotary
 
 
 def reference_attention(attn: Attention, x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
@@ -56,73 +56,6 @@ def test_attention_without_qk_norm_or_rotary_is_plain_causal_attention():
         assert torch.allclose(attn(x), expected, atol=1e-6)
 
 
-# bf16 on a CPU writes attention out for short sequences; it must agree with sdpa's own kernel, forward and backward
-def test_bf16_plain_attention_agrees_with_sdpa(monkeypatch):
-    torch.manual_seed(0)
-    attn = Attention(64, 2, causal=True)
-    x = torch.randn(2, 40, 64, requires_grad=True)
-    rope = Rotary(32, 40).tables(0, 40, torch.bfloat16)
-    assert not use_plain_attention(torch.zeros(1), 40)  # fp32: sdpa
-    assert use_plain_attention(torch.zeros(1, dtype=torch.bfloat16), 40)
-    assert not use_plain_attention(torch.zeros(1, dtype=torch.bfloat16), 300)
-
-    def output_and_input_gradient():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = attn(x, rope=rope)
-        (gradient,) = torch.autograd.grad(y.float().square().sum(), x)
-        return y, gradient
-
-    plain, plain_grad = output_and_input_gradient()
-    monkeypatch.setattr(blocks, "CPU_PLAIN_ATTENTION_MAX_LEN", 0)
-    sdpa, sdpa_grad = output_and_input_gradient()
-    assert plain.dtype == torch.bfloat16
-    assert torch.allclose(plain.float(), sdpa.float(), atol=2e-2)
-    assert torch.allclose(plain_grad, sdpa_grad, atol=5e-2, rtol=5e-2)
-
-
-def test_plain_attention_is_causal_and_drops_out_only_when_asked():
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
-    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    assert torch.allclose(plain_attention(q, k, v, causal=True), expected, atol=1e-6)
-    assert not torch.allclose(plain_attention(q, k, v, causal=False), expected, atol=1e-3)
-    assert not torch.allclose(plain_attention(q, k, v, causal=True, dropout_p=0.5), expected, atol=1e-3)
-
-
-# --- dropout with a mask drawn four elements at a time ------------------------------------------------
-
-def test_cpu_dropout_drops_the_rate_keeps_the_expectation_and_its_gradient_is_the_mask():
-    torch.manual_seed(0)
-    drop = blocks.Dropout(0.1).train()
-    x = torch.ones(400_000, requires_grad=True)
-    y = drop(x)
-    kept = y != 0
-    assert abs(kept.float().mean().item() - 0.9) < 0.003  # 4 standard errors at 400k draws
-    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - round(0.1 * 65536) / 65536)))
-    assert abs(y.mean().item() - 1.0) < 0.005
-    # each of the four 16-bit lanes of a random word drops at the rate: no lane is biased
-    lanes = kept.view(-1, 4).float().mean(0)
-    assert torch.all((lanes - 0.9).abs() < 0.005), lanes
-    # neighbours are dropped independently (two lanes of one word, and two words)
-    pairs = kept.view(-1, 2).float()
-    assert abs((pairs[:, 0] * pairs[:, 1]).mean().item() - 0.81) < 0.005
-    y.sum().backward()
-    assert torch.equal(x.grad != 0, kept)
-
-
-def test_cpu_dropout_follows_the_seed_keeps_dtype_and_shape_and_is_identity_in_eval():
-    drop = blocks.Dropout(0.25).train()
-    x = torch.randn(3, 5, 7, dtype=torch.bfloat16)
-    torch.manual_seed(1)
-    first = drop(x)
-    torch.manual_seed(1)
-    assert torch.equal(drop(x), first)
-    assert first.dtype == torch.bfloat16 and first.shape == x.shape
-    assert not torch.equal(drop(x), first)  # a fresh mask at the next call
-    assert torch.equal(drop.eval()(x), x)
-    assert torch.equal(blocks.Dropout(1.0).train()(x), torch.zeros_like(x))
-
-
 def test_canon_is_a_causal_per_channel_convolution_plus_the_input():
     torch.manual_seed(0)
     canon = blocks.Canon(6, kernel=3)
@@ -169,3 +102,63 @@ def test_canon_is_refused_in_a_bidirectional_block():
         assert "causal" in str(e)
     else:
         raise AssertionError("a bidirectional block took a Canon mix")
+
+
+def reference_general(x, memory, wq, wk, wv, wo, n_head, *, causal, q_norm=None, k_norm=None):
+    """Attention written out head by head with no rotary: queries from x, keys and values from `memory`
+    (x itself for self-attention), an optional causal mask, optional per-head RMSNorm on q and k."""
+    b, t, d = x.shape
+    hd = d // n_head
+    outputs = []
+    for head in range(n_head):
+        cols = slice(head * hd, (head + 1) * hd)
+        q, k, v = x @ wq[cols].T, memory @ wk[cols].T, memory @ wv[cols].T
+        if q_norm is not None:
+            q = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6) * q_norm
+            k = k / torch.sqrt(k.pow(2).mean(-1, keepdim=True) + 1e-6) * k_norm
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+        if causal:
+            scores = scores.masked_fill(torch.ones(t, memory.shape[1], dtype=torch.bool).triu(1), float("-inf"))
+        outputs.append(torch.softmax(scores, -1) @ v)
+    return torch.cat(outputs, -1) @ wo.T
+
+
+def test_bidirectional_attention_sees_both_sides_and_matches_a_reference():
+    torch.manual_seed(0)
+    attn = Attention(32, 2, causal=False, qk_norm=False).eval()
+    x = torch.randn(2, 7, 32)
+    wq, wk, wv = attn.qkv.weight.split(32)
+    with torch.no_grad():
+        got = attn(x)
+        assert torch.allclose(got, reference_general(x, x, wq, wk, wv, attn.proj.weight, 2, causal=False), atol=1e-5)
+        changed = x.clone()
+        changed[:, -1] += 1.0  # the last position changes what every earlier one reads
+        assert not torch.allclose(attn(changed)[:, 0], got[:, 0], atol=1e-4)
+
+
+def test_cross_attention_reads_the_memory_and_matches_a_reference():
+    torch.manual_seed(0)
+    attn = Attention(32, 4, causal=False, cross=True).eval()
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+        x, memory = torch.randn(2, 5, 32), torch.randn(2, 9, 32)
+        wk, wv = attn.kv.weight.split(32)
+        expected = reference_general(x, memory, attn.q.weight, wk, wv, attn.proj.weight, 4, causal=False,
+                                     q_norm=attn.q_norm.weight, k_norm=attn.k_norm.weight)
+        assert torch.allclose(attn(x, memory=memory), expected, atol=1e-5)
+        assert attn(x, memory=memory[:, :4]).shape == (2, 5, 32)  # any memory length
+
+
+def test_a_decoder_block_adds_cross_attention_to_its_residual_stream():
+    torch.manual_seed(0)
+    block = blocks.Block(32, 2, 64, causal=True, cross_attention=True).eval()
+    x, memory = torch.randn(1, 6, 32), torch.randn(1, 4, 32)
+    rope = Rotary(16, 8).tables(0, 6, torch.float32)
+    with torch.no_grad():
+        with_memory = block(x, memory=memory, rope=rope)
+        other = block(x, memory=torch.randn(1, 4, 32), rope=rope)
+        h = x + block.attn(block.attn_norm(x), rope=rope)
+        h = h + block.cross(block.cross_norm(h), memory=memory)
+        assert torch.allclose(with_memory, h + block.mlp(block.mlp_norm(h)), atol=1e-5)
+    assert not torch.allclose(with_memory, other, atol=1e-4)

@@ -10,10 +10,11 @@ from budgetlm.models.classifier import (
     GPTBody,
     pool,
 )
-from budgetlm.models.gpt import GPT, GPTConfig
+from budgetlm.models.gpt import GPT
+from budgetlm.models.config import ModelConfig
 from budgetlm.models.registry import build
 
-TINY_GPT = GPTConfig(vocab_size=64, context=32, n_layer=2, n_head=2, d_model=32)
+TINY_GPT = ModelConfig(vocab_size=64, context=32, n_layer=2, n_head=2, d_model=32)
 
 
 def gpt_classifier(pooling="mean", n_classes=3) -> Classifier:
@@ -168,15 +169,15 @@ def test_hf_encoder_body_ignores_padding():
 
 def test_hf_encoder_fast_paths_on_cpu_keep_the_outputs():
     transformers = pytest.importorskip("transformers")
-    from budgetlm.models.blocks import Dropout
     from budgetlm.models.hf_encoder import HFEncoder
+    from budgetlm.train.kernels import FastCPUDropout, apply_kernels
 
     config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=64, max_position_embeddings=32, attn_implementation="sdpa")
     torch.manual_seed(0)
-    body = HFEncoder.from_config(config.to_dict())
+    body = apply_kernels(HFEncoder.from_config(config.to_dict()), torch.device("cpu"))
     dropouts = [m for m in body.modules() if isinstance(m, torch.nn.Dropout)]
-    assert dropouts and all(type(m) is Dropout for m in dropouts)
+    assert dropouts and all(type(m) is FastCPUDropout for m in dropouts)
     if not hasattr(body.model, "set_attn_implementation"):
         pytest.skip("this transformers cannot switch attention after loading")
     body.eval()

@@ -1,15 +1,16 @@
 import pytest
 import torch
 
-from budgetlm.models.gpt import GPT, GPTConfig
+from budgetlm.models.gpt import GPT
+from budgetlm.models.config import ModelConfig
 from budgetlm.models.sampling import generate
 from budgetlm.train.checkpoint import load_model, save_model
 
-SMALL = GPTConfig(vocab_size=97, context=32, n_layer=2, n_head=2, d_model=32)
-CANON = GPTConfig(vocab_size=97, context=32, n_layer=2, n_head=2, d_model=32, canon=4)
+SMALL = ModelConfig(vocab_size=97, context=32, n_layer=2, n_head=2, d_model=32)
+CANON = ModelConfig(vocab_size=97, context=32, n_layer=2, n_head=2, d_model=32, canon=4)
 
 
-def build(config: GPTConfig) -> GPT:
+def build(config: ModelConfig) -> GPT:
     """An evaluation-mode model whose Canon mixes (zero, the identity, when new) carry random weights."""
     model = GPT(config).eval()
     with torch.no_grad():
@@ -47,6 +48,28 @@ def test_loss_is_cross_entropy_and_ignores_masked_targets():
                               atol=1e-4)
 
 
+def test_the_output_head_is_the_input_embedding():
+    """One matrix, two uses: no second copy in the weights, and its gradient gathers both the input
+    lookup (only the rows of tokens read) and the output projection (every row)."""
+    torch.manual_seed(0)
+    model = GPT(SMALL)
+    assert not any(p is not model.embed.weight and p.shape == model.embed.weight.shape for p in model.parameters())
+    assert [k for k in model.state_dict() if k.endswith("weight") and model.state_dict()[k].shape[0] == 97] == \
+        ["embed.weight"]
+    x = torch.zeros(2, 8, dtype=torch.long)  # only token 0 is read
+    y = torch.randint(0, 97, (2, 8))
+    model(x, y).backward()
+    both = model.embed.weight.grad.clone()
+    model.zero_grad()
+    cut = model.embed.register_forward_hook(lambda module, inputs, output: output.detach())
+    model(x, y).backward()
+    cut.remove()
+    head_only = model.embed.weight.grad
+    assert (head_only[1:].abs().sum(1) > 0).all()             # the head reaches every row
+    lookup = both - head_only
+    assert lookup[0].abs().sum() > 0 and torch.all(lookup[1:] == 0)  # the lookup only row 0
+
+
 def test_tied_embedding_and_parameter_count():
     model = GPT(SMALL)
     assert model.num_params() == sum(p.numel() for p in model.parameters())
@@ -68,9 +91,9 @@ def test_cached_generation_equals_uncached(config):
     assert len(cached) == 60
 
 
-def forward_in_chunks(model, x, cuts):
+def forward_in_chunks(model, x, cuts, cache_dtype=None):
     """Logits of x fed through the KV cache in chunks ending at `cuts`, then the rest."""
-    caches = model.new_caches(x.shape[0], "cpu")
+    caches = model.new_caches(x.shape[0], "cpu", cache_dtype)
     bounds = (0, *cuts, x.shape[1])
     return torch.cat([model(x[:, a:b], caches=caches) for a, b in zip(bounds, bounds[1:])], dim=1)
 
@@ -142,13 +165,15 @@ def test_training_loss_takes_the_blockwise_path_with_the_same_value_and_gradient
 
 def test_attention_dropout_follows_dropout_unless_given():
     def attention_rates(**kw):
-        model = GPT(GPTConfig(vocab_size=64, context=16, n_layer=2, n_head=2, d_model=32, **kw))
+        model = GPT(ModelConfig.from_dict(dict(vocab_size=64, context=16, n_layer=2, n_head=2, d_model=32, **kw)))
         return {block.attn.dropout for block in model.blocks}
 
-    assert attention_rates(dropout=0.1) == {0.1}  # checkpoints saved before the option keep their behaviour
+    assert attention_rates(dropout=0.1) == {0.1}  # configs saved before the option keep their behaviour
+    assert {b.attn.dropout for b in GPT(ModelConfig(vocab_size=64, context=16, n_layer=2, n_head=2, d_model=32,
+                                                    dropout=0.1)).blocks} == {0.0}  # a new config: off by default
     assert attention_rates(dropout=0.1, attention_dropout=0.0) == {0.0}
     assert attention_rates(dropout=0.0, attention_dropout=0.2) == {0.2}
     # off: training-mode forward passes agree, so the only randomness left is the residual dropout
-    model = GPT(GPTConfig(vocab_size=64, context=16, n_layer=2, n_head=2, d_model=32, attention_dropout=0.0)).train()
+    model = GPT(ModelConfig(vocab_size=64, context=16, n_layer=2, n_head=2, d_model=32, attention_dropout=0.0)).train()
     idx = torch.randint(0, 64, (2, 16))
     assert torch.equal(model(idx), model(idx))

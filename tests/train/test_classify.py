@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from budgetlm.errors import UserError
 from budgetlm.models.classifier import Classifier, ClassifierConfig
-from budgetlm.models.gpt import GPTConfig
+from budgetlm.models.config import ModelConfig
 from budgetlm.train.classify import (
     ClassificationTask,
     LengthBucketSampler,
@@ -24,7 +24,7 @@ def random_lengths(n=1000, seed=0):
 
 def tiny_model(n_classes=2):
     torch.manual_seed(0)
-    body = GPTConfig(vocab_size=32, context=64, n_layer=2, n_head=2, d_model=16).to_dict()
+    body = ModelConfig(vocab_size=32, context=64, n_layer=2, n_head=2, d_model=16).to_dict()
     return Classifier(ClassifierConfig(body="gpt", body_config=body, labels=[str(i) for i in range(n_classes)]))
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from budgetlm.cli import main
-from budgetlm.models.gpt import GPT, GPTConfig
+from budgetlm.models.gpt import GPT
+from budgetlm.models.config import ModelConfig
 from budgetlm.train.lm import LanguageModelTask
 from budgetlm.train.loop import FitConfig, _train_step, moving_average
 from budgetlm.train.optim import build_optimizer
@@ -45,19 +46,19 @@ def lm_task(poison_step: int = -1) -> PoisonedLM:
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_a_step_never_waits_for_the_gpu(optimizer, precision):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=256, context=64, n_layer=2, n_head=2, d_model=64)).to(CUDA)
+    model = GPT(ModelConfig(vocab_size=256, context=64, n_layer=2, n_head=2, d_model=64)).to(CUDA)
     opt = build_optimizer(model, optimizer, lr=1e-3, weight_decay=0.1, device=CUDA)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     cfg = FitConfig(lr=1e-3, schedule=Schedule("constant", warmup=0), micro_steps=2)
     runtime, task = Runtime(CUDA, precision, False), lm_task()
     average = moving_average(model, 0.99)
     for step in range(2):  # lazy initialisation (optimizer state, cuBLAS) may synchronise once
-        _train_step(model, model, task, opt, cfg, runtime, step, scaler)
+        _train_step(model, model, task, opt, cfg, runtime, step, cfg.micro_steps, scaler)
         average.update_parameters(model)
     before = [p.detach().clone() for p in model.parameters()]
     torch.cuda.set_sync_debug_mode("error")  # raises at any operation that makes the host wait
     try:
-        outcomes = [_train_step(model, model, task, opt, cfg, runtime, step, scaler) for step in range(2, 6)]
+        outcomes = [_train_step(model, model, task, opt, cfg, runtime, step, cfg.micro_steps, scaler) for step in range(2, 6)]
         average.update_parameters(model)
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -68,14 +69,14 @@ def test_a_step_never_waits_for_the_gpu(optimizer, precision):
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_a_non_finite_step_is_skipped_on_the_gpu(optimizer):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=256, context=64, n_layer=2, n_head=2, d_model=64)).to(CUDA)
+    model = GPT(ModelConfig(vocab_size=256, context=64, n_layer=2, n_head=2, d_model=64)).to(CUDA)
     opt = build_optimizer(model, optimizer, lr=1e-3, weight_decay=0.1, device=CUDA)
     cfg = FitConfig(lr=1e-3, schedule=Schedule("constant", warmup=0))
     runtime, task = Runtime(CUDA, "bf16", False), lm_task(poison_step=2)
     weights = []
     for step in range(4):
         weights.append([p.detach().clone() for p in model.parameters()])
-        outcome = _train_step(model, model, task, opt, cfg, runtime, step, None)
+        outcome = _train_step(model, model, task, opt, cfg, runtime, step, cfg.micro_steps, None)
         assert np.isfinite(outcome.read()[0]) == (step != 2)
     after = [p.detach() for p in model.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(weights[2], weights[3]))  # the poisoned step changed nothing

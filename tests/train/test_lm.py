@@ -4,14 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from budgetlm.models.gpt import GPT, GPTConfig
+from budgetlm.models.gpt import GPT
+from budgetlm.models.config import ModelConfig
 from budgetlm.train.lm import evaluate_lm
 from tests.conftest import HostReads
 
 
 def test_evaluation_sums_every_batch_and_reads_the_device_once_per_evaluation():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=64, context=16, n_layer=1, n_head=2, d_model=32)).eval()
+    model = GPT(ModelConfig(vocab_size=64, context=16, n_layer=1, n_head=2, d_model=32)).eval()
     tokens = np.random.default_rng(0).integers(0, 64, 16 * 40 + 1)
     results, reads = [], []
     for batch in (40, 4):  # one batch, then ten

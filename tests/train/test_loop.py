@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from budgetlm.budget import Budget
+from budgetlm.budget import Budget, EarlyStop, Every
 from budgetlm.errors import UserError
 from budgetlm.train.loop import FitConfig, fit
 from budgetlm.train.metrics import RunLog
@@ -75,7 +75,7 @@ def make(task_kwargs=None, **cfg_kwargs):
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
     task = Regression(**(task_kwargs or {}))
     opt = build_optimizer(model, "adamw", lr=1e-2, weight_decay=0.0, device=CPU)
-    cfg = FitConfig(lr=1e-2, schedule=Schedule("constant", warmup=0), **{"eval_every_steps": 5, **cfg_kwargs})
+    cfg = FitConfig(lr=1e-2, schedule=Schedule("constant", warmup=0), **{"eval_every": Every(steps=5), **cfg_kwargs})
     return model, task, opt, cfg
 
 
@@ -109,7 +109,7 @@ def test_accumulation_equals_the_big_batch():
         model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
         opt = build_optimizer(model, "adamw", lr=0.1, weight_decay=0.0, device=CPU)
         cfg = FitConfig(lr=0.1, schedule=Schedule("constant", warmup=0), micro_steps=micro_steps, grad_clip=0,
-                        eval_every_steps=100)
+                        eval_every=Every(steps=100))
         run(model, Slices(micro_batch=micro_batch), opt, cfg, Budget(max_steps=3))
         params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.allclose(params[0], params[1], atol=1e-6)
@@ -126,7 +126,7 @@ def test_a_non_finite_step_is_skipped_and_counted():
 
 
 def test_repeated_faults_roll_back_with_half_the_rate(tmp_path):
-    model, task, opt, cfg = make({"poison_steps": {12, 13, 14}}, save_every_steps=5)
+    model, task, opt, cfg = make({"poison_steps": {12, 13, 14}}, save_every=Every(steps=5))
     result = run(model, task, opt, cfg, Budget(max_steps=30), checkpoints=Checkpoints(tmp_path))
     assert result.state.rollbacks == 1 and result.state.lr_scale == 0.5
     assert result.stop_reason == "max_steps"
@@ -145,7 +145,7 @@ def test_persistent_faults_stop_the_run_and_keep_the_best_weights():
 def test_out_of_memory_retries_with_half_the_micro_batch():
     model, task, opt, cfg = make({"oom_steps": {2}})
     result = run(model, task, opt, cfg, Budget(max_steps=5))
-    assert task.micro_batch == 4 and cfg.micro_steps == 2
+    assert task.micro_batch == 4 and result.state.micro_steps == 2 and cfg.micro_steps == 1
     assert result.steps == 5
 
 
@@ -186,7 +186,8 @@ def test_early_stopping_restores_the_best_weights():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
     opt = build_optimizer(model, "adamw", lr=1e-2, weight_decay=0.0, device=CPU)
-    cfg = FitConfig(lr=1e-2, schedule=Schedule("constant", warmup=0), eval_every_steps=5, patience=2)
+    cfg = FitConfig(lr=1e-2, schedule=Schedule("constant", warmup=0), eval_every=Every(steps=5),
+                    stopping=EarlyStop("val_loss", 2))
     snapshots = {}
     task = Worsening()
     original = task.evaluate
@@ -224,7 +225,7 @@ class Recording(Regression):
 @pytest.mark.parametrize("every", [1, 4])
 def test_the_moving_average_is_what_gets_evaluated_and_kept(every):
     decay, steps = 0.9, 32
-    model, _, opt, cfg = make(ema=decay, ema_every=every, eval_every_steps=1000)
+    model, _, opt, cfg = make(ema=decay, ema_every=every, eval_every=Every(steps=1000))
     task = Recording(model)
     result = run(model, task, opt, cfg, Budget(max_steps=steps))
     assert result.best["step"] == steps and task.evaluated is not model
@@ -242,13 +243,13 @@ def test_the_moving_average_is_what_gets_evaluated_and_kept(every):
 def test_the_moving_average_resumes_exactly(tmp_path):
     finals = []
     for resumed in (False, True):
-        model, task, opt, cfg = make(ema=0.9, eval_every_steps=1000, save_every_steps=5)
+        model, task, opt, cfg = make(ema=0.9, eval_every=Every(steps=1000), save_every=Every(steps=5))
         checkpoints = Checkpoints(tmp_path / str(resumed))
         if resumed:
             run(model, task, opt, cfg, Budget(max_steps=5), checkpoints=checkpoints)
             snapshot = load_snapshot(checkpoints.latest_valid())
             assert snapshot.averaged is not None
-            model, task, opt, cfg = make(ema=0.9, eval_every_steps=1000, save_every_steps=5)
+            model, task, opt, cfg = make(ema=0.9, eval_every=Every(steps=1000), save_every=Every(steps=5))
             run(model, task, opt, cfg, Budget(max_steps=12), checkpoints=checkpoints, resume=snapshot)
         else:
             run(model, task, opt, cfg, Budget(max_steps=12), checkpoints=checkpoints)
@@ -257,11 +258,11 @@ def test_the_moving_average_resumes_exactly(tmp_path):
 
 
 def test_resuming_a_run_without_an_average_into_one_with_it_is_refused(tmp_path):
-    model, task, opt, cfg = make(eval_every_steps=1000, save_every_steps=5)
+    model, task, opt, cfg = make(eval_every=Every(steps=1000), save_every=Every(steps=5))
     checkpoints = Checkpoints(tmp_path)
     run(model, task, opt, cfg, Budget(max_steps=5), checkpoints=checkpoints)
     snapshot = load_snapshot(checkpoints.latest_valid())
-    model, task, opt, cfg = make(ema=0.9, eval_every_steps=1000)
+    model, task, opt, cfg = make(ema=0.9, eval_every=Every(steps=1000))
     with pytest.raises(UserError, match="no moving average"):
         run(model, task, opt, cfg, Budget(max_steps=8), resume=snapshot)
 
@@ -302,7 +303,7 @@ def test_on_a_gpu_a_step_is_skipped_without_a_host_read(device_decides, optimize
 
 def test_on_a_gpu_faults_are_counted_a_step_late_but_all_counted(device_decides, tmp_path):
     log_path = tmp_path / "metrics.jsonl"
-    model, task, opt, cfg = make({"poison_steps": {12, 13, 14}}, save_every_steps=5)
+    model, task, opt, cfg = make({"poison_steps": {12, 13, 14}}, save_every=Every(steps=5))
     result = fit(model, model, task, opt, cfg, Budget(max_steps=30), Runtime(CPU, "fp32", False),
                  RunLog(log_path, quiet=True), checkpoints=Checkpoints(tmp_path / "ck"))
     assert result.state.rollbacks == 1 and result.state.skipped_steps == 3

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from budgetlm.errors import UserError
-from budgetlm.models.gpt import GPT, GPTConfig
+from budgetlm.models.gpt import GPT
+from budgetlm.models.config import ModelConfig
 from budgetlm.train.lamb import Lamb
 from budgetlm.train.muon import MuonWithAdamW, hidden_matrices
 from budgetlm.train.optim import (
@@ -25,7 +26,7 @@ LR = {"adamw": 3e-3, "adam": 3e-3, "sgd": 0.3, "rmsprop": 3e-3, "adafactor": 0.1
 
 def tiny_gpt(seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=64, context=16, n_layer=2, n_head=2, d_model=32))
+    return GPT(ModelConfig(vocab_size=64, context=16, n_layer=2, n_head=2, d_model=32))
 
 
 def batch() -> torch.Tensor:

@@ -42,3 +42,21 @@ def test_keep_freed_memory_stops_tensors_faulting_in_fresh_pages():
     # 128 MB a step is 32,768 pages, mapped afresh each step unless freed memory is kept
     assert default > 5 * 30_000
     assert kept < default / 10
+
+
+
+def test_the_allocator_is_set_by_the_command_line_not_by_the_library(monkeypatch, tmp_path):
+    """glibc's malloc settings are process-wide: the command line makes them (cli.main); a program calling a
+    workflow from Python keeps its own."""
+    from budgetlm import cli
+    from budgetlm.errors import UserError
+    from budgetlm.train import runtime
+    from budgetlm.workflows import evaluate
+
+    calls = []
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append(1) or True)
+    with pytest.raises(UserError):
+        evaluate.run(str(tmp_path / "no-model"), [str(tmp_path / "no-text.txt")])
+    assert calls == []
+    assert cli.main(["eval", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-text.txt")]) == 2
+    assert calls == [1]

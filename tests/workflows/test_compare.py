@@ -92,7 +92,7 @@ def test_bad_vary_is_one_clear_error(play_file, vary, fragments):
 def test_values_are_read_by_the_keys_type(play_file):
     found = compare.variants(base_config(play_file), vary=["n-layer=1,2", "batch_tokens=256,auto", "warmup=3"])
     assert found[0].name == "n_layer=1,batch_tokens=256,warmup=3"
-    assert found[0].settings == {"n_layer": 1, "batch_tokens": "256", "warmup": 3.0}
+    assert found[0].settings == {"n_layer": 1, "batch_tokens": 256, "warmup": 3.0}
     assert found[-1].config.model.n_layer == 2 and found[-1].config.train.batch_tokens == "auto"
 
 

@@ -6,6 +6,7 @@ import pytest
 from budgetlm.cli import SECTIONS, build_parser, main
 from budgetlm.config import RunConfig, resolve
 from budgetlm.errors import UserError
+from budgetlm.train.optim import default_lr
 from budgetlm.workflows import pretrain, tune
 
 TINY = ["--n-layer", "1", "--d-model", "32", "--n-head", "1", "--context", "32", "--micro-batch", "16",
@@ -86,7 +87,7 @@ def test_default_space_starts_from_the_defaults_and_scales_the_automatic_lr(play
     assert tune.baseline_params(space, base) == {"optim": "lamb", "lr_factor": 1.0, "warmup": 0.02,
                                                  "weight_decay": 0.1, "batch_tokens": "auto"}
     cfg, settings = tune.trial_config(base, {"optim": "muon", "lr_factor": 2.0, "batch_tokens": "4096"}, None)
-    assert settings["lr"] == pytest.approx(2 * pretrain.default_lr(32, "muon"))
+    assert settings["lr"] == pytest.approx(2 * default_lr(32, "muon"))
     assert (cfg.train.optim, cfg.train.lr, cfg.train.batch_tokens) == ("muon", settings["lr"], "4096")
     cfg, settings = tune.trial_config(base, {"lr_factor": 1.0}, None)
     assert cfg.train.lr is None and "lr" not in settings  # the baseline keeps the automatic rate

@@ -181,3 +181,20 @@ def stratified_split(texts: list[str], labels: list[str], fraction: float,
     if not val:
         raise UserError("too few examples to split off a validation set (each class has one); give --val")
     return sorted(train), sorted(val)
+
+
+def load_split(data: str | None, val: str | None, text_column: str, label_column: str, val_fraction: float,
+               split_seed: int) -> tuple[list[str], list[str], list[str], list[str], dict[str, object]]:
+    """(train texts, train labels, validation texts, validation labels, the training labels written as
+    numbers or booleans), labels as text: `val` when given, else a stratified share of `data`."""
+    if not data:
+        raise UserError("give the labelled training data with --data (a .tsv, .csv, .jsonl or .parquet file)")
+    texts, labels, written = load_labelled(data, text_column, label_column)
+    if val:
+        val_texts, val_labels, _ = load_labelled(val, text_column, label_column)
+        return texts, labels, val_texts, val_labels, written
+    train_idx, val_idx = stratified_split(texts, labels, val_fraction, split_seed)
+
+    def pick(xs: list, idx) -> list:
+        return [xs[i] for i in idx]
+    return pick(texts, train_idx), pick(labels, train_idx), pick(texts, val_idx), pick(labels, val_idx), written

@@ -1,7 +1,8 @@
 """Transformer building blocks shared by every model family (GPT now; BERT and T5 reuse them).
 
 Pre-norm residual blocks with RMSNorm, rotary position embeddings, QK-norm, no biases, and
-attention through `scaled_dot_product_attention` (written out in bf16 on a CPU for short sequences).
+attention through `scaled_dot_product_attention`. Where and how fast it runs is not decided here: the
+runtime (train/kernels.py) may give an attention layer another kernel computing the same thing.
 """
 
 from __future__ import annotations
@@ -13,55 +14,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
-# In bf16 on a CPU, sdpa's flash kernel ran at about a sixth of the matmul peak at context 256 (profiled), and its
-# math path converts q, k and v to fp32 first. Written out in bf16 (softmax accumulating in fp32 inside), attention
-# of (8, 6, 256, 64) took 10.4 ms forward and backward against 19.0 (flash) and 26.1 (math) (docs/performance.md).
-# Its score matrix grows with the square of the length, so only for short sequences.
-CPU_PLAIN_ATTENTION_MAX_LEN = 256
-
-
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls on x run in: the autocast dtype where autocast is on for x's device, else x's own."""
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def use_plain_attention(q: torch.Tensor, key_length: int) -> bool:
-    """Whether to write attention out (plain_attention) rather than call sdpa: bf16 on a CPU, short sequences."""
-    return (q.device.type == "cpu" and key_length <= CPU_PLAIN_ATTENTION_MAX_LEN
-            and compute_dtype(q) == torch.bfloat16)
-
-
-def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                    dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(q·kᵀ/√d)·v over (batch, heads, time, head_dim), queries and keys of equal length, no padding."""
-    # scaling q rather than the scores, and adding the mask rather than filling it, touch fewer elements:
-    # about 15% less time forward and backward at (8, 6, 256, 64)
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    if causal:
-        t = q.shape[-2]
-        scores = scores + torch.full((t, t), float("-inf"), dtype=scores.dtype, device=q.device).triu(1)
-    probs = F.dropout(scores.softmax(dim=-1), dropout_p) if dropout_p else scores.softmax(dim=-1)
-    return probs.to(v.dtype) @ v
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout with a mask drawn four elements at a time on a CPU in eager mode.
-
-    PyTorch's CPU dropout draws one random number per element (bernoulli_, about 8 ns each here: 14 ms of a
-    130 ms training step of a 4×128 GPT); this draws 64 random bits and cuts them into four 16-bit lanes, each
-    compared with the rate, so the rate is rounded to a multiple of 1/65536 and the kept values are scaled
-    by that rate's 1/(1-p). About half the time of F.dropout, forward and backward (docs/performance.md).
-    Elsewhere (GPU, torch.compile, which draws its own masks inside fused kernels) it is nn.Dropout."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not self.training or not 0 < self.p < 1 or x.device.type != "cpu" or self.inplace
-                or torch.compiler.is_compiling()):
-            return super().forward(x)
-        threshold = round(self.p * 65536)  # drop a lane when its 16 bits, read as 0..65535, fall below this
-        words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64, device=x.device)
-        keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= threshold - 32768
-        return x * keep.to(x.dtype).mul_(1 / (1 - threshold / 65536))
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, mask: torch.Tensor | None = None,
+           dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q·kᵀ/√d + mask)·v over (batch, heads, time, head_dim), through sdpa. With a cache, queries
+    may be fewer than keys: the causal mask is then aligned to the end, which sdpa's is_causal does not do."""
+    is_causal = causal and mask is None and q.shape[-2] == k.shape[-2]
+    if causal and not is_causal and q.shape[-2] > 1 and mask is None:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril(k.shape[-2] - q.shape[-2])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
 
 
 class RMSNorm(nn.Module):
@@ -182,6 +148,7 @@ class Attention(nn.Module):
             raise ValueError(f"d_model {d_model} is not divisible by n_head {n_head}")
         self.n_head, self.head_dim = n_head, d_model // n_head
         self.causal, self.dropout, self.qk_norm = causal, dropout, qk_norm
+        self.kernel = attend  # the runtime may swap in another implementation of the same function
         if cross:  # queries from x, keys and values from the encoder's memory
             self.q = nn.Linear(d_model, d_model, bias=False)
             self.kv = nn.Linear(d_model, 2 * d_model, bias=False)
@@ -216,17 +183,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (batch, heads, time, head_dim)
         if cache is not None:
             k, v = cache.append(k, v)
-            q = q.to(k.dtype)  # the cache may hold a wider dtype than the weights (GPT.new_caches)
-        # With a cache, a single new query attends to every cached key; a longer chunk needs the
-        # causal mask aligned to the end, which sdpa's is_causal only gives when the lengths match.
-        is_causal = self.causal and mask is None and q.shape[-2] == k.shape[-2]
-        if self.causal and not is_causal and q.shape[-2] > 1 and mask is None:
-            mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=x.device).tril(k.shape[-2] - q.shape[-2])
-        dropout_p = self.dropout if self.training else 0.0
-        if mask is None and q.shape[-2] == k.shape[-2] and use_plain_attention(q, k.shape[-2]):
-            y = plain_attention(q, k, v, causal=self.causal, dropout_p=dropout_p)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
+            q = q.to(k.dtype)  # the cache may hold a wider dtype than the weights
+        y = self.kernel(q, k, v, causal=self.causal, mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(b, t, d).to(x.dtype))
 
 
@@ -271,7 +229,7 @@ class Block(nn.Module):
                                 cross=True) if cross_attention else None
         self.mlp_norm = RMSNorm(d_model, eps)
         self.mlp = MLP(d_model, mlp_hidden, mlp)
-        self.drop = Dropout(dropout) if dropout > 0 else nn.Identity()  # no op calls when off
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # no op calls when off
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, memory: torch.Tensor | None = None,
                 memory_mask: torch.Tensor | None = None, cache: KVCache | None = None,

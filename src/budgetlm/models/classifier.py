@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from budgetlm.models.gpt import GPT, GPTConfig
+from budgetlm.models.gpt import GPT
+from budgetlm.models.config import ModelConfig
 
 POOLINGS = ("mean", "last", "first")
 
@@ -62,7 +63,7 @@ class GPTBody(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict) -> GPTBody:
-        return cls(GPT(GPTConfig.from_dict(config)))
+        return cls(GPT(ModelConfig.from_dict(config)))
 
     def config_dict(self) -> dict:
         return self.gpt.config.to_dict()

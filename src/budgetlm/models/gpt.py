@@ -2,65 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from budgetlm.models.blocks import Block, Dropout, KVCache, RMSNorm, Rotary, compute_dtype, init_weights
+from budgetlm.models.blocks import Block, KVCache, RMSNorm, Rotary, compute_dtype, init_weights
+from budgetlm.models.config import ModelConfig
 from budgetlm.models.loss import linear_cross_entropy
-from budgetlm.models.packed import PackedLinear, pack_linears, packing_available
-
-
-@dataclass
-class GPTConfig:
-    vocab_size: int = 4096
-    context: int = 256
-    n_layer: int = 6
-    n_head: int = 6
-    d_model: int = 384
-    mlp: str = "relu2"          # relu2 | swiglu
-    mlp_ratio: float = 4.0      # hidden width ÷ d_model
-    dropout: float = 0.0             # on embeddings and residual branches
-    attention_dropout: float | None = None  # on attention probabilities; None (configs saved before it
-                                            # existed): `dropout`. A mask over every score: 40% of a compiled
-                                            # CPU step at 4×192 (docs/planner.md)
-    qk_norm: bool = True
-    rope_base: float = 10000.0
-    logit_softcap: float = 0.0  # >0: logits = c·tanh(logits/c) (Gemma 2), 0 turns it off
-    canon: int = 0              # kernel of the Canon mixes before attention and MLP (blocks.Canon); 0: none
-    temperature: float = 1.0    # logits are divided by it; fitted on held-out text after pretraining
-                                # (eval/calibration.py)
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(self.mlp_ratio * self.d_model)
-
-    def to_dict(self) -> dict:
-        return {"arch": "gpt", **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GPTConfig":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
+        if config.missing():
+            raise ValueError(f"a GPT needs its whole shape; unset: {', '.join(config.missing())}")
         self.config = c = config
+        dropout = c.dropout or 0.0
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
-        self.drop = Dropout(c.dropout) if c.dropout > 0 else nn.Identity()
-        self.rotary = Rotary(c.d_model // c.n_head, c.context, c.rope_base)
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.rotary = Rotary(c.head_dim, c.context, c.rope_base)
         self.blocks = nn.ModuleList(
-            Block(c.d_model, c.n_head, c.mlp_hidden, causal=True, mlp=c.mlp, dropout=c.dropout,
-                  attention_dropout=c.dropout if c.attention_dropout is None else c.attention_dropout,
-                  qk_norm=c.qk_norm, canon=c.canon)
+            Block(c.d_model, c.n_head, c.mlp_hidden, causal=True, mlp=c.mlp, dropout=dropout,
+                  attention_dropout=dropout if c.attention_dropout is None else c.attention_dropout,
+                  qk_norm=c.qk_norm, canon=c.canon or 0)
             for _ in range(c.n_layer)
         )
         self.norm = RMSNorm(c.d_model)
-        self.packed_head: PackedLinear | None = None  # set by pack_weights, for inference
+        self.output_kernel: nn.Module | None = None  # the tied head's product, if the runtime packs it
         init_weights(self, c.n_layer)
 
     def num_params(self, embedding: bool = True) -> int:
@@ -87,7 +55,7 @@ class GPT(nn.Module):
         if not c.logit_softcap:
             h = self._tempered(h)
         # tied input/output embedding
-        logits = self.packed_head(h) if self.packed_head is not None else F.linear(h, self.embed.weight)
+        logits = self.output_kernel(h) if self.output_kernel is not None else F.linear(h, self.embed.weight)
         if c.logit_softcap > 0:
             logits = c.logit_softcap * torch.tanh(logits / c.logit_softcap)
             if c.temperature != 1:
@@ -127,19 +95,8 @@ class GPT(nn.Module):
             p.data = p.data.to(dtype)
         return self
 
-    def pack_weights(self) -> bool:
-        """For inference on a CPU: every matmul weight packed for oneDNN (models/packed.py), after
-        cast_weights. False, and nothing changed, where packing is unavailable."""
-        if not packing_available(self.embed.weight.device, self.embed.weight.dtype):
-            return False
-        pack_linears(self.blocks)
-        self.packed_head = PackedLinear(self.embed.weight.detach())  # tied: the embedding owns the weight
-        return True
-
-    def new_caches(self, batch: int, device: torch.device) -> list[KVCache]:
-        """Key/value caches for decoding. On a CPU they hold fp32 whatever the weights' dtype: sdpa's
-        bf16 path there converts every cached key and value to fp32 at every step, and one query over an
-        fp32 cache ran 5× faster (10 against 50 µs a layer at 200 positions)."""
+    def new_caches(self, batch: int, device: torch.device, dtype: torch.dtype | None = None) -> list[KVCache]:
+        """Key/value caches for decoding, in `dtype` (default: the weights')."""
         c = self.config
-        dtype = torch.float32 if torch.device(device).type == "cpu" else self.embed.weight.dtype
+        dtype = dtype or self.embed.weight.dtype
         return [KVCache(batch, c.n_head, c.context, c.d_model // c.n_head, device, dtype) for _ in range(c.n_layer)]

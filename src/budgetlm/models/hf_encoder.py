@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tokenizers import Tokenizer
 from torch import nn
 
 from budgetlm.errors import UserError
-from budgetlm.models.blocks import Dropout, use_plain_attention
 
 
 def _transformers():
@@ -42,12 +42,13 @@ class HFEncoder(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        _use_fast_dropout(model)
         self.model = model
         self.width = model.config.hidden_size
         self.max_length = getattr(model.config, "max_position_embeddings", None)
         self.pad_id = getattr(model.config, "pad_token_id", None) or 0
         self.own_attention = getattr(model.config, "_attn_implementation", None) or "eager"
+        # (embedding weight, sequence length) → whether to write attention out; set by the runtime
+        self.written_attention: Callable[[torch.Tensor, int], bool] = lambda weight, length: False
 
     @classmethod
     def from_config(cls, config: dict) -> HFEncoder:
@@ -76,11 +77,11 @@ class HFEncoder(nn.Module):
         return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
 
     def _pick_attention(self, ids: torch.Tensor) -> None:
-        """Attention written out ("eager") where the GPT's is (bf16 on a CPU, short sequences); the model's own
-        choice (sdpa) elsewhere. A MiniLM fine-tuning step took 4% less time (docs/performance.md). Chosen per
-        call because only here is it known whether autocast is on."""
+        """Attention written out ("eager") where the runtime's `written_attention` rule says so (train/kernels.py:
+        bf16 on a CPU, short sequences, as the GPT's), else the model's own choice (sdpa). Chosen per call
+        because only here is it known whether autocast is on."""
         weight = self.model.get_input_embeddings().weight  # on the inputs' device, in the autocast dtype if on
-        want = "eager" if use_plain_attention(weight, ids.shape[1]) else self.own_attention
+        want = "eager" if self.written_attention(weight, ids.shape[1]) else self.own_attention
         if want != self.model.config._attn_implementation and hasattr(self.model, "set_attn_implementation"):
             self.model.set_attn_implementation(want)  # transformers >= 4.54; older ones keep their own choice
 
@@ -97,15 +98,6 @@ class HFEncoder(nn.Module):
         inside = {id(p) for p in stack.parameters()}
         rest = [p for p in self.model.parameters() if id(p) not in inside]
         return [rest, *[list(layer.parameters()) for layer in stack]]
-
-
-def _use_fast_dropout(model: nn.Module) -> None:
-    """budgetlm's Dropout in place of each nn.Dropout module: on a CPU it draws a quarter of the random numbers
-    (4% of a MiniLM fine-tuning step); elsewhere it is nn.Dropout. Dropout modules hold no weights."""
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if type(child) is nn.Dropout:
-                setattr(module, name, Dropout(child.p, child.inplace))
 
 
 def load_hf_tokenizer(folder: str | Path) -> Tokenizer:

@@ -6,9 +6,10 @@ from torch import nn
 
 from budgetlm.errors import UserError
 from budgetlm.models.classifier import ClassifierConfig, build_classifier
-from budgetlm.models.gpt import GPT, GPTConfig
+from budgetlm.models.gpt import GPT
+from budgetlm.models.config import ModelConfig
 
-ARCHS = {"gpt": (GPT, GPTConfig), "classifier": (build_classifier, ClassifierConfig)}
+ARCHS = {"gpt": (GPT, ModelConfig), "classifier": (build_classifier, ClassifierConfig)}
 
 
 def build(config_dict: dict) -> nn.Module:

@@ -35,8 +35,9 @@ def _last_logits(model, ids: torch.Tensor, caches=None) -> torch.Tensor:
 @torch.inference_mode()
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-             use_cache: bool = True) -> Iterator[torch.Tensor]:
-    """Yield one new token id per step (shape (batch,)) after the prompt (batch, time)."""
+             use_cache: bool = True, cache_dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+    """Yield one new token id per step (shape (batch,)) after the prompt (batch, time); the key/value
+    cache holds `cache_dtype` (default: the weights')."""
     context = model.config.context
     seq = prompt[:, -context:]
     caches = None
@@ -47,7 +48,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: f
         elif caches is None or caches[0].length >= context:
             # (Re)fill the cache; when the window is full, keep its last half and go on from there.
             window = seq[:, -(context // 2):] if caches is not None else seq
-            caches = model.new_caches(seq.shape[0], seq.device)
+            caches = model.new_caches(seq.shape[0], seq.device, cache_dtype)
             logits = _last_logits(model, window, caches)
         token = _pick(logits, temperature, top_k, top_p, generator)
         yield token

@@ -1,8 +1,9 @@
 """The training loop, top to bottom: batch → forward → backward → clip → step → log / evaluate / save.
 
 It knows nothing of what is being learned: a task (language modelling, classification) supplies
-batches, the loss and the evaluation; the budget decides when to stop and drives the schedule.
-Everything the loop must carry across a resume lives in `LoopState`."""
+batches, the loss and the evaluation. `fit` reads in one screen: each step it asks `Decisions` — one
+object, one clock — for the learning rate and whether to stop, evaluate or save, and `Trainer` carries
+them out. Everything the loop must carry across a resume lives in `LoopState`."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from budgetlm.budget import Budget
+from budgetlm.budget import Budget, EarlyStop, Every
 from budgetlm.errors import UserError
 from budgetlm.train.metrics import RunLog
-from budgetlm.train.resume import Checkpoints, Snapshot
+from budgetlm.train.resume import Checkpoints, Snapshot, load_snapshot
 from budgetlm.train.runtime import Runtime, to_device
 from budgetlm.train.schedule import Schedule
 from budgetlm.train.signals import GracefulStop
@@ -48,17 +49,12 @@ class FitConfig:
     micro_steps: int = 1
     grad_clip: float = 1.0
     schedule_clock: str = "time"      # time: progress through the whole budget; steps: step / planned steps
-    eval_every_steps: int | None = None
-    eval_every_s: float | None = None
+    eval_every: Every | None = None
     eval_batches: int | None = None   # per periodic evaluation; None: sized to eval_share of the budget
     eval_share: float = 0.005         # time budget share of one periodic evaluation
-    monitor: str = "val_loss"
-    monitor_mode: str = "min"         # min | max
-    patience: int = 0
-    min_delta: float = 0.0
+    stopping: EarlyStop = field(default_factory=EarlyStop)
     log_every_s: float = 5.0
-    save_every_steps: int | None = None
-    save_every_s: float | None = None
+    save_every: Every | None = None
     l1: float = 0.0                   # L1 penalty on weight matrices, added to the mean loss
     ema: float = 0.0                  # decay per step of a moving average of the weights, which is what
                                       # gets evaluated and kept (0: off, the raw weights)
@@ -74,6 +70,7 @@ class LoopState:
     """The loop's own state, JSON-able so that a checkpoint can carry it."""
     step: int = 0
     seen: int = 0                      # training units (tokens or examples)
+    micro_steps: int = 0               # micro-batches per step (doubled after running out of memory)
     train_s: float = 0.0               # time in training steps (evaluation and saving excluded)
     steady_seen: int = 0               # units and time after the warm-up steps of each session
     steady_s: float = 0.0
@@ -157,6 +154,330 @@ class StepOutcome:
         return self._values
 
 
+def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.Optimizer, cfg: FitConfig,
+        budget: Budget, runtime: Runtime, log: RunLog, *, checkpoints: Checkpoints | None = None,
+        resume: Snapshot | None = None, stop: GracefulStop | None = None,
+        scaler: torch.amp.GradScaler | None = None, run_meta: dict | None = None,
+        on_eval: Callable[[dict], bool] | None = None) -> FitResult:
+    """Train until the budget, early stopping, a signal or persistent faults end it; leave the best
+    weights in `model`. `on_eval(entry)` sees every periodic evaluation; returning True stops the
+    run as "pruned" (hyperparameter search)."""
+    trainer = Trainer(model, forward, task, optimizer, cfg, budget, runtime, log, checkpoints, scaler, run_meta)
+    trainer.start(resume)
+    decide = Decisions(cfg, budget, task)
+    stop_reason = None
+    while stop_reason is None:
+        now = decide.before_step(trainer.state, stop is not None and stop.requested)
+        if now.stop:
+            stop_reason = now.stop
+            break
+        stop_reason = trainer.train_step(now.lr, now.progress)
+        if stop_reason:
+            break
+        now = decide.after_step(trainer.state)
+        if now.evaluate:
+            stop_reason = trainer.evaluate_during_training(now.progress, on_eval)
+        if now.save and stop_reason is None:
+            stop_reason = trainer.settle() or trainer.save_checkpoint()
+    return trainer.finish(stop_reason)
+
+
+@dataclass
+class Decision:
+    stop: str | None = None     # why the run ends before this step, if it does
+    lr: float = 0.0
+    progress: float = 0.0
+    evaluate: bool = False
+    save: bool = False
+
+
+class Decisions:
+    """Everything the loop decides at a step, computed in one place from the budget's clock: the
+    learning rate and whether to stop, evaluate or save. Under several processes one of them computes
+    it and the others follow, so no process leaves a collective the others still wait in."""
+
+    def __init__(self, cfg: FitConfig, budget: Budget, task: Task):
+        self.cfg, self.budget, self.task = cfg, budget, task
+
+    def reserve_s(self, st: LoopState) -> float:
+        """Time kept back for the final evaluations on all validation batches, one periodic one, and saving."""
+        return st.eval_s_per_batch * (self.cfg.reserve_evals * self.task.eval_batch_count() + (st.eval_batches or 0)) + 2.0
+
+    def before_step(self, st: LoopState, stop_requested: bool) -> Decision:
+        reserve = self.reserve_s(st)
+        ended = self.budget.exhausted(st.step, st.seen, next_step_s=st.step_s or 0.0, reserve_s=reserve)
+        if ended == "budget" and st.step == 0:
+            raise UserError(f"the budget of {self.budget.seconds:g}s ran out before the first training step "
+                            f"({self.budget.elapsed():.1f}s went to setup and the first evaluation); give a larger --budget")
+        if ended or stop_requested:
+            return Decision(stop=ended or "interrupted")
+        progress = self.budget.progress(st.step, st.seen, reserve_s=reserve, clock=self.cfg.schedule_clock,
+                                        step_s=st.step_s)
+        lr = self.cfg.lr * self.cfg.schedule.factor(progress, st.step) * st.lr_scale
+        return Decision(lr=lr, progress=progress)
+
+    def after_step(self, st: LoopState) -> Decision:
+        now = self.budget.elapsed()
+        return Decision(progress=self.budget.progress(st.step, st.seen, reserve_s=self.reserve_s(st),
+                                                      clock=self.cfg.schedule_clock, step_s=st.step_s),
+                        evaluate=_due(self.cfg.eval_every, st.step - st.last_eval_step, now - st.last_eval_time),
+                        save=_due(self.cfg.save_every, st.step - st.last_save_step, now - st.last_save_time))
+
+
+def _due(every: Every | None, steps_since: int, seconds_since: float) -> bool:
+    if every is None:
+        return False
+    return steps_since >= every.steps if every.steps else seconds_since >= every.seconds
+
+
+class Trainer:
+    """The loop's hands: one optimizer step, evaluation and keeping the best weights, checkpoints,
+    rollbacks after repeated faults, and the accounting and logging of each step."""
+
+    def __init__(self, model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.Optimizer,
+                 cfg: FitConfig, budget: Budget, runtime: Runtime, log: RunLog, checkpoints: Checkpoints | None,
+                 scaler: torch.amp.GradScaler | None, run_meta: dict | None):
+        self.model, self.forward, self.task, self.optimizer, self.cfg = model, forward, task, optimizer, cfg
+        self.budget, self.runtime, self.log, self.checkpoints, self.scaler = budget, runtime, log, checkpoints, scaler
+        self.run_meta = run_meta or {}
+        self.state = LoopState(micro_steps=cfg.micro_steps)
+        self.averaged = moving_average(model, cfg.ema, cfg.ema_every) if cfg.ema else None
+        self.evaluated = self.averaged.module if self.averaged is not None else model
+        self.sign = 1.0 if cfg.stopping.mode == "min" else -1.0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.last_checkpoint: str | None = None
+        self.pending: StepOutcome | None = None   # the last step, read once the next one is queued
+        self.session_steps = 0
+        self.recent_loss, self.recent_units, self.last_log = 0.0, 0, -math.inf
+
+    def start(self, resume: Snapshot | None) -> None:
+        """Restore a checkpoint, size the periodic evaluation and score the starting weights."""
+        if resume is not None:
+            self._restore(resume)
+        st = self.state
+        if st.eval_batches is None:
+            st.eval_batches = self.cfg.eval_batches
+        if st.eval_batches is None:  # from the time of two batches, after one to warm up or compile
+            st.eval_batches = self.task.eval_batch_count()
+            if self.budget.seconds:
+                self.evaluate(1)
+                self.evaluate(2)
+                affordable = int(self.cfg.eval_share * self.budget.seconds / max(st.eval_s_per_batch, 1e-6))
+                st.eval_batches = max(1, min(self.task.eval_batch_count(), affordable))
+        if not st.evals:
+            self.record_eval(self.evaluate(st.eval_batches))
+        self.model.train()
+
+    def _restore(self, resume: Snapshot) -> None:
+        self.state = LoopState.from_json(resume.meta["loop"])
+        self.state.micro_steps = self.state.micro_steps or resume.meta.get("micro_steps") or self.cfg.micro_steps
+        halvings = self.state.micro_steps // self.cfg.micro_steps  # left by out-of-memory retries before the stop
+        while halvings > 1 and self.task.halve_micro_batch():
+            halvings //= 2
+        self.model.load_state_dict(resume.model)
+        if self.averaged is not None:
+            if resume.averaged is None:
+                raise UserError(f"checkpoint {resume.path} holds no moving average of the weights; resume with the "
+                                "run's own settings (--ema 0: the raw weights) or start a new --out")
+            self.averaged.load_state_dict(resume.averaged)
+        self.optimizer.load_state_dict(resume.optimizer)
+        self.cfg.schedule.load_state_dict(resume.meta.get("schedule", {}))
+        if self.scaler is not None and resume.meta.get("scaler"):
+            self.scaler.load_state_dict(resume.meta["scaler"])
+        self.best_state = resume.best
+        resume.restore_rng()
+        self.last_checkpoint = str(resume.path)
+
+    def train_step(self, lr: float, progress: float) -> str | None:
+        """One optimizer step at `lr` (after out of memory: retried with half the micro-batch). The
+        previous step is accounted for once this one is queued, so a GPU never waits for the host.
+        Returns "diverged" when faults persist after every rollback."""
+        st = self.state
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        started = time.monotonic()
+        while True:
+            try:
+                outcome = _train_step(self.model, self.forward, self.task, self.optimizer, self.cfg, self.runtime,
+                                      st.step, st.micro_steps, self.scaler)
+                break
+            except (RuntimeError, torch.OutOfMemoryError) as e:
+                if is_out_of_memory(e):
+                    self.optimizer.zero_grad(set_to_none=True)  # the partial gradients hold memory too
+                _shrink_after_oom(e, self.runtime.device, getattr(self.task, "halve_micro_batch", None),
+                                  "out of memory even at the smallest micro-batch; use a smaller model, --context "
+                                  "or --micro-batch")
+                st.micro_steps *= 2
+                self.log.message(f"warning: out of memory; retrying with micro-batch {self.task.micro_batch} × "
+                                 f"{st.micro_steps}")
+        st.step += 1
+        st.seen += outcome.units
+        outcome.step, outcome.seen, outcome.progress, outcome.lr = st.step, st.seen, progress, lr
+        if self.averaged is not None and st.step % self.cfg.ema_every == 0:
+            self.averaged.update_parameters(self.model)  # a skipped step left the weights as they were
+        previous, self.pending = self.pending, outcome
+        if previous is not None:
+            previous.read()
+        duration = time.monotonic() - started
+        st.train_s += duration
+        self.session_steps += 1
+        if self.session_steps > WARMUP_STEPS:
+            st.steady_seen += outcome.units
+            st.steady_s += duration
+        warm = st.step_s is not None and self.session_steps > WARMUP_STEPS
+        st.step_s = 0.8 * st.step_s + 0.2 * duration if warm else duration
+        return self.account(previous) if previous is not None else None
+
+    def evaluate(self, max_batches: int | None) -> dict:
+        self.evaluated.eval()
+        start = time.monotonic()
+        while True:
+            try:
+                with torch.no_grad(), self.runtime.autocast():
+                    # eager: a compiled graph would cost a second compile
+                    metrics = self.task.evaluate(self.evaluated, max_batches)
+                break
+            except (RuntimeError, torch.OutOfMemoryError) as e:
+                _shrink_after_oom(e, self.runtime.device, getattr(self.task, "halve_eval_batch", None),
+                                  "out of memory while evaluating even one sequence at a time; use a smaller model "
+                                  "or --context")
+                self.log.message("warning: out of memory while evaluating; retrying with half the sequences per pass")
+        n = max_batches or self.task.eval_batch_count()
+        self.state.eval_s_per_batch = (time.monotonic() - start) / max(n, 1)
+        self.model.train()
+        return metrics
+
+    def evaluate_during_training(self, progress: float, on_eval: Callable[[dict], bool] | None) -> str | None:
+        """A periodic evaluation: logged, the weights kept if best. Returns why the run stops, if it does."""
+        diverged = self.settle()
+        if diverged:
+            return diverged
+        metrics = self.evaluate(self.state.eval_batches)
+        early = self.record_eval(metrics)
+        if hasattr(self.cfg.schedule, "observe"):
+            self.cfg.schedule.observe(self.sign * metrics[self.cfg.stopping.metric])
+        self.log.show(progress, loss=None, val=_val_text(metrics), rate=self.state.seen / self.state.train_s,
+                      unit=self.task.unit, left_s=self.budget.remaining(), force=True)
+        if early:
+            return "early_stop"
+        if on_eval is not None and on_eval(self.state.evals[-1]):
+            return "pruned"
+        return None
+
+    def record_eval(self, metrics: dict) -> bool:
+        """Log an evaluation and keep the weights if they are the best so far. True: stop early."""
+        st, rule = self.state, self.cfg.stopping
+        value = self.sign * metrics[rule.metric]
+        entry = {"step": st.step, self.task.unit: st.seen, "elapsed_s": self.budget.elapsed(), **metrics}
+        st.evals.append(entry)
+        st.last_eval_step, st.last_eval_time = st.step, self.budget.elapsed()
+        self.log.record(kind="eval", **entry)
+        if st.best_value is None or value < st.best_value - rule.min_delta:
+            st.best_value, st.best_metrics, st.bad_evals = value, dict(entry), 0
+            self.best_state = {k: v.detach().clone() for k, v in self.evaluated.state_dict().items()}
+        else:
+            st.bad_evals += 1
+        return rule.patience > 0 and st.bad_evals >= rule.patience
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoints is None:
+            return
+        st = self.state
+        meta = {"loop": st.to_json(), "schedule": self.cfg.schedule.state_dict(), "spent_s": self.budget.elapsed(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None, **self.run_meta}
+        self.last_checkpoint = str(self.checkpoints.save(
+            st.step, model=self.model.state_dict(), best=self.best_state, optimizer=self.optimizer.state_dict(),
+            meta=meta, averaged=self.averaged.state_dict() if self.averaged is not None else None))
+        st.last_save_step, st.last_save_time = st.step, self.budget.elapsed()
+
+    def roll_back(self) -> None:
+        """After repeated faults: weights and optimizer state back to the last checkpoint (or the
+        best weights), the learning rate halved, and the data going on past the batches that failed
+        (as PaLM does after a loss spike), since replaying them could fail again."""
+        st = self.state
+        path = self.checkpoints.latest_valid() if self.checkpoints is not None else None
+        if path is not None:
+            snap = load_snapshot(path)
+            self.model.load_state_dict(snap.model)
+            self.optimizer.load_state_dict(snap.optimizer)
+        elif self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+            self.optimizer.state.clear()
+        st.lr_scale *= 0.5
+        st.rollbacks += 1
+        st.consecutive_faults = 0
+        self.log.message(f"warning: {FAULTS_BEFORE_ROLLBACK} non-finite steps in a row; weights rolled back to "
+                         f"{path.name if path else 'the best so far'}, learning rate halved, data continues at step "
+                         f"{st.step}")
+        self.log.record(kind="rollback", step=st.step, elapsed_s=self.budget.elapsed(), lr_scale=st.lr_scale,
+                        restored=str(path) if path else "best")
+
+    def account(self, outcome: StepOutcome) -> str | None:
+        """Count a finished step: a fault (and after repeated faults a rollback) or its loss, and log
+        it. Returns "diverged" when faults persist after every rollback."""
+        st = self.state
+        loss, grad_norm = outcome.read()
+        if not (math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))):
+            st.skipped_steps += 1
+            st.consecutive_faults += 1
+            self.log.record(kind="fault", step=outcome.step, elapsed_s=self.budget.elapsed(), loss=_json_number(loss),
+                            grad_norm=_json_number(grad_norm), skipped_steps=st.skipped_steps)
+            if st.consecutive_faults >= FAULTS_BEFORE_ROLLBACK:
+                if st.rollbacks >= MAX_ROLLBACKS:
+                    self.log.message(f"error: training keeps producing non-finite values after {MAX_ROLLBACKS} "
+                                     "rollbacks with a halved learning rate; stopping and keeping the best weights. "
+                                     "Try a lower --lr, --precision fp32 or a smaller --grad-clip.")
+                    return "diverged"
+                self.roll_back()
+            return None
+        st.consecutive_faults = 0
+        self.recent_loss += loss
+        self.recent_units += outcome.units
+        now = self.budget.elapsed()
+        if now - self.last_log >= self.cfg.log_every_s or outcome.step == 1:
+            unit = self.task.unit
+            train_loss = self.recent_loss / max(self.recent_units, 1)
+            rate = st.seen / st.train_s
+            self.log.record(kind="train", step=outcome.step, **{unit: outcome.seen}, elapsed_s=now, lr=outcome.lr,
+                            train_loss=train_loss, **{f"{unit}_per_s": rate}, grad_norm=_json_number(grad_norm),
+                            skipped_steps=st.skipped_steps)
+            self.log.show(outcome.progress, loss=train_loss, val=_val_text(st.evals[-1]), rate=rate, unit=unit,
+                          left_s=self.budget.remaining())
+            self.last_log, self.recent_loss, self.recent_units = now, 0.0, 0
+        return None
+
+    def settle(self) -> str | None:
+        """Account for the step still in flight, if any (before evaluating, saving or stopping)."""
+        if self.pending is None:
+            return None
+        outcome, self.pending = self.pending, None
+        started = time.monotonic()
+        outcome.read()
+        self.state.train_s += time.monotonic() - started  # the wait is the rest of that step's time
+        return self.account(outcome)
+
+    def finish(self, stop_reason: str) -> FitResult:
+        """After the last step: a last evaluation and checkpoint, the best weights back in the model,
+        and the final evaluation on all validation batches."""
+        st, cfg = self.state, self.cfg
+        if stop_reason != "diverged" and self.settle() == "diverged":
+            stop_reason = "diverged"
+        if stop_reason == "interrupted":
+            self.save_checkpoint()
+        elif st.last_eval_step != st.step:  # the last weights, unless just evaluated
+            self.record_eval(self.evaluate(st.eval_batches))
+        if stop_reason != "interrupted" and self.checkpoints is not None and cfg.save_every:
+            self.save_checkpoint()
+        self.model.load_state_dict(self.best_state)
+        if stop_reason != "interrupted" and st.eval_batches < self.task.eval_batch_count() and cfg.final_eval:
+            final = self.evaluate(None)
+        else:
+            final = {k: v for k, v in st.best_metrics.items() if k.startswith("val_")}
+        self.log.close()
+        return FitResult(stop_reason=stop_reason, state=st, best=st.best_metrics, final=final,
+                         checkpoint=self.last_checkpoint)
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, torch.OutOfMemoryError):
         return True
@@ -175,270 +496,11 @@ def _shrink_after_oom(error: BaseException, device: torch.device, shrink: Callab
         raise UserError(give_up) from None
 
 
-def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.Optimizer, cfg: FitConfig,
-        budget: Budget, runtime: Runtime, log: RunLog, *, checkpoints: Checkpoints | None = None,
-        resume: Snapshot | None = None, stop: GracefulStop | None = None,
-        scaler: torch.amp.GradScaler | None = None, run_meta: dict | None = None,
-        on_eval: Callable[[dict], bool] | None = None) -> FitResult:
-    """Train until the budget, early stopping, a signal or persistent faults end it; leave the best
-    weights in `model`. `on_eval(entry)` sees every periodic evaluation; returning True stops the
-    run as "pruned" (hyperparameter search)."""
-    device = runtime.device
-    st = LoopState()
-    best_state: dict[str, torch.Tensor] | None = None
-    last_checkpoint: str | None = None
-    session_steps = 0
-    averaged = moving_average(model, cfg.ema, cfg.ema_every) if cfg.ema else None
-    evaluated = averaged.module if averaged is not None else model
-    if resume is not None:
-        st = LoopState.from_json(resume.meta["loop"])
-        model.load_state_dict(resume.model)
-        if averaged is not None:
-            if resume.averaged is None:
-                raise UserError(f"checkpoint {resume.path} holds no moving average of the weights; resume with the "
-                                "run's own settings (--ema 0: the raw weights) or start a new --out")
-            averaged.load_state_dict(resume.averaged)
-        optimizer.load_state_dict(resume.optimizer)
-        cfg.schedule.load_state_dict(resume.meta.get("schedule", {}))
-        if scaler is not None and resume.meta.get("scaler"):
-            scaler.load_state_dict(resume.meta["scaler"])
-        best_state = resume.best
-        resume.restore_rng()
-        last_checkpoint = str(resume.path)
-    sign = 1.0 if cfg.monitor_mode == "min" else -1.0
-    recent_loss, recent_units = 0.0, 0
-    last_log = -math.inf
-    pending: StepOutcome | None = None  # the last step, read once the next one is queued
-
-    def evaluate(max_batches: int | None) -> dict:
-        evaluated.eval()
-        start = time.monotonic()
-        while True:
-            try:
-                with torch.no_grad(), runtime.autocast():
-                    metrics = task.evaluate(evaluated, max_batches)  # eager: a compiled graph would cost a second compile
-                break
-            except (RuntimeError, torch.OutOfMemoryError) as e:
-                _shrink_after_oom(e, device, getattr(task, "halve_eval_batch", None),
-                                  "out of memory while evaluating even one sequence at a time; use a smaller model "
-                                  "or --context")
-                log.message("warning: out of memory while evaluating; retrying with half the sequences per pass")
-        n = max_batches or task.eval_batch_count()
-        st.eval_s_per_batch = (time.monotonic() - start) / max(n, 1)
-        model.train()
-        return metrics
-
-    def reserve_s() -> float:
-        # the final evaluations on all validation batches, one periodic one, and saving
-        return st.eval_s_per_batch * (cfg.reserve_evals * task.eval_batch_count() + (st.eval_batches or 0)) + 2.0
-
-    def record_eval(metrics: dict) -> bool:
-        """Log an evaluation and keep the weights if they are the best so far. True: stop early."""
-        nonlocal best_state
-        value = sign * metrics[cfg.monitor]
-        entry = {"step": st.step, task.unit: st.seen, "elapsed_s": budget.elapsed(), **metrics}
-        st.evals.append(entry)
-        st.last_eval_step, st.last_eval_time = st.step, budget.elapsed()
-        log.record(kind="eval", **entry)
-        if st.best_value is None or value < st.best_value - cfg.min_delta:
-            st.best_value, st.best_metrics, st.bad_evals = value, dict(entry), 0
-            best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
-        else:
-            st.bad_evals += 1
-        return cfg.patience > 0 and st.bad_evals >= cfg.patience
-
-    def save_checkpoint() -> None:
-        nonlocal last_checkpoint
-        if checkpoints is None:
-            return
-        meta = {"loop": st.to_json(), "schedule": cfg.schedule.state_dict(), "spent_s": budget.elapsed(),
-                "scaler": scaler.state_dict() if scaler is not None else None, **(run_meta or {})}
-        last_checkpoint = str(checkpoints.save(st.step, model=model.state_dict(), best=best_state,
-                                               optimizer=optimizer.state_dict(), meta=meta,
-                                               averaged=averaged.state_dict() if averaged is not None else None))
-        st.last_save_step, st.last_save_time = st.step, budget.elapsed()
-
-    def roll_back() -> None:
-        """After repeated faults: weights and optimizer state back to the last checkpoint (or the
-        best weights), the learning rate halved, and the data going on past the batches that failed
-        (as PaLM does after a loss spike), since replaying them could fail again."""
-        path = checkpoints.latest_valid() if checkpoints is not None else None
-        if path is not None:
-            from budgetlm.train.resume import load_snapshot
-            snap = load_snapshot(path)
-            model.load_state_dict(snap.model)
-            optimizer.load_state_dict(snap.optimizer)
-        elif best_state is not None:
-            model.load_state_dict(best_state)
-            optimizer.state.clear()
-        st.lr_scale *= 0.5
-        st.rollbacks += 1
-        st.consecutive_faults = 0
-        log.message(f"warning: {FAULTS_BEFORE_ROLLBACK} non-finite steps in a row; weights rolled back to "
-                    f"{path.name if path else 'the best so far'}, learning rate halved, data continues at step {st.step}")
-        log.record(kind="rollback", step=st.step, elapsed_s=budget.elapsed(), lr_scale=st.lr_scale,
-                   restored=str(path) if path else "best")
-
-    def account(outcome: StepOutcome) -> str | None:
-        """Count a finished step: a fault (and after repeated faults a rollback) or its loss, and log
-        it. Returns "diverged" when faults persist after every rollback."""
-        nonlocal recent_loss, recent_units, last_log
-        loss, grad_norm = outcome.read()
-        if not (math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))):
-            st.skipped_steps += 1
-            st.consecutive_faults += 1
-            log.record(kind="fault", step=outcome.step, elapsed_s=budget.elapsed(), loss=_json_number(loss),
-                       grad_norm=_json_number(grad_norm), skipped_steps=st.skipped_steps)
-            if st.consecutive_faults >= FAULTS_BEFORE_ROLLBACK:
-                if st.rollbacks >= MAX_ROLLBACKS:
-                    log.message(f"error: training keeps producing non-finite values after {MAX_ROLLBACKS} rollbacks "
-                                "with a halved learning rate; stopping and keeping the best weights. Try a lower --lr, "
-                                "--precision fp32 or a smaller --grad-clip.")
-                    return "diverged"
-                roll_back()
-            return None
-        st.consecutive_faults = 0
-        recent_loss += loss
-        recent_units += outcome.units
-        now = budget.elapsed()
-        if now - last_log >= cfg.log_every_s or outcome.step == 1:
-            train_loss = recent_loss / max(recent_units, 1)
-            rate = st.seen / st.train_s
-            log.record(kind="train", step=outcome.step, **{task.unit: outcome.seen}, elapsed_s=now, lr=outcome.lr,
-                       train_loss=train_loss, **{f"{task.unit}_per_s": rate}, grad_norm=_json_number(grad_norm),
-                       skipped_steps=st.skipped_steps)
-            log.show(outcome.progress, loss=train_loss, val=_val_text(st.evals[-1]), rate=rate, unit=task.unit,
-                     left_s=budget.remaining())
-            last_log, recent_loss, recent_units = now, 0.0, 0
-        return None
-
-    def settle() -> str | None:
-        """Account for the step still in flight, if any (before evaluating, saving or stopping)."""
-        nonlocal pending
-        if pending is None:
-            return None
-        outcome, pending = pending, None
-        started = time.monotonic()
-        outcome.read()
-        st.train_s += time.monotonic() - started  # the wait is the rest of that step's time
-        return account(outcome)
-
-    # Size the periodic evaluation from the time of two batches (after one to warm up or compile).
-    if st.eval_batches is None:
-        st.eval_batches = cfg.eval_batches
-    if st.eval_batches is None:
-        st.eval_batches = task.eval_batch_count()
-        if budget.seconds:
-            evaluate(1)
-            evaluate(2)
-            affordable = int(cfg.eval_share * budget.seconds / max(st.eval_s_per_batch, 1e-6))
-            st.eval_batches = max(1, min(task.eval_batch_count(), affordable))
-    if not st.evals:
-        record_eval(evaluate(st.eval_batches))
-    model.train()
-    stop_reason = None
-
-    while True:
-        stop_reason = budget.exhausted(st.step, st.seen, next_step_s=st.step_s or 0.0, reserve_s=reserve_s())
-        if stop_reason:
-            if st.step == 0 and stop_reason == "budget":
-                raise UserError(f"the budget of {budget.seconds:g}s ran out before the first training step "
-                                f"({budget.elapsed():.1f}s went to setup and the first evaluation); give a larger --budget")
-            break
-        if stop is not None and stop.requested:
-            stop_reason = "interrupted"
-            break
-        progress = budget.progress(st.step, st.seen, reserve_s=reserve_s(), clock=cfg.schedule_clock,
-                                   step_s=st.step_s)
-        lr = cfg.lr * cfg.schedule.factor(progress, st.step) * st.lr_scale
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-
-        # One optimizer step over micro_steps micro-batches, the loss weighted by units, so the
-        # update equals that of the whole batch at once.
-        started = time.monotonic()
-        try:
-            outcome = _train_step(model, forward, task, optimizer, cfg, runtime, st.step, scaler)
-        except (RuntimeError, torch.OutOfMemoryError) as e:
-            if is_out_of_memory(e):
-                optimizer.zero_grad(set_to_none=True)  # the partial gradients hold memory too
-            _shrink_after_oom(e, device, getattr(task, "halve_micro_batch", None),
-                              "out of memory even at the smallest micro-batch; use a smaller model, --context "
-                              "or --micro-batch")
-            cfg.micro_steps *= 2
-            log.message(f"warning: out of memory; retrying with micro-batch {task.micro_batch} × {cfg.micro_steps}")
-            continue
-        st.step += 1
-        st.seen += outcome.units
-        outcome.step, outcome.seen, outcome.progress, outcome.lr = st.step, st.seen, progress, lr
-        if averaged is not None and st.step % cfg.ema_every == 0:
-            averaged.update_parameters(model)  # a skipped step left the weights as they were
-        # The previous step's numbers are read only now that this one is queued, so a GPU never
-        # waits for the host; on a CPU both are already computed.
-        previous, pending = pending, outcome
-        if previous is not None:
-            previous.read()
-        duration = time.monotonic() - started
-        st.train_s += duration
-        session_steps += 1
-        if session_steps > WARMUP_STEPS:
-            st.steady_seen += outcome.units
-            st.steady_s += duration
-        st.step_s = duration if st.step_s is None or session_steps <= WARMUP_STEPS else 0.8 * st.step_s + 0.2 * duration
-        if previous is not None and account(previous) == "diverged":
-            stop_reason = "diverged"
-            break
-
-        now = budget.elapsed()
-        due = (cfg.eval_every_steps and st.step - st.last_eval_step >= cfg.eval_every_steps) or \
-              (cfg.eval_every_s and now - st.last_eval_time >= cfg.eval_every_s)
-        if due:
-            if settle() == "diverged":
-                stop_reason = "diverged"
-                break
-            metrics = evaluate(st.eval_batches)
-            early = record_eval(metrics)
-            if hasattr(cfg.schedule, "observe"):
-                cfg.schedule.observe(sign * metrics[cfg.monitor])
-            log.show(progress, loss=None, val=_val_text(metrics), rate=st.seen / st.train_s, unit=task.unit,
-                     left_s=budget.remaining(), force=True)
-            if early:
-                stop_reason = "early_stop"
-                break
-            if on_eval is not None and on_eval(st.evals[-1]):
-                stop_reason = "pruned"
-                break
-        if (cfg.save_every_steps and st.step - st.last_save_step >= cfg.save_every_steps) or \
-           (cfg.save_every_s and budget.elapsed() - st.last_save_time >= cfg.save_every_s):
-            if settle() == "diverged":
-                stop_reason = "diverged"
-                break
-            save_checkpoint()
-
-    if stop_reason != "diverged" and settle() == "diverged":
-        stop_reason = "diverged"
-    if stop_reason == "interrupted":
-        save_checkpoint()
-    elif st.last_eval_step != st.step:  # the last weights, unless just evaluated
-        record_eval(evaluate(st.eval_batches))
-    if stop_reason not in ("interrupted",) and checkpoints is not None and (cfg.save_every_steps or cfg.save_every_s):
-        save_checkpoint()
-    model.load_state_dict(best_state)
-    if stop_reason == "interrupted":
-        final = {k: v for k, v in st.best_metrics.items() if k.startswith("val_")}
-    elif st.eval_batches < task.eval_batch_count() and cfg.final_eval:
-        final = evaluate(None)
-    else:
-        final = {k: v for k, v in st.best_metrics.items() if k.startswith("val_")}
-    log.close()
-    return FitResult(stop_reason=stop_reason, state=st, best=st.best_metrics, final=final, checkpoint=last_checkpoint)
-
-
-def _train_step(model, forward, task, optimizer, cfg: FitConfig, runtime: Runtime, step: int,
+def _train_step(model, forward, task, optimizer, cfg: FitConfig, runtime: Runtime, step: int, micro_steps: int,
                 scaler: torch.amp.GradScaler | None) -> StepOutcome:
     """One optimizer step, queued without waiting for the device where the optimizer allows it; the
     update is skipped when the loss or gradient is not finite."""
-    batches = [task.batch(step, m) for m in range(cfg.micro_steps)]
+    batches = [task.batch(step, m) for m in range(micro_steps)]
     units = sum(task.count(b) for b in batches)
     step_loss = torch.zeros((), device=runtime.device)
     if cfg.l1 > 0:

@@ -12,7 +12,17 @@ from budgetlm.train.lamb import Lamb
 from budgetlm.train.muon import Muon, MuonWithAdamW, hidden_matrices
 from budgetlm.train.runtime import cpu_has_fast_bf16
 
-OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adafactor", "lamb", "muon")
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adafactor", "lamb", "muon")  # as config.OPTIMIZERS
+
+# Peak learning rate of each optimizer relative to AdamW's (Muon's update is matched to AdamW's RMS).
+LR_RELATIVE_TO_ADAMW = {"adamw": 1.0, "adam": 1.0, "muon": 1.0, "rmsprop": 0.5, "lamb": 5.0, "adafactor": 5.0,
+                        "sgd": 100.0}
+
+
+def default_lr(d_model: int, optim: str = "adamw") -> float:
+    """Peak learning rate shrinking with width (µP-like 1/width scaling, AdamW anchored at 1.5e-3 for d_model 256)."""
+    return 1.5e-3 * 256 / d_model * LR_RELATIVE_TO_ADAMW[optim]
+
 
 # Extra arguments each optimizer accepts: a type, or a tuple of the allowed strings.
 COMMON_ARGS: dict = {"decay_embeddings": bool}

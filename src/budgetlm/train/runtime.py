@@ -69,13 +69,6 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=precision_dtype(precision))
 
 
-def setup_cpu(threads: int | None = None) -> int:
-    """The process set up for PyTorch's CPU kernels: threads (`set_threads`) and freed memory kept for
-    reuse (`keep_freed_memory`). Returns the thread count."""
-    keep_freed_memory()
-    return set_threads(threads)
-
-
 def set_threads(threads: int | None = None) -> int:
     """Threads for PyTorch's CPU kernels: the given number, else OMP_NUM_THREADS, else one per core
     this process may run on."""
@@ -100,7 +93,8 @@ def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 <
     at most, so a training step, which frees more than that at its end, page-faults its activations in
     anew every step: about 40,000 faults a step at the benchmark's reference shape, about 3 µs each in a
     VM; without them 4-55% more tokens/s in alternating runs (docs/performance.md). The process keeps
-    its peak memory instead. True where the setting took (Linux with glibc)."""
+    its peak memory instead. A process-wide choice, so the command line makes it (cli.main), not a library
+    import. True where the setting took (Linux with glibc)."""
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -19,26 +19,30 @@ budget; OUT gets compare.json, compare.md and compare.png."""
 from __future__ import annotations
 
 import contextlib
-import copy
-import difflib
 import itertools
 import json
 import math
-import os
 import re
-import shutil
 import time
 import tomllib
-import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from budgetlm.budget import format_duration, parse_duration
-from budgetlm.config import RunConfig, apply, load_toml
+from budgetlm.budget import format_duration
+from budgetlm.config import (
+    WARM_UP,
+    RunConfig,
+    load_toml,
+    normalize_key,
+    section_of,
+    setting,
+    value_types,
+    with_overrides,
+)
 from budgetlm.errors import UserError
 from budgetlm.train.checkpoint import atomic_write_bytes
 from budgetlm.workflows import pretrain
-from budgetlm.report import prepare_out, say
+from budgetlm.report import prepare_out, run_quietly, say
 
 LIMITS = ("budget", "max_steps", "max_tokens")
 
@@ -54,48 +58,7 @@ class Variant:
         return re.sub(r"[^A-Za-z0-9._=,+-]", "_", self.name)
 
 
-# ---------------------------------------------------------------- overrides
-
-def _sections(cfg: RunConfig) -> list[str]:
-    return [f.name for f in fields(cfg)]
-
-
-def config_keys(cfg: RunConfig) -> list[str]:
-    return sorted(f.name for s in _sections(cfg) for f in fields(getattr(cfg, s)))
-
-
-def section_of(cfg: RunConfig, key: str) -> str | None:
-    return next((s for s in _sections(cfg) if key in {f.name for f in fields(getattr(cfg, s))}), None)
-
-
-def normalize_key(cfg: RunConfig, key: str, where: str) -> str:
-    """`n-layer` or `n_layer` → `n_layer`; unknown keys are an error listing the allowed ones."""
-    name = key.strip().replace("-", "_")
-    if section_of(cfg, name) is None:
-        close = difflib.get_close_matches(name, config_keys(cfg), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise UserError(f"{where}unknown key {key!r}{hint}; allowed: {', '.join(config_keys(cfg))}")
-    return name
-
-
-def with_overrides(base: RunConfig, settings: dict, where: str = "") -> RunConfig:
-    """A copy of `base` with flat `settings` (key → value) applied and validated by config.apply."""
-    cfg = copy.deepcopy(base)
-    for key, value in settings.items():
-        name = normalize_key(cfg, key, where)
-        apply(getattr(cfg, section_of(cfg, name)), {name: value}, where)
-    return cfg
-
-
-def value_types(cfg: RunConfig, key: str) -> set[type]:
-    """The scalar types a config key holds: `int | None` → {int}, `list[str]` → {str}."""
-    hint = typing.get_type_hints(type(getattr(cfg, section_of(cfg, key))))[key]
-    parts = typing.get_args(hint) if typing.get_origin(hint) is not list else ()
-    found = set()
-    for part in parts or (hint,):
-        found |= set(typing.get_args(part)) if typing.get_origin(part) is list else {part}
-    return found - {type(None)}
-
+# ---------------------------------------------------------------- values
 
 def parse_value(cfg: RunConfig, key: str, text: str):
     """Command-line text → a value for `key`: kept as text for text fields, else read as a TOML
@@ -128,8 +91,6 @@ def variants(base: RunConfig, *, vary: list[str] | None = None, sweep: str | Non
         t = v.config.train
         if not any(getattr(t, limit) for limit in LIMITS):
             raise UserError(f"variant {v.name}: give a limit, e.g. --budget 60s (or --max-steps, --max-tokens)")
-        if t.budget:
-            parse_duration(t.budget)
     return found
 
 
@@ -151,7 +112,7 @@ def variants_from_vary(base: RunConfig, specs: list[str]) -> list[Variant]:
     for combo in itertools.product(*axes.values()):
         raw = {key: value for key, (_, value) in zip(axes, combo)}
         cfg = with_overrides(base, raw, "--vary ")
-        settings = {key: getattr(getattr(cfg, section_of(cfg, key)), key) for key in raw}
+        settings = {key: setting(cfg, key) for key in raw}
         name = ",".join(f"{key}={text}" for key, (text, _) in zip(axes, combo))
         found.append(Variant(name, settings, cfg))
     return found
@@ -171,7 +132,7 @@ def variants_from_sweep(base: RunConfig, path: str) -> list[Variant]:
         name = table.pop("name", None)
         settings: dict = {}
         for key, value in table.items():
-            if key in _sections(base) and isinstance(value, dict):
+            if key in [f.name for f in fields(base)] and isinstance(value, dict):
                 for inner in value:
                     if section_of(base, inner.replace("-", "_")) != key:
                         raise UserError(f"{where}{inner!r} is not a key of [{key}]; allowed: "
@@ -181,7 +142,7 @@ def variants_from_sweep(base: RunConfig, path: str) -> list[Variant]:
                 settings[key] = value
         cfg = with_overrides(base, settings, where)
         settings = {k.replace("-", "_"): v for k, v in settings.items()}
-        settings = {k: getattr(getattr(cfg, section_of(cfg, k)), k) for k in settings}
+        settings = {k: setting(cfg, k) for k in settings}
         if name is None:
             name = ",".join(f"{k}={_text(v)}" for k, v in settings.items()) or "base"
         if not isinstance(name, str) or not name.strip():
@@ -202,7 +163,8 @@ def run(base: RunConfig, found: list[Variant], out: Path) -> list[dict]:
     """Run every variant in turn; write compare.json after each, then compare.md and compare.png.
     Raises UserError (after writing the files) only when every variant failed."""
     prepare_out(out)
-    warm_up(found[0].config, out / ".warm-up")
+    say("warming up (imports, tokenizer, token cache) outside the budgets")
+    run_quietly(pretrain.run, with_overrides(found[0].config, WARM_UP), out / ".warm-up")
     records: list[dict] = []
     for i, variant in enumerate(found, 1):
         say(f"[{i}/{len(found)}] {variant.name}: running in {out / variant.folder}")
@@ -221,26 +183,6 @@ def run(base: RunConfig, found: list[Variant], out: Path) -> list[dict]:
     if all(r["error"] for r in records):
         raise UserError(f"every variant failed; see {out / 'compare.md'} and each variant's pretrain.log")
     return records
-
-
-# A one-step run of a tiny model: what it leaves behind is all the warm-up is for.
-WARM_UP = {"budget": None, "max_tokens": None, "max_steps": 1, "size": None, "n_layer": 1, "d_model": 32,
-           "n_head": 1, "context": 32, "micro_batch": 16, "batch_tokens": None, "compile": "off", "eval_every": "1",
-           "eval_tokens": 512, "early_stop": None, "patience": 0, "save_every": None, "resume": None}
-
-
-def warm_up(cfg: RunConfig, folder: Path) -> None:
-    """Pay the process's one-time costs (imports, device start, tokenizer training, token caches)
-    outside any budget, so that the first run's budget buys as much training as the others'.
-    Errors are left for the real runs to report."""
-    say("warming up (imports, tokenizer, token cache) outside the budgets")
-    try:
-        with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
-            pretrain.run(with_overrides(cfg, WARM_UP), folder, quiet=True)
-    except UserError:
-        pass
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run_variant(variant: Variant, folder: Path) -> dict:

@@ -1,5 +1,6 @@
-"""`budgetlm finetune --members`: several fine-tunings of one body, each with its own seed (head,
-dropout and data order), read as one classifier that averages their class probabilities.
+"""`budgetlm finetune`: one fine-tuning (workflows/finetune.py), or with `--members` several of one
+body, each with its own seed (head, dropout and data order), read as one classifier that averages their
+class probabilities.
 
 A pretrained body stops at its epoch limit, often with half of a time budget left; another member
 trained in that half is a well-tried use of it (on SST-2 three seeds of one pretrained GPT scored
@@ -20,17 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from budgetlm.budget import format_duration, parse_duration
-from budgetlm.config import FinetuneConfig
-from budgetlm.data.labelled import LabelMap
+from budgetlm.budget import format_duration
+from budgetlm.config import FinetuneConfig, plain
+from budgetlm.data.labelled import LabelMap, load_split
 from budgetlm.errors import UserError
 from budgetlm.eval.classification import log_loss, plot_confusion, report, scores
 from budgetlm.models.classifier import ClassifierConfig, Ensemble
 from budgetlm.train.checkpoint import atomic_write_bytes, load_model, save_model
 from budgetlm.train.classify import EVAL_BATCH, classification_tokenizer, encode_texts, predict_probs
-from budgetlm.train.runtime import pick_device, setup_cpu
+from budgetlm.train.runtime import pick_device, set_threads
 from budgetlm.report import prepare_out, say
-from budgetlm.workflows.pretrain import parse_count
+from budgetlm.workflows import finetune
 
 MAX_AUTO_MEMBERS = 4
 # auto: another member when the time left is at least this share of the first member's time (a member
@@ -44,22 +45,21 @@ def wanted(c: FinetuneConfig) -> bool:
     """Whether this run trains members: a number above 1, or auto for a budgetlm GPT body under a time
     budget (its epoch limit may leave time over; a Hugging Face encoder's member fills most of a usual
     budget — MiniLM 12 of 15 minutes on SST-2 — and a scratch model has no epoch limit)."""
-    n = parse_count(c.members, "--members", "members")
-    if n is not None:
-        return n > 1
+    if c.members != "auto":
+        return c.members > 1
     return bool(c.budget) and c.model != "scratch" and not c.model.startswith("hf:")
 
 
 def run(c: FinetuneConfig, out: Path, *, quiet: bool = False) -> dict:
-    """Train members in OUT/members/K while --members and the budget allow, then save the kept ones
-    in `out` as one model; return the ensemble's summary."""
-    from budgetlm.workflows import finetune
-
-    asked = parse_count(c.members, "--members", "members")
+    """Fine-tune once, or train members in OUT/members/K while --members and the budget allow, then
+    save the kept ones in `out` as one model; return the (ensemble's) summary."""
+    if not wanted(c):
+        return finetune.run(c, out, quiet=quiet)
+    asked = None if c.members == "auto" else c.members
     if c.resume not in (None, "auto"):
         raise UserError("an ensemble resumes with --resume auto (each member from its own checkpoints)")
     prepare_out(out)
-    total_s = parse_duration(c.budget) if c.budget else None
+    total_s = c.budget
     plan_path = out / PLAN
     if c.resume == "auto" and plan_path.is_file():
         plan = json.loads(plan_path.read_text())
@@ -99,8 +99,7 @@ def run(c: FinetuneConfig, out: Path, *, quiet: bool = False) -> dict:
             limit = f", up to {format_duration(member['budget_s'])}" if member["budget_s"] else ""
             say(f"member {k + 1}{of}: seed {member['seed']}{limit}")
             member_cfg = dataclasses.replace(
-                c, members="1", seed=member["seed"], split_seed=split_seed,
-                budget=f"{member['budget_s']}s" if member["budget_s"] else None,
+                c, members=1, seed=member["seed"], split_seed=split_seed, budget=member["budget_s"],
                 resume="auto" if started and c.resume == "auto" else None)
             summary = finetune.run(member_cfg, member_out, quiet=quiet, prior=validation.prior())
             if summary["stop_reason"] == "interrupted":
@@ -119,11 +118,10 @@ class Validation:
     selection): a later member whose best weights were its first, untrained ones, adds nothing."""
 
     def __init__(self, c: FinetuneConfig):
-        from budgetlm.workflows.finetune import load_data
-
-        setup_cpu(c.threads)
+        set_threads(c.threads)
         self.device = pick_device(c.device)
-        _, _, self.texts, self.labels, _ = load_data(c)
+        _, _, self.texts, self.labels, _ = load_split(c.data, c.val, c.text_column, c.label_column,
+                                                      c.val_fraction, c.split_seed)
         self.source = c.val or "the validation split"
         self.models: list[torch.nn.Module] = []
         self.tokenizers = []
@@ -228,7 +226,7 @@ def assemble(c: FinetuneConfig, out: Path, validation: Validation, summaries: li
         "source": c.model,
         "pooling": summaries[0]["pooling"],
         "settings": summaries[0]["settings"],
-        "config": {"finetune": dataclasses.asdict(c)},
+        "config": {"finetune": plain(c)},
     }
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
     each = ", ".join(f"{s['best_val_accuracy']:.4f}{'' if kept else ' (left out)'}"

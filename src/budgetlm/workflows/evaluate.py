@@ -8,15 +8,17 @@ import torch
 from budgetlm.data.sources import load_corpus
 from budgetlm.data.tokenizer import eot_id
 from budgetlm.train.checkpoint import load_language_model
+from budgetlm.train.kernels import apply_kernels
 from budgetlm.train.lm import evaluate_lm
-from budgetlm.train.runtime import autocast, pick_device, pick_precision, setup_cpu
+from budgetlm.train.runtime import autocast, pick_device, pick_precision, set_threads
 
 
 def run(model_dir: str, data: list[str], *, text_field: str = "text", text_column: str | None = None,
         batch: int = 8, device: str = "auto", precision: str = "auto") -> dict:
-    setup_cpu()
+    set_threads()
     dev = pick_device(device)
     model, config, tokenizer = load_language_model(model_dir, dev, "be evaluated as a language model")
+    apply_kernels(model, dev)
     corpus = load_corpus(data, text_field=text_field, text_column=text_column)
     sep = eot_id(tokenizer)
     ids: list[int] = []

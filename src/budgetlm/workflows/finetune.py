@@ -6,7 +6,6 @@ new GPT or LSTM (`scratch`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -15,9 +14,9 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from budgetlm.budget import Budget, format_duration, parse_duration
-from budgetlm.config import SIZES, FinetuneConfig
-from budgetlm.data.labelled import LabelMap, load_labelled, stratified_split
+from budgetlm.budget import Budget, EarlyStop, Every, format_duration
+from budgetlm.config import SIZES, FinetuneConfig, plain
+from budgetlm.data.labelled import LabelMap, load_split
 from budgetlm.data.tokenizer import (
     EOT,
     default_vocab_size,
@@ -28,7 +27,8 @@ from budgetlm.data.tokens import content_hash
 from budgetlm.errors import UserError
 from budgetlm.eval.classification import log_loss, plot_confusion, plot_training, report
 from budgetlm.models.classifier import Classifier, ClassifierConfig, GPTBody
-from budgetlm.models.gpt import GPT, GPTConfig
+from budgetlm.models.gpt import GPT
+from budgetlm.models.config import ModelConfig
 from budgetlm.models.lstm import LSTMConfig, LSTMEncoder, word_tokenizer
 from budgetlm.train.checkpoint import (
     atomic_write_bytes,
@@ -44,21 +44,15 @@ from budgetlm.train.classify import (
     layer_scaled,
     predict_probs,
 )
+from budgetlm.train.kernels import apply_kernels
 from budgetlm.train.loop import FitConfig, fit
 from budgetlm.train.metrics import RunLog
-from budgetlm.train.optim import build_optimizer, parse_optim_args
+from budgetlm.train.optim import LR_RELATIVE_TO_ADAMW, build_optimizer, default_lr, parse_optim_args
 from budgetlm.train.resume import Checkpoints, find_resume
-from budgetlm.train.runtime import Runtime, pick_device, pick_precision, setup_cpu
+from budgetlm.train.runtime import Runtime, pick_device, pick_precision, set_threads
 from budgetlm.train.schedule import Schedule
 from budgetlm.train.signals import GracefulStop
 from budgetlm.report import prepare_out, say, say_done
-from budgetlm.workflows.pretrain import (
-    HIGHER_IS_BETTER,
-    LR_RELATIVE_TO_ADAMW,
-    default_lr,
-    parse_early_stop,
-    parse_every,
-)
 
 EVALS_PER_RUN = 12  # a classifier's dev set is small: evaluating often costs ~4% and finds the best weights
 # A pretrained body stops after 3 epochs unless --epochs says otherwise (the GPT-1 and BERT recipes): on SST-2,
@@ -71,21 +65,6 @@ MIN_PRETRAINED_STEPS = 500
 EMA_DECAY = 0.999
 MONITORS = ("val_accuracy", "val_macro_f1", "val_loss")
 WORD_VOCAB = 20000
-
-
-def load_data(c: FinetuneConfig) -> tuple[list[str], list[str], list[str], list[str], dict[str, object]]:
-    """(train texts, train labels, validation texts, validation labels, the training labels written as
-    numbers or booleans), labels as text."""
-    if not c.data:
-        raise UserError("give the labelled training data with --data (a .tsv, .csv, .jsonl or .parquet file)")
-    texts, labels, written = load_labelled(c.data, c.text_column, c.label_column)
-    if c.val:
-        val_texts, val_labels, _ = load_labelled(c.val, c.text_column, c.label_column)
-        return texts, labels, val_texts, val_labels, written
-    train_idx, val_idx = stratified_split(texts, labels, c.val_fraction,
-                                          c.split_seed if c.split_seed is not None else c.seed)
-    pick = lambda xs, idx: [xs[i] for i in idx]
-    return pick(texts, train_idx), pick(labels, train_idx), pick(texts, val_idx), pick(labels, val_idx), written
 
 
 def check_labels(label_map: LabelMap, n_train: int, c: FinetuneConfig) -> None:
@@ -125,7 +104,7 @@ def build_body(c: FinetuneConfig, train_texts: list[str]) -> tuple[torch.nn.Modu
             raise UserError("--tokenizer word is for --arch lstm; a GPT uses BPE")
         tok = _bpe(train_texts, c)
         n_layer, d_model, n_head = SIZES[c.size or "small"]
-        config = GPTConfig(vocab_size=math.ceil(tok.get_vocab_size() / 64) * 64, context=c.max_length,
+        config = ModelConfig(vocab_size=math.ceil(tok.get_vocab_size() / 64) * 64, context=c.max_length,
                            n_layer=n_layer, d_model=d_model, n_head=n_head, dropout=0.1, attention_dropout=0.0)
         return GPTBody(GPT(config)), tok, EOT
     folder = Path(source)
@@ -143,7 +122,7 @@ def build_body(c: FinetuneConfig, train_texts: list[str]) -> tuple[torch.nn.Modu
         raise UserError(f"--model {source}: its tokenizer has no {EOT} token; use the tokenizer it was pretrained with")
     # the head's dropout inside the body too (unless pretraining used more): labelled data seen for
     # many epochs overfits a body that pretraining left without any
-    config = GPTConfig.from_dict({**pretrained.config.to_dict(),
+    config = ModelConfig.from_dict({**pretrained.config.to_dict(),
                                   "dropout": max(pretrained.config.dropout, c.dropout if c.dropout is not None else 0.1)})
     gpt = GPT(config)
     gpt.load_state_dict(pretrained.state_dict())
@@ -192,16 +171,12 @@ def defaults(c: FinetuneConfig, body: torch.nn.Module) -> dict:
 
 def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.ndarray, int] | None = None) -> dict:
     """Train, keep the best weights, report; `prior`: see ClassificationTask (an ensemble's later members)."""
-    from budgetlm.workflows import ensemble
-
-    if ensemble.wanted(cfg):
-        return ensemble.run(cfg, out, quiet=quiet)
     c = cfg
     epochs = c.epochs or (None if c.model == "scratch" else PRETRAINED_EPOCHS)
     if not (c.budget or c.max_steps or epochs):
         raise UserError("give a limit: --budget (e.g. 10m), --max-steps or --epochs")
     # the clock starts now: data preparation counts; an epoch limit is set once the data is read
-    budget = Budget(seconds=parse_duration(c.budget) if c.budget else None, max_steps=c.max_steps,
+    budget = Budget(seconds=c.budget, max_steps=c.max_steps,
                     max_tokens=math.inf if epochs else None)
     if c.max_length < 3:
         raise UserError(f"--max-length {c.max_length} is too short; give at least 3 tokens")
@@ -212,13 +187,14 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
     snapshot = find_resume(c.resume, out, needs=("tokenizer.json", "config.json"), warn=say)
     if snapshot is not None:
         budget.spent_s = snapshot.meta["spent_s"]
-    threads = setup_cpu(c.threads)
+    threads = set_threads(c.threads)
     torch.manual_seed(c.seed)
     device = pick_device(c.device)
     precision = pick_precision(c.precision, device)
 
     # Data: labelled rows → train/validation split → label map → augmented training split.
-    train_texts, train_labels, val_texts, val_labels, written = load_data(c)
+    train_texts, train_labels, val_texts, val_labels, written = load_split(
+        c.data, c.val, c.text_column, c.label_column, c.val_fraction, c.split_seed if c.split_seed is not None else c.seed)
     label_map = LabelMap.from_labels(train_labels, written)
     check_labels(label_map, len(train_texts), c)
     val_y = label_map.encode(val_labels, source=c.val or "the validation split")
@@ -251,7 +227,7 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
                               text_column=c.text_column, label_column=c.label_column, source=c.model,
                               extra={"settings": settings})
         model = Classifier(mc, body)
-    model.to(device)
+    apply_kernels(model.to(device), device)
     if c.freeze_embeddings:
         model.body.token_embedding().requires_grad_(False)  # before the optimizer, which then leaves it out
     train_ids, val_ids = encode_texts(tokenizer, train_texts), encode_texts(tokenizer, val_texts)
@@ -266,21 +242,19 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
         optimizer = layer_scaled(optimizer, model.layer_groups(), settings["layer_lr_decay"])
     schedule = Schedule(c.schedule, c.warmup, c.decay_fraction, c.min_lr_ratio, gamma=c.gamma, step_size=c.step_size,
                         patience=c.plateau_patience)
-    eval_steps, eval_s = parse_every(c.eval_every)
-    if not (eval_steps or eval_s):
+    eval_every = c.eval_every
+    if eval_every is None:
         if budget.seconds:
-            eval_s = budget.seconds / EVALS_PER_RUN
+            eval_every = Every(seconds=budget.seconds / EVALS_PER_RUN)
         else:
             planned = min(x for x in (c.max_steps, epochs and math.ceil(budget.max_tokens / c.batch_size)) if x)
-            eval_steps = max(1, planned // EVALS_PER_RUN)
-    save_steps, save_s = parse_every(c.save_every)
-    monitor, patience, min_delta = parse_early_stop(c.early_stop, 0, 0.0) if c.early_stop else ("val_accuracy", 0, 0.0)
-    if monitor not in MONITORS:
-        raise UserError(f"--early-stop: fine-tuning measures {', '.join(MONITORS)}, not {monitor!r}")
+            eval_every = Every(steps=max(1, planned // EVALS_PER_RUN))
+    stopping = c.early_stop or EarlyStop("val_accuracy")
+    if stopping.metric not in MONITORS:
+        raise UserError(f"--early-stop: fine-tuning measures {', '.join(MONITORS)}, not {stopping.metric!r}")
     fit_cfg = FitConfig(lr=settings["lr"], schedule=schedule, micro_steps=micro_steps, grad_clip=c.grad_clip,
-                        eval_every_steps=eval_steps, eval_every_s=eval_s, eval_share=0.02, monitor=monitor,
-                        monitor_mode="max" if monitor in HIGHER_IS_BETTER else "min", patience=patience,
-                        min_delta=min_delta, log_every_s=2.0, save_every_steps=save_steps, save_every_s=save_s,
+                        eval_every=eval_every, eval_share=0.02, stopping=stopping, log_every_s=2.0,
+                        save_every=c.save_every,
                         ema=settings.get("ema", 0.0))
     task = ClassificationTask(train_ids, train_y, val_ids, val_y, micro_batch, micro_steps=micro_steps, seed=c.seed,
                               device=device, label_smoothing=c.label_smoothing, pad_id=model.pad_id,
@@ -328,7 +302,7 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
         "best_val_loss": val_loss,
         "per_class": scored["per_class"],
         "best_step": result.best.get("step"),
-        "monitor": monitor,
+        "monitor": stopping.metric,
         "examples_seen": result.seen,
         "epochs": round(result.seen / max(len(train_ids), 1), 3),
         "steps": result.steps,
@@ -349,7 +323,7 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
         "source": c.model,
         "pooling": mc.pooling,
         "settings": settings,
-        "config": {"finetune": dataclasses.asdict(c)},
+        "config": {"finetune": plain(c)},
     }
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
     say_done(result, out, f"validation accuracy {scored['accuracy']:.4f}, macro-F1 {scored['macro_f1']:.4f}, "

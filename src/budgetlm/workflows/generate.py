@@ -12,7 +12,9 @@ from budgetlm.data.tokenizer import eot_id
 from budgetlm.errors import UserError
 from budgetlm.models.sampling import generate
 from budgetlm.train.checkpoint import load_language_model
-from budgetlm.train.runtime import pick_device, pick_precision, precision_dtype, setup_cpu
+from budgetlm.train.kernels import apply_kernels, cache_dtype
+from budgetlm.train.packed import pack_for_inference
+from budgetlm.train.runtime import pick_device, pick_precision, precision_dtype, set_threads
 
 
 def run(model_dir: str, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
@@ -24,13 +26,14 @@ def run(model_dir: str, prompt: str, *, max_new_tokens: int = 200, temperature: 
         raise UserError("--temperature must be 0 (greedy) or more")
     if top_p is not None and not 0 < top_p <= 1:
         raise UserError("--top-p must be in (0, 1]")
-    setup_cpu()
+    set_threads()
     dev = pick_device(device)
     model, _, tokenizer = load_language_model(model_dir, dev, "generate text")
     precision = pick_precision(precision, dev)
     if precision != "fp32":
         model.cast_weights(precision_dtype(precision))
-    model.pack_weights()
+    apply_kernels(model, dev)
+    pack_for_inference(model)
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
     ids = [eot_id(tokenizer)] + ids  # the document separator starts every training document
     generator = torch.Generator(device=dev).manual_seed(seed)
@@ -39,7 +42,7 @@ def run(model_dir: str, prompt: str, *, max_new_tokens: int = 200, temperature: 
     new: list[int] = []
     shown = ""
     for token in generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                          top_p=top_p, generator=generator):
+                          top_p=top_p, generator=generator, cache_dtype=cache_dtype(dev, model.embed.weight.dtype)):
         new.append(int(token[0]))
         text = tokenizer.decode(new)
         # byte-level BPE can end mid-character; print only whole characters as they complete

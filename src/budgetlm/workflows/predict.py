@@ -20,7 +20,7 @@ from budgetlm.train.classify import (
     encode_texts,
     predict_probs,
 )
-from budgetlm.train.runtime import pick_device, setup_cpu
+from budgetlm.train.runtime import pick_device, set_threads
 
 
 def load_classifier(folder: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict, Tokenizer]:
@@ -75,7 +75,7 @@ def run(model_dir: str | Path, *, texts: list[str] | None = None, data: str | Pa
         threads: int | None = None) -> list[dict]:
     if bool(texts) == (data is not None):
         raise UserError("give either --text or --data (a .txt file or a table) to predict")
-    setup_cpu(threads)
+    set_threads(threads)
     dev = pick_device(device)
     model, config, tok = load_classifier(model_dir, dev)
     if data is not None:

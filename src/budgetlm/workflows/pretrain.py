@@ -13,28 +13,29 @@ from pathlib import Path
 
 import torch
 
-from budgetlm.budget import Budget, format_duration, parse_duration
-from budgetlm.config import SIZES, RunConfig
+from budgetlm.budget import Budget, format_duration
+from budgetlm.config import Every, RunConfig
 from budgetlm.data.default_corpus import default_corpus_files
 from budgetlm.data.sources import load_corpus, split_validation
 from budgetlm.data.tokenizer import default_vocab_size, load_tokenizer, train_tokenizer
 from budgetlm.data.tokens import bpe_dropout_tokens, cache_dir, cached_tokens, content_hash, supports_bpe_dropout
 from budgetlm.errors import UserError
-from budgetlm.models.gpt import GPT, GPTConfig
+from budgetlm.models.gpt import GPT
 from budgetlm.report import prepare_out, say, say_done
-from budgetlm.plan import Plan, bpe_passes, context_for, plan
+from budgetlm.plan import Plan, bpe_passes, given_or_planned, model_for, plan
 from budgetlm.train.batching import largest_micro_batch
 from budgetlm.train.checkpoint import atomic_write_bytes, save_model
+from budgetlm.train.kernels import apply_kernels
 from budgetlm.train.lm import LanguageModelTask
 from budgetlm.train.loop import FitConfig, fit
 from budgetlm.train.metrics import RunLog, plot_losses
-from budgetlm.train.optim import build_optimizer, parse_optim_args
+from budgetlm.train.optim import build_optimizer, default_lr, parse_optim_args
 from budgetlm.train.resume import Checkpoints, find_resume
 from budgetlm.train.runtime import (
     Runtime,
     pick_device,
     pick_precision,
-    setup_cpu,
+    set_threads,
     should_compile,
 )
 from budgetlm.train.schedule import Schedule
@@ -58,45 +59,6 @@ def tokenizer_for(train_docs: list[str], cfg: RunConfig):
     return tok
 
 
-def given_or_planned(given, planned: Plan | None, field: str, off):
-    """A setting the plan may choose: the flag where given, else the plan's, else `off` (no plan)."""
-    if given is not None:
-        return given
-    return getattr(planned, field) if planned else off
-
-
-def model_config(cfg: RunConfig, vocab_size: int, planned: Plan | None) -> GPTConfig:
-    """Explicit flags first, then the size preset, then the plan, then the `small` preset."""
-    m = cfg.model
-    if m.size:
-        n_layer, d_model, n_head = SIZES[m.size]
-    elif planned is not None:
-        n_layer, d_model, n_head = planned.n_layer, planned.d_model, planned.n_head
-    else:
-        n_layer, d_model, n_head = SIZES["small"]
-    d_model = m.d_model or d_model
-    return GPTConfig(
-        vocab_size=math.ceil(vocab_size / 64) * 64,  # a multiple of 64 keeps the head's matmul fast
-        context=m.context or (planned.context if planned else context_for(d_model)),
-        n_layer=m.n_layer or n_layer,
-        d_model=d_model,
-        n_head=m.n_head or (n_head if not m.d_model else max(1, d_model // 64)),
-        mlp=m.mlp, mlp_ratio=m.mlp_ratio, logit_softcap=m.logit_softcap,
-        canon=given_or_planned(m.canon, planned, "canon", 0),
-        dropout=given_or_planned(m.dropout, planned, "dropout", 0.0),
-        attention_dropout=m.attention_dropout,
-    )
-
-
-def saved_plan(meta: dict) -> Plan | None:
-    """The plan a checkpoint's run was made with, or None (checkpoints from before plans were kept)."""
-    known = {f.name for f in dataclasses.fields(Plan)}
-    try:
-        return Plan(**{k: v for k, v in (meta.get("plan") or {}).items() if k in known})
-    except TypeError:
-        return None
-
-
 def bpe_dropout_setting(cfg: RunConfig, tokenizer, planned: Plan | None) -> tuple[float, int]:
     """(rate, noisy passes) of BPE-dropout: the flags, else the plan; (0, 0) when off."""
     d = cfg.data
@@ -111,41 +73,6 @@ def bpe_dropout_setting(cfg: RunConfig, tokenizer, planned: Plan | None) -> tupl
     return rate, d.bpe_passes or bpe_passes(planned.expected_epochs if planned else None)
 
 
-# Peak learning rate of each optimizer relative to AdamW's (Muon's update is matched to AdamW's RMS).
-LR_RELATIVE_TO_ADAMW = {"adamw": 1.0, "adam": 1.0, "muon": 1.0, "rmsprop": 0.5, "lamb": 5.0, "adafactor": 5.0,
-                        "sgd": 100.0}
-
-
-def default_lr(d_model: int, optim: str = "adamw") -> float:
-    """Peak learning rate shrinking with width (µP-like 1/width scaling, AdamW anchored at 1.5e-3 for d_model 256)."""
-    return 1.5e-3 * 256 / d_model * LR_RELATIVE_TO_ADAMW[optim]
-
-
-def parse_every(text: str | None) -> tuple[int | None, float | None]:
-    """"100" → every 100 steps; "30s" → every 30 seconds."""
-    if not text:
-        return None, None
-    if text.strip().isdigit():
-        if int(text) < 1:
-            raise UserError(f"an interval of {text} steps must be at least 1")
-        return int(text), None
-    return None, parse_duration(text)
-
-
-def parse_early_stop(text: str | None, patience: int, min_delta: float) -> tuple[str, int, float]:
-    """"val_bpb,3,0.001" → (metric, patience, min_delta); without it, val_loss with --patience."""
-    if not text:
-        return "val_loss", patience, min_delta
-    parts = [p.strip() for p in text.split(",")]
-    try:
-        if not 2 <= len(parts) <= 3:
-            raise ValueError
-        return parts[0], int(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0
-    except ValueError:
-        raise UserError(f"--early-stop {text!r}: write metric,patience[,min_delta], e.g. val_bpb,3,0.001") from None
-
-
-HIGHER_IS_BETTER = {"val_accuracy", "val_macro_f1"}
 # Time the temperature's fit takes, in evaluations of the whole validation text, the final evaluation included:
 # measured 1.4 on the default corpus' and 1.8 on tinyshakespeare's (a small text, where the fixed cost of the fit
 # shows; the reserve's 2 s of slack covers it)
@@ -156,14 +83,14 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     """Train, save the best weights and the run's files in `out`; return the summary.
     `on_eval(entry) -> bool` sees each periodic evaluation and may stop the run (see loop.fit)."""
     t = cfg.train
-    budget = Budget(seconds=parse_duration(t.budget) if t.budget else None, max_steps=t.max_steps,
+    budget = Budget(seconds=t.budget, max_steps=t.max_steps,
                     max_tokens=t.max_tokens)  # the clock starts now: data preparation counts
     prepare_out(out)
     checkpoints = Checkpoints(out / "checkpoints", keep=t.keep_checkpoints)
     snapshot = find_resume(t.resume, out, needs=("tokenizer.json",), warn=say)
     if snapshot is not None:
         budget.spent_s = snapshot.meta["spent_s"]
-    threads = setup_cpu(t.threads)
+    threads = set_threads(t.threads)
     torch.manual_seed(t.seed)
     device = pick_device(t.device)
     precision = pick_precision(t.precision, device)
@@ -186,13 +113,13 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     if budget.seconds and not (cfg.model.size or cfg.model.n_layer or cfg.model.d_model or cfg.model.n_head):
         # a resumed run keeps the plan its first session made for the whole budget; planning again
         # for the time left could pick another shape, which the checkpoint cannot continue
-        planned = saved_plan(snapshot.meta) if snapshot is not None else None
+        planned = Plan.from_dict(snapshot.meta.get("plan")) if snapshot is not None else None
         if planned is None:
             planned = plan(budget.seconds - budget.elapsed(), train_tokens=len(train_tokens),
                            vocab=tokenizer.get_vocab_size(), device=device, precision=precision,
                            micro_batch=t.micro_batch)
         say(planned.describe())
-    mc = model_config(cfg, tokenizer.get_vocab_size(), planned)
+    mc = model_for(cfg.model, tokenizer.get_vocab_size(), planned)
     if mc.d_model % mc.n_head:
         raise UserError(f"--d-model {mc.d_model} is not divisible by --n-head {mc.n_head}; choose sizes that divide")
     if mc.canon == 1:
@@ -221,7 +148,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
                 f"{time.monotonic() - started:.1f}s")
 
     model = GPT(mc).to(device)
-    asked_tokens = parse_count(t.batch_tokens, "--batch-tokens", "tokens") if t.batch_tokens else None
+    asked_tokens = t.batch_tokens if isinstance(t.batch_tokens, int) else None
     if asked_tokens is not None:
         batch_tokens = asked_tokens
     elif planned is not None and mc.context == planned.context:
@@ -229,6 +156,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     else:
         batch_tokens = (t.micro_batch or 8) * mc.context
     compiled = should_compile(t.compile, device, budget.seconds)
+    apply_kernels(model, device, compiled=compiled)
     forward = torch.compile(model) if compiled else model
     runtime = Runtime(device, precision, compiled)
     if t.micro_batch:
@@ -248,30 +176,22 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
                                 extra=parse_optim_args(t.optim_args or ""), device=device)
     schedule = Schedule(t.schedule, t.warmup, t.decay_fraction, t.min_lr_ratio, gamma=t.gamma,
                         step_size=t.step_size, patience=t.plateau_patience)
-    eval_steps, eval_s = parse_every(t.eval_every)
-    if not (eval_steps or eval_s):
-        if budget.seconds:
-            eval_s = budget.seconds / 12
-        else:
-            eval_steps = max(1, (t.max_steps or 1200) // 12)
-    save_steps, save_s = parse_every(t.save_every)
-    monitor, patience, min_delta = parse_early_stop(t.early_stop, t.patience, t.min_delta)
+    eval_every = t.eval_every or (Every(seconds=budget.seconds / 12) if budget.seconds
+                                  else Every(steps=max(1, (t.max_steps or 1200) // 12)))
+    stopping = t.stopping
     eval_batches = None if t.eval_tokens is None else max(1, math.ceil(t.eval_tokens / (micro_batch * mc.context)))
     fit_cfg = FitConfig(lr=lr, schedule=schedule, micro_steps=micro_steps, grad_clip=t.grad_clip,
-                        schedule_clock=t.schedule_clock, eval_every_steps=eval_steps, eval_every_s=eval_s,
-                        eval_batches=eval_batches, monitor=monitor,
-                        monitor_mode="max" if monitor in HIGHER_IS_BETTER else "min", patience=patience,
-                        min_delta=min_delta, save_every_steps=save_steps, save_every_s=save_s, l1=t.l1,
+                        schedule_clock=t.schedule_clock, eval_every=eval_every, eval_batches=eval_batches,
+                        stopping=stopping, save_every=t.save_every, l1=t.l1,
                         ema=given_or_planned(t.ema, planned, "ema", 0.0),
                         final_eval=not t.calibrate, reserve_evals=CALIBRATION_EVALS if t.calibrate else 1)
 
     task = LanguageModelTask(train_tokens, val_tokens, val_bytes, mc.context, micro_batch, device, t.seed,
                              label_smoothing=t.label_smoothing)
     task.micro_steps = micro_steps
-    if monitor not in ("val_loss", "val_bpb", "val_ppl"):
-        raise UserError(f"--early-stop: pretraining measures val_loss, val_bpb and val_ppl, not {monitor!r}")
+    if stopping.metric not in ("val_loss", "val_bpb", "val_ppl"):
+        raise UserError(f"--early-stop: pretraining measures val_loss, val_bpb and val_ppl, not {stopping.metric!r}")
     if snapshot is not None:
-        fit_cfg.micro_steps = snapshot.meta.get("micro_steps", micro_steps)
         say(f"resuming from {snapshot.path} (step {snapshot.meta['loop']['step']}, "
             f"{format_duration(snapshot.meta['spent_s'])} of the budget spent)")
     else:
@@ -290,7 +210,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     with GracefulStop() as stop:  # a signal after training, too, waits until the model is saved
         result = fit(model, forward, task, optimizer, fit_cfg, budget, runtime, log, checkpoints=checkpoints,
                      resume=snapshot, stop=stop, scaler=scaler,
-                     run_meta={**identity, "micro_steps": fit_cfg.micro_steps}, on_eval=on_eval)
+                     run_meta=identity, on_eval=on_eval)
         raw = {"val_bpb": result.final["val_bpb"], "val_loss": result.final["val_loss"]}
         best = raw
         if t.calibrate and result.stop_reason != "interrupted":
@@ -362,19 +282,6 @@ def _check_same_run(snapshot, identity: dict) -> None:
     if snapshot.meta.get("train_tokens") != identity["train_tokens"]:
         raise UserError(f"checkpoint {snapshot.path} was trained on other data; resume with the same --data "
                         "or start a new --out")
-
-
-def parse_count(text: str, flag: str, unit: str) -> int | None:
-    """A flag that takes a positive whole number of `unit` or "auto" (None)."""
-    if text == "auto":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise UserError(f"{flag} {text!r}: give a positive number of {unit} or auto")
-    return value
 
 
 def _device_name(device: torch.device) -> str:

@@ -30,19 +30,23 @@ from pathlib import Path
 import optuna
 
 from budgetlm.budget import format_duration, parse_duration
-from budgetlm.config import RunConfig, apply, load_toml, resolve, to_toml
+from budgetlm.config import (
+    WARM_UP,
+    RunConfig,
+    apply,
+    load_toml,
+    normalize_key,
+    resolve,
+    setting,
+    to_toml,
+    value_types,
+    with_overrides,
+)
+from budgetlm.plan import model_for
 from budgetlm.errors import UserError
 from budgetlm.train.checkpoint import atomic_write_bytes
 from budgetlm.workflows import pretrain
-from budgetlm.workflows.compare import (
-    normalize_key,
-    section_of,
-    value_types,
-    warm_up,
-    with_overrides,
-)
-from budgetlm.report import prepare_out, say
-from budgetlm.workflows.pretrain import model_config
+from budgetlm.report import prepare_out, run_quietly, say
 
 LR_FACTOR = "lr_factor"
 
@@ -178,7 +182,7 @@ def baseline_params(space: list[Param], base: RunConfig) -> dict:
         if p.name == LR_FACTOR:
             value = 1.0
         else:
-            value = getattr(getattr(base, section_of(base, p.name)), p.name)
+            value = setting(base, p.name)
             if value is None and p.choices is not None and "auto" in p.choices:
                 value = "auto"  # an unset value means the automatic choice
         if p.holds(value):
@@ -217,7 +221,7 @@ def run(base: RunConfig, space: list[Param], out: Path, *, total_budget: str | N
     t = base.train
     if not (t.budget or t.max_steps or t.max_tokens):
         raise UserError("give each trial a limit: --trial-budget 60s (or --max-steps, --max-tokens)")
-    trial_s = parse_duration(t.budget) if t.budget else None
+    trial_s = t.budget
     if total_s is None and not trials:
         raise UserError("give --total-budget (e.g. 30m) or --trials N")
     if trials is not None and trials < 1:
@@ -226,7 +230,8 @@ def run(base: RunConfig, space: list[Param], out: Path, *, total_budget: str | N
         raise UserError(f"the total budget {format_duration(total_s)} cannot hold one trial of "
                         f"{format_duration(trial_s)}; give a larger --total-budget or a smaller --trial-budget")
     prepare_out(out)
-    warm_up(base, out / ".warm-up")  # or trial 0, the baseline, would pay the one-time costs
+    say("warming up (imports, tokenizer, token cache) outside the budgets")
+    run_quietly(pretrain.run, with_overrides(base, WARM_UP), out / ".warm-up")  # or trial 0 would pay them
 
     results: list[TrialResult] = []
     configs: dict[int, RunConfig] = {}
@@ -296,7 +301,7 @@ def _width(cfg: RunConfig, planned_width: int | None) -> int:
     # before any trial let the planner choose, its width is unknown: pretrain's fallback stands in
     if _planner_chose(cfg) and planned_width:
         return planned_width
-    return model_config(cfg, vocab_size=64, planned=None).d_model
+    return model_for(cfg.model, vocab_size=64, planned=None).d_model
 
 
 def _run_trial(trial: optuna.Trial, params: dict, base: RunConfig, out: Path, planned_width: int | None):

@@ -3,14 +3,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from budgetlm.models.gpt import GPT, GPTConfig
-from budgetlm.models.packed import PackedLinear, pack_linears, packing_available
+from budgetlm.models.gpt import GPT
+from budgetlm.models.config import ModelConfig
 from budgetlm.models.sampling import generate
+from budgetlm.train.kernels import cache_dtype
+from budgetlm.train.packed import PackedLinear, pack_for_inference, pack_linears, packing_available
 from tests.models.test_gpt import forward_in_chunks
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(not packing_available(CPU, torch.float32), reason="no oneDNN packing here")
-SMALL = GPTConfig(vocab_size=97, context=32, n_layer=2, n_head=2, d_model=32, mlp="swiglu")
+SMALL = ModelConfig(vocab_size=97, context=32, n_layer=2, n_head=2, d_model=32, mlp="swiglu")
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -42,7 +44,7 @@ def test_packed_gpt_keeps_its_logits_generations_and_saved_keys():
     with torch.no_grad():
         reference = model(x)
     greedy = [int(t) for t in generate(model, prompt, 12, temperature=0)]
-    assert model.pack_weights()
+    assert pack_for_inference(model)
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
     with torch.no_grad():
         assert torch.allclose(model(x), reference, atol=1e-5)
@@ -56,14 +58,14 @@ def test_bf16_packed_decoding_tracks_the_fp32_model():
     x = torch.randint(0, 97, (1, 20))
     with torch.no_grad():
         reference = model(x)
-        model.cast_weights(torch.bfloat16).pack_weights()
-        assert model.new_caches(1, "cpu")[0].k.dtype == torch.float32  # fp32 keys and values on a CPU
-        stepped = forward_in_chunks(model, x, range(1, 20))  # one token at a time
+        pack_for_inference(model.cast_weights(torch.bfloat16))
+        assert cache_dtype(torch.device("cpu"), torch.bfloat16) == torch.float32  # fp32 keys and values on a CPU
+        stepped = forward_in_chunks(model, x, range(1, 20), torch.float32)  # one token at a time
     assert stepped.dtype == torch.bfloat16
     assert torch.allclose(stepped.float(), reference, atol=0.05)
 
 
 def test_unpackable_dtype_leaves_the_model_as_it_was():
     model = GPT(SMALL).eval().cast_weights(torch.float16)
-    assert not model.pack_weights()
-    assert model.packed_head is None and isinstance(model.blocks[0].attn.qkv, nn.Linear)
+    assert not pack_for_inference(model)
+    assert model.output_kernel is None and isinstance(model.blocks[0].attn.qkv, nn.Linear)

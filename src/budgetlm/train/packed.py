@@ -50,3 +50,14 @@ def pack_linears(module: nn.Module) -> int:
         else:
             count += pack_linears(child)
     return count
+
+
+def pack_for_inference(model) -> bool:
+    """Every matmul weight of a GPT packed for oneDNN, after its weights were cast for inference (decoding on
+    a CPU). False, and nothing changed, where packing is unavailable."""
+    weight = model.embed.weight
+    if not packing_available(weight.device, weight.dtype):
+        return False
+    pack_linears(model.blocks)
+    model.output_kernel = PackedLinear(weight.detach())  # tied: the embedding owns the weight
+    return True

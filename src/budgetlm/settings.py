@@ -1,0 +1,127 @@
+"""Typed settings: dataclass fields that carry their help text, allowed values and a parser for values
+written as text, checked whenever a table of them is built. The leaf that config.py (the run's tables)
+and models/config.py (the model's) both build on."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import types
+import typing
+from dataclasses import field, fields
+from typing import Any, Callable
+
+from budgetlm.budget import parse_duration
+from budgetlm.errors import UserError
+
+
+def opt(default: Any = None, help: str = "", choices: tuple | None = None, factory=None, flag: str | bool | None = None,
+        low: float | None = None, high: float | None = None, above: float | None = None,
+        parse: Callable[[Any], Any] | None = None):
+    """A config field with its help text, its allowed values (choices, or numbers in [low, high] or
+    above `above`), a parser for values written as text, and (rarely) a flag name of its own
+    (`flag=False`: settable from TOML and Python only)."""
+    meta = {"help": help, "choices": choices, "flag": flag, "low": low, "high": high, "above": above, "parse": parse}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def count_or_auto(flag: str, unit: str) -> Callable[[Any], int | str]:
+    """A parser for a setting that takes a positive whole number of `unit` or "auto"."""
+    def parse(value) -> int | str:
+        if value == "auto":
+            return "auto"
+        try:
+            number = int(value) if not isinstance(value, bool) and float(value) == int(float(value)) else 0
+        except (TypeError, ValueError):
+            number = 0
+        if number < 1:
+            raise UserError(f"{flag} {value!r}: give a positive number of {unit} or auto")
+        return number
+    return parse
+
+
+def duration(value) -> float:
+    return parse_duration(value)
+
+
+class Section:
+    """A table of settings. Values are checked, and those written as text parsed, whenever one is built
+    (from flags, TOML, Python or `dataclasses.replace`), so no bad value reaches a workflow."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                object.__setattr__(self, f.name, _coerce(type(self), f.name, value, ""))
+
+
+def flag_name(f: dataclasses.Field) -> str | None:
+    """The command-line flag of a field (`n_layer` → `--n-layer`), or None for a field without one."""
+    if f.metadata.get("flag") is False:
+        return None
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _base_type(tp) -> tuple[type, bool]:
+    """(scalar type, is_list) of an annotation like `int | None` or `list[str]`."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(cls, name: str, value: Any, where: str) -> Any:
+    f = next(x for x in fields(cls) if x.name == name)
+    tp, is_list = _base_type(_hints(cls)[name])
+    choices = f.metadata.get("choices")
+    parse = f.metadata.get("parse")
+
+    hint = _hints(cls)[name]
+    optional = type(None) in typing.get_args(hint)
+
+    def one(v):
+        if v is None:
+            if not optional:
+                raise UserError(f"{where}{name}: a value is required (it has no automatic choice)")
+            return None
+        if parse is not None:
+            try:
+                return parse(v)
+            except UserError as e:
+                raise UserError(f"{where}{name}: {e}") from None
+        if tp is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if tp is str and isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = str(v)
+        if not isinstance(v, tp) or (tp is int and isinstance(v, bool)):
+            raise UserError(f"{where}{name}: expected {tp.__name__}, got {v!r}")
+        if choices and v not in choices:
+            raise UserError(f"{where}{name}: {v!r} is not allowed; choose one of {', '.join(map(str, choices))}")
+        if tp in (int, float):
+            low, high, above = f.metadata.get("low"), f.metadata.get("high"), f.metadata.get("above")
+            if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high) or \
+                    (above is not None and v <= above):
+                allowed = " and ".join(x for x in (f"> {above:g}" if above is not None else "",
+                                                   f">= {low:g}" if low is not None else "",
+                                                   f"<= {high:g}" if high is not None else "") if x)
+                raise UserError(f"{where}{name}: {v!r} is out of range; it must be {allowed or 'finite'}")
+        return v
+
+    if is_list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise UserError(f"{where}{name}: expected a list of {tp.__name__}, got {value!r}")
+        return [one(v) for v in value]
+    return one(value)
+
+
