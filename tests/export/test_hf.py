@@ -73,7 +73,7 @@ def test_exported_logits_equal_budgetlm_and_round_trip_is_exact(tmp_path, tokeni
         assert (back(ids) - expected).abs().max() < 1e-5
 
 
-def test_tokenizer_and_greedy_generation_match_budgetlm(tmp_path, tokenizer):
+def test_tokenizer_and_greedy_generation_match_budgetlm_and_the_imported_model(tmp_path, tokenizer):
     run = tiny_run(tmp_path / "run", tokenizer, mlp="relu2", temperature=0.8)
     export.run(str(run), tmp_path / "hf")
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -87,6 +87,10 @@ def test_tokenizer_and_greedy_generation_match_budgetlm(tmp_path, tokenizer):
     theirs = tok.decode(out[0], skip_special_tokens=True)
     assert len(out[0]) == ids.shape[1] + 12  # no end-of-text token cut transformers' continuation short
     assert theirs == ours
+    import_.run(f"hf:{tmp_path / 'hf'}", tmp_path / "back")
+    again = generate.run(str(tmp_path / "back"), "ROMEO:", max_new_tokens=12, temperature=0, precision="fp32",
+                         out=io.StringIO())
+    assert again == ours
 
 
 def test_model_card_carries_the_runs_figures(tmp_path, tokenizer):

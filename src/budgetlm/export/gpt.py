@@ -38,6 +38,7 @@ class DecoderFamily:
             "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "num_key_value_heads": c.n_head,
             "head_dim": c.d_model // c.n_head, "hidden_act": self.hidden_act, "max_position_embeddings": c.context,
             "rms_norm_eps": EPS, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_base},
+            "rope_theta": c.rope_base,  # where transformers 4.x reads it
             "attention_bias": False, "tie_word_embeddings": True, "dtype": "float32", "use_cache": True,
             TEMPERATURE_KEY: c.temperature, **dict(self.extra),
         }

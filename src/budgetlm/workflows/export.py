@@ -22,7 +22,10 @@ def run(model_dir: str, out: Path, *, format: str = "hf") -> Path:
     if tokenizer is None:
         raise UserError(f"{folder}: no tokenizer.json beside the model")
     summary_path = folder / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    try:
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{summary_path}: not valid JSON ({e.msg}); remove it to export without a model card's figures") from None
     prepare_out(out)
     family = hf.write(out, model, config, tokenizer, summary, source=str(folder.resolve()))
     say(f"exported as {family.architecture} ({family.model_type}) to {out}; load it with "
