@@ -41,6 +41,8 @@ IMPORTERS: dict[str, Family] = {f.model_type: f for f in gpt.FAMILIES}
 
 def family_for_export(config: dict) -> Family:
     arch = config.get("arch")
+    if arch is None:
+        raise UserError("config.json names no budgetlm arch: give the --out folder of a budgetlm run")
     if arch not in EXPORTERS:
         raise UserError(f"a {arch} model cannot be exported to transformers yet; exportable: {', '.join(EXPORTERS)}")
     return EXPORTERS[arch](config)
