@@ -102,8 +102,8 @@ def model_card(family: Family, hf_config: dict, summary: dict | None, source: st
     """A short README.md: what the model is, how it was trained, how to load it."""
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- budgetlm", "---", "",
              f"# {Path(source).name}", "",
-             f"A {hf_config['num_hidden_layers']}-layer, {hf_config['hidden_size']}-wide language model trained "
-             f"with budgetlm and exported to transformers as `{family.architecture}` ({family.model_type}).", ""]
+             (f"A {hf_config['num_hidden_layers']}-layer, {hf_config['hidden_size']}-wide language model trained "
+              f"with budgetlm and exported to transformers as `{family.architecture}` ({family.model_type})."), ""]
     if summary:
         figures = [("best validation bits per byte", summary.get("best_val_bpb")),
                    ("best validation loss (nats per token)", summary.get("best_val_loss")),
@@ -121,8 +121,8 @@ def model_card(family: Family, hf_config: dict, summary: dict | None, source: st
     lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer  # PATH: this folder",
               'tok = AutoTokenizer.from_pretrained("PATH")',
               'model = AutoModelForCausalLM.from_pretrained("PATH")',
-              'print(tok.decode(model.generate(**tok("ROMEO:", return_tensors="pt"), max_new_tokens=40)[0], '
-              'skip_special_tokens=True))',
+              ('print(tok.decode(model.generate(**tok("ROMEO:", return_tensors="pt"), max_new_tokens=40)[0], '
+               'skip_special_tokens=True))'),
               "```", "",
               f"The tokenizer puts `{EOT}` (the document separator budgetlm trained with) before every text.", ""]
     return "\n".join(lines)

@@ -18,6 +18,9 @@ def run(source: str, out: Path) -> Path:
     folder = Path(source[3:])
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder (import reads local folders; download a Hub model first)")
+    if out.resolve() == folder.resolve():
+        raise UserError("--out is the folder being imported, whose config.json it would overwrite; choose another "
+                        "--out")
     config, state, tokenizer = hf.read(folder)
     model = build(config)
     try:
