@@ -122,6 +122,20 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from budgetlm.workflows import export
+
+    export.run(args.model, Path(args.out), format=args.format)
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from budgetlm.workflows import import_
+
+    import_.run(args.source, Path(args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="budgetlm", description="Train the best language model a budget allows.")
     parser.add_argument("--version", action="version", version=f"budgetlm {__version__}")
@@ -237,7 +251,22 @@ def build_parser() -> argparse.ArgumentParser:
         add_section_flags(t, cls, name)
     t.set_defaults(func=_tune)
 
-    for sp in (p, g, e, a, b, f, r, c, t):
+    x = sub.add_parser("export", help="write a trained model as a Hugging Face transformers folder",
+                       description="Write a budgetlm GPT as a transformers folder (Qwen3 for the SwiGLU MLP, Apertus "
+                                   "for ReLU²) that AutoModelForCausalLM and AutoTokenizer load without custom code.")
+    x.add_argument("--model", required=True, help="a run folder (model.safetensors, config.json, tokenizer.json)")
+    x.add_argument("--format", default="hf", choices=("hf",), help="hf: Hugging Face transformers")
+    x.add_argument("--out", required=True, help="folder to write")
+    x.set_defaults(func=_export)
+
+    m = sub.add_parser("import", help="read a Hugging Face transformers folder back as a budgetlm model",
+                       description="Turn a transformers folder of a family budgetlm exports (qwen3, apertus) into "
+                                   "a budgetlm model folder for generate, eval and finetune --model.")
+    m.add_argument("--from", dest="source", required=True, metavar="hf:PATH", help="hf: and the folder")
+    m.add_argument("--out", required=True, help="model folder to write")
+    m.set_defaults(func=_import)
+
+    for sp in (p, g, e, a, b, f, r, c, t, x, m):
         sp.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 

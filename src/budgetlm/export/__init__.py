@@ -1,0 +1,1 @@
+"""Models leaving budgetlm for other tools' formats (Hugging Face transformers) and coming back."""

@@ -1,0 +1,122 @@
+"""Export to transformers and import back: the exported model computes what budgetlm's does, and comes back whole."""
+
+import io
+import json
+
+import pytest
+import torch
+
+from budgetlm.data.tokenizer import EOT, train_tokenizer
+from budgetlm.errors import UserError
+from budgetlm.models.gpt import GPT, GPTConfig
+from budgetlm.train.checkpoint import load_model, save_model
+from budgetlm.workflows import export, generate, import_
+
+transformers = pytest.importorskip("transformers")
+
+EXPORTABLE = {
+    "swiglu": dict(mlp="swiglu"),
+    "relu2": dict(mlp="relu2"),
+    "relu2-tempered": dict(mlp="relu2", temperature=0.7),
+    "swiglu-tempered": dict(mlp="swiglu", temperature=1.3, rope_base=500.0, mlp_ratio=2.5),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(play_text):
+    return train_tokenizer(play_text.split("\n\n")[:400], 320)
+
+
+def tiny_run(folder, tokenizer, seed=0, **overrides):
+    """A random GPT saved as a run folder, every weight (norms included) away from its initial value."""
+    torch.manual_seed(seed)
+    config = GPTConfig(vocab_size=tokenizer.get_vocab_size(), context=32, n_layer=2, n_head=2, d_model=32,
+                       **overrides)
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    save_model(folder, model, config.to_dict(), tokenizer)
+    (folder / "summary.json").write_text(json.dumps({"best_val_bpb": 2.5, "params": model.num_params()}))
+    return folder
+
+
+def hf_model(folder):
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("name", EXPORTABLE)
+def test_exported_logits_equal_budgetlm_and_round_trip_is_exact(tmp_path, tokenizer, name):
+    run = tiny_run(tmp_path / "run", tokenizer, **EXPORTABLE[name])
+    export.run(str(run), tmp_path / "hf")
+    ours, config, _ = load_model(run)
+    theirs = hf_model(tmp_path / "hf")
+    assert type(theirs).__name__ == ("Qwen3ForCausalLM" if config["mlp"] == "swiglu" else "ApertusForCausalLM")
+    ids = torch.randint(0, config["vocab_size"], (3, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ours(ids)
+        assert (theirs(ids).logits - expected).abs().max() < 1e-4
+    import_.run(f"hf:{tmp_path / 'hf'}", tmp_path / "back")
+    back, back_config, _ = load_model(tmp_path / "back")
+    def computed(c):  # dropout rates are training settings, which transformers' config does not carry
+        return {k: v for k, v in c.items() if "dropout" not in k}
+
+    assert computed(back_config) == computed(config)
+    before, after = ours.state_dict(), back.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:  # the final norm was divided by the temperature on the way out and multiplied back
+        if key == "norm.weight":
+            torch.testing.assert_close(after[key], before[key], rtol=1e-6, atol=0)
+        else:
+            assert torch.equal(after[key], before[key]), key
+    with torch.no_grad():
+        assert (back(ids) - expected).abs().max() < 1e-5
+
+
+def test_tokenizer_and_greedy_generation_match_budgetlm_and_the_imported_model(tmp_path, tokenizer):
+    run = tiny_run(tmp_path / "run", tokenizer, mlp="relu2", temperature=0.8)
+    export.run(str(run), tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in ("ROMEO: what light", "  two spaces,\nnew line — ünïcode ", "x"):
+        expected = [tokenizer.token_to_id(EOT)] + tokenizer.encode(text, add_special_tokens=False).ids
+        assert tok(text).input_ids == expected
+        assert tok.decode(expected, skip_special_tokens=True) == text
+    ours = generate.run(str(run), "ROMEO:", max_new_tokens=12, temperature=0, precision="fp32", out=io.StringIO())
+    ids = tok("ROMEO:", return_tensors="pt").input_ids
+    out = hf_model(tmp_path / "hf").generate(ids, max_new_tokens=12, do_sample=False)
+    theirs = tok.decode(out[0], skip_special_tokens=True)
+    assert len(out[0]) == ids.shape[1] + 12  # no end-of-text token cut transformers' continuation short
+    assert theirs == ours
+    import_.run(f"hf:{tmp_path / 'hf'}", tmp_path / "back")
+    again = generate.run(str(tmp_path / "back"), "ROMEO:", max_new_tokens=12, temperature=0, precision="fp32",
+                         out=io.StringIO())
+    assert again == ours
+
+
+def test_model_card_carries_the_runs_figures(tmp_path, tokenizer):
+    export.run(str(tiny_run(tmp_path / "run", tokenizer)), tmp_path / "hf")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "| best validation bits per byte | 2.5 |" in card
+    assert "ApertusForCausalLM" in card
+
+
+@pytest.mark.parametrize("overrides, flag", [(dict(canon=4), "--canon 0"),
+                                             (dict(logit_softcap=15.0), "--logit-softcap 0")])
+def test_what_transformers_lacks_is_refused_in_one_line(tmp_path, tokenizer, overrides, flag):
+    run = tiny_run(tmp_path / "run", tokenizer, **overrides)
+    with pytest.raises(UserError, match=flag) as refused:
+        export.run(str(run), tmp_path / "hf")
+    assert "\n" not in str(refused.value)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_import_refuses_shapes_the_gpt_cannot_hold(tmp_path, tokenizer):
+    export.run(str(tiny_run(tmp_path / "run", tokenizer, mlp="swiglu")), tmp_path / "hf")
+    config_path = tmp_path / "hf" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "num_key_value_heads": 1}))
+    with pytest.raises(UserError, match="num_key_value_heads=1"):
+        import_.run(f"hf:{tmp_path / 'hf'}", tmp_path / "back")
+    config_path.write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(UserError, match="llama model cannot be imported"):
+        import_.run(f"hf:{tmp_path / 'hf'}", tmp_path / "back")
