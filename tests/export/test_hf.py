@@ -8,7 +8,8 @@ import torch
 
 from budgetlm.data.tokenizer import EOT, train_tokenizer
 from budgetlm.errors import UserError
-from budgetlm.models.gpt import GPT, GPTConfig
+from budgetlm.models.config import ModelConfig
+from budgetlm.models.gpt import GPT
 from budgetlm.train.checkpoint import load_model, save_model
 from budgetlm.workflows import export, generate, import_
 
@@ -30,7 +31,7 @@ def tokenizer(play_text):
 def tiny_run(folder, tokenizer, seed=0, **overrides):
     """A random GPT saved as a run folder, every weight (norms included) away from its initial value."""
     torch.manual_seed(seed)
-    config = GPTConfig(vocab_size=tokenizer.get_vocab_size(), context=32, n_layer=2, n_head=2, d_model=32,
+    config = ModelConfig(vocab_size=tokenizer.get_vocab_size(), context=32, n_layer=2, n_head=2, d_model=32,
                        **overrides)
     model = GPT(config)
     with torch.no_grad():

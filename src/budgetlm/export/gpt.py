@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from budgetlm.errors import UserError
-from budgetlm.models.gpt import GPTConfig
+from budgetlm.models.config import ModelConfig
 
 EPS = 1e-6  # blocks.RMSNorm's, the only one the GPT uses
 TEMPERATURE_KEY = "budgetlm_temperature"  # in the exported config.json, so import can unfold it
@@ -22,7 +22,7 @@ TEMPERATURE_KEY = "budgetlm_temperature"  # in the exported config.json, so impo
 class DecoderFamily:
     model_type: str     # transformers' config.json `model_type`
     architecture: str   # its causal-LM class
-    mlp: str            # GPTConfig.mlp that maps onto it
+    mlp: str            # ModelConfig.mlp that maps onto it
     hidden_act: str
     attn_norm: str      # the layer's norm before attention, then before the MLP
     mlp_norm: str
@@ -31,7 +31,7 @@ class DecoderFamily:
     arch = "gpt"
 
     def hf_config(self, config: dict) -> dict:
-        c = GPTConfig.from_dict(config)
+        c = ModelConfig.from_dict(config)
         return {
             "architectures": [self.architecture], "model_type": self.model_type,
             "vocab_size": c.vocab_size, "hidden_size": c.d_model, "intermediate_size": c.mlp_hidden,
@@ -44,14 +44,14 @@ class DecoderFamily:
         }
 
     def hf_weights(self, state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-        c = GPTConfig.from_dict(config)
+        c = ModelConfig.from_dict(config)
         out = {theirs: state[ours][part] for ours, theirs, part in self._names(c)}
         # without a softcap the output head is linear, so dividing the final norm's weight divides the logits
         out["model.norm.weight"] = state["norm.weight"] / c.temperature
         return out
 
     def budgetlm_config(self, hf: dict) -> dict:
-        """GPTConfig keys for a transformers config of this family; UserError where the GPT cannot hold it."""
+        """ModelConfig keys for a transformers config of this family; UserError where the GPT cannot hold it."""
         d, heads = hf["hidden_size"], hf["num_attention_heads"]
         rope = hf.get("rope_parameters") or {"rope_type": "default", "rope_theta": hf.get("rope_theta", 10000.0)}
         mismatches = {
@@ -69,18 +69,18 @@ class DecoderFamily:
             if found != needed:
                 raise UserError(f"{self.model_type} with {key}={found!r}: budgetlm's GPT needs {needed!r}; only "
                                 "models of the shape budgetlm exports can be imported")
-        c = GPTConfig(vocab_size=hf["vocab_size"], context=hf["max_position_embeddings"],
-                      n_layer=hf["num_hidden_layers"], n_head=heads, d_model=d, mlp=self.mlp,
-                      mlp_ratio=hf["intermediate_size"] / d, dropout=0.0, attention_dropout=0.0, qk_norm=True,
-                      rope_base=float(rope["rope_theta"]), logit_softcap=0.0, canon=0,
-                      temperature=float(hf.get(TEMPERATURE_KEY, 1.0)))
+        c = ModelConfig(vocab_size=hf["vocab_size"], context=hf["max_position_embeddings"],
+                        n_layer=hf["num_hidden_layers"], n_head=heads, d_model=d, mlp=self.mlp,
+                        mlp_ratio=hf["intermediate_size"] / d, dropout=0.0, attention_dropout=0.0, qk_norm=True,
+                        rope_base=float(rope["rope_theta"]), logit_softcap=0.0, canon=0,
+                        temperature=float(hf.get(TEMPERATURE_KEY, 1.0)))
         if c.mlp_hidden != hf["intermediate_size"]:
             raise UserError(f"intermediate_size {hf['intermediate_size']} is not a width budgetlm's mlp_ratio "
                             f"gives for hidden_size {d}")
         return c.to_dict()
 
     def budgetlm_weights(self, hf_state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-        c = GPTConfig.from_dict(config)
+        c = ModelConfig.from_dict(config)
         parts: dict[str, list[torch.Tensor]] = {}
         for ours, theirs, _ in self._names(c):
             if theirs not in hf_state:
@@ -90,7 +90,7 @@ class DecoderFamily:
         state["norm.weight"] = hf_state["model.norm.weight"] * c.temperature  # unfold what export folded
         return state
 
-    def _names(self, c: GPTConfig):
+    def _names(self, c: ModelConfig):
         """(our name, transformers' name, our rows it holds) for every weight but the final norm's."""
         d, hidden, whole = c.d_model, c.mlp_hidden, slice(None)
         yield "embed.weight", "model.embed_tokens.weight", whole
@@ -120,7 +120,7 @@ FAMILIES = (QWEN3, APERTUS)
 
 def family_for(config: dict) -> DecoderFamily:
     """The family a GPT's config exports to; UserError naming what has no transformers equivalent."""
-    c = GPTConfig.from_dict(config)
+    c = ModelConfig.from_dict(config)
     if c.canon:
         raise UserError(f"this GPT has Canon layers (canon={c.canon}), which no transformers model has; train it "
                         "with --canon 0 to export it")
