@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import math
 import tomllib
@@ -125,6 +126,9 @@ class TrainConfig:
                              "or a checkpoint folder")
     seed: int = opt(0, low=0, help="seed for initialization and data order")
     threads: int | None = opt(None, low=1, help="CPU threads for PyTorch (default: the machine's cores)")
+    report_to: str | None = opt(None, help="trackers to report to, comma-separated: tensorboard, mlflow, wandb "
+                                "(pip install 'budgetlm[tracking]'; default: none)")
+    tracking_uri: str | None = opt(None, help="MLflow tracking server (default: a file store in the run folder)")
 
 
 @dataclass
@@ -135,6 +139,9 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+RUN_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}  # RunConfig's TOML tables
 
 
 def _flag(f: dataclasses.Field) -> str:
@@ -246,6 +253,19 @@ def resolve(run_cls, sections: dict[str, type], toml_path: str | None, flags: di
     return run
 
 
+def apply_settings(run: Any, settings: dict, where: str = "") -> None:
+    """Set flat `settings` (field name → value, `-` or `_`) on the section of the run config `run` that
+    owns each field, as config.apply checks them: the Python API's keywords, one name per setting."""
+    owners = {f.name: section.name for section in fields(run) for f in fields(getattr(run, section.name))}
+    for key, value in settings.items():
+        name = key.replace("-", "_")
+        if name not in owners:
+            close = difflib.get_close_matches(name, owners, n=1)
+            raise UserError(f"{where}unknown setting {key!r}{f' (did you mean {close[0]}?)' if close else ''}; "
+                            f"allowed: {', '.join(sorted(owners))}")
+        apply(getattr(run, owners[name]), {name: value}, where)
+
+
 def to_toml(config: Any) -> str:
     """TOML of a run config. Hand-written: our configs are flat tables of scalars and string lists,
     which tomllib (read-only) cannot write and which need no extra dependency."""
@@ -277,8 +297,12 @@ class FinetuneConfig:
     val: str | None = opt(None, help="labelled validation data (default: a stratified --val-fraction of --data)")
     val_fraction: float = opt(0.1, above=0, high=0.9,
                               help="share of each class held out for validation when --val is not given")
-    text_column: str = opt("text", help="column (or JSON field) holding the text")
-    label_column: str = opt("label", help="column (or JSON field) holding the label; any strings or numbers")
+    text_column: str | None = opt(None, help="column (or JSON field) holding the text (default: text, else the "
+                                  "only text-like column)")
+    label_column: str | None = opt(None, help="column (or JSON field) holding the label; any strings or numbers "
+                                   "(default: label, else the only other column)")
+    header: bool = opt(True, help="the CSV/TSV files' first row names the columns; --no-header: it is an example, "
+                       "and the columns are named by position (--text-column 0 --label-column 1)")
     augment: str | None = opt(None, help="EDA on the training split only, e.g. sr=0.1,ri=0.1,rs=0.1,rd=0.1,n=4")
     synonyms: str | None = opt(None, help="thesaurus for --augment: a WordNet database folder or a JSON file "
                                "(default: NLTK's WordNet, else /usr/share/wordnet)")
@@ -347,6 +371,9 @@ class FinetuneConfig:
                        "trains another member while the time left is at least 3/4 of the first member's, up to 4; "
                        "else 1)")
     threads: int | None = opt(None, low=1, help="CPU threads for PyTorch (default: the machine's cores)")
+    report_to: str | None = opt(None, help="trackers to report to, comma-separated: tensorboard, mlflow, wandb "
+                                "(pip install 'budgetlm[tracking]'; default: none)")
+    tracking_uri: str | None = opt(None, help="MLflow tracking server (default: a file store in the run folder)")
 
 
 @dataclass

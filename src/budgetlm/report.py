@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from budgetlm.budget import format_duration
@@ -11,6 +12,11 @@ from budgetlm.errors import UserError
 
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+def default_out() -> Path:
+    """A new run's folder when none is given: runs/<timestamp>."""
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
 def prepare_out(out: Path) -> None:

@@ -33,6 +33,7 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from budgetlm import tracking
 from budgetlm.budget import format_duration, parse_duration
 from budgetlm.config import RunConfig, apply, load_toml
 from budgetlm.errors import UserError
@@ -201,6 +202,7 @@ def _text(value) -> str:
 def run(base: RunConfig, found: list[Variant], out: Path) -> list[dict]:
     """Run every variant in turn; write compare.json after each, then compare.md and compare.png.
     Raises UserError (after writing the files) only when every variant failed."""
+    tracking.require(base.train.report_to)  # before the warm-up and every variant
     prepare_out(out)
     warm_up(found[0].config, out / ".warm-up")
     records: list[dict] = []
@@ -226,7 +228,8 @@ def run(base: RunConfig, found: list[Variant], out: Path) -> list[dict]:
 # A one-step run of a tiny model: what it leaves behind is all the warm-up is for.
 WARM_UP = {"budget": None, "max_tokens": None, "max_steps": 1, "size": None, "n_layer": 1, "d_model": 32,
            "n_head": 1, "context": 32, "micro_batch": 16, "batch_tokens": None, "compile": "off", "eval_every": "1",
-           "eval_tokens": 512, "early_stop": None, "patience": 0, "save_every": None, "resume": None}
+           "eval_tokens": 512, "early_stop": None, "patience": 0, "save_every": None, "resume": None,
+           "report_to": None}
 
 
 def warm_up(cfg: RunConfig, folder: Path) -> None:
@@ -252,7 +255,8 @@ def run_variant(variant: Variant, folder: Path) -> dict:
     started = time.monotonic()
     try:
         prepare_out(folder)
-        with (folder / "pretrain.log").open("w") as log, contextlib.redirect_stderr(log):
+        with (folder / "pretrain.log").open("w") as log, contextlib.redirect_stderr(log), \
+                tracking.scope(folder.parent, f"compare {folder.parent.resolve().name}", variant.name):
             summary = pretrain.run(variant.config, folder, quiet=True)
     except UserError as e:
         record.update(error=str(e), wall_s=round(time.monotonic() - started, 2))

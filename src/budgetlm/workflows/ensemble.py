@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from budgetlm import tracking
 from budgetlm.budget import format_duration, parse_duration
 from budgetlm.config import FinetuneConfig
 from budgetlm.data.labelled import LabelMap
@@ -102,7 +103,8 @@ def run(c: FinetuneConfig, out: Path, *, quiet: bool = False) -> dict:
                 c, members="1", seed=member["seed"], split_seed=split_seed,
                 budget=f"{member['budget_s']}s" if member["budget_s"] else None,
                 resume="auto" if started and c.resume == "auto" else None)
-            summary = finetune.run(member_cfg, member_out, quiet=quiet, prior=validation.prior())
+            with tracking.scope(out, f"finetune {out.resolve().name}", f"member-{k}"):
+                summary = finetune.run(member_cfg, member_out, quiet=quiet, prior=validation.prior())
             if summary["stop_reason"] == "interrupted":
                 say(f"stopped in member {k + 1}; resume with the same command and --resume auto --out {out}")
                 return summary

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from budgetlm import tracking
 from budgetlm.budget import Budget, format_duration, parse_duration
 from budgetlm.config import SIZES, FinetuneConfig
-from budgetlm.data.labelled import LabelMap, load_labelled, stratified_split
+from budgetlm.data.labelled import LabelMap, labelled_columns, load_labelled, stratified_split
 from budgetlm.data.tokenizer import (
     EOT,
     default_vocab_size,
@@ -78,9 +79,9 @@ def load_data(c: FinetuneConfig) -> tuple[list[str], list[str], list[str], list[
     numbers or booleans), labels as text."""
     if not c.data:
         raise UserError("give the labelled training data with --data (a .tsv, .csv, .jsonl or .parquet file)")
-    texts, labels, written = load_labelled(c.data, c.text_column, c.label_column)
+    texts, labels, written = load_labelled(c.data, c.text_column, c.label_column, c.header)
     if c.val:
-        val_texts, val_labels, _ = load_labelled(c.val, c.text_column, c.label_column)
+        val_texts, val_labels, _ = load_labelled(c.val, c.text_column, c.label_column, c.header)
         return texts, labels, val_texts, val_labels, written
     train_idx, val_idx = stratified_split(texts, labels, c.val_fraction,
                                           c.split_seed if c.split_seed is not None else c.seed)
@@ -194,6 +195,7 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
     """Train, keep the best weights, report; `prior`: see ClassificationTask (an ensemble's later members)."""
     from budgetlm.workflows import ensemble
 
+    tracking.require(cfg.report_to)  # a missing tracker package stops the run before anything else
     if ensemble.wanted(cfg):
         return ensemble.run(cfg, out, quiet=quiet)
     c = cfg
@@ -218,6 +220,9 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
     precision = pick_precision(c.precision, device)
 
     # Data: labelled rows → train/validation split → label map → augmented training split.
+    if c.data:  # the columns found, named in the saved config (predict's default) and the summary
+        c = dataclasses.replace(c, **dict(zip(("text_column", "label_column"), labelled_columns(
+            c.data, c.text_column, c.label_column, c.header))))
     train_texts, train_labels, val_texts, val_labels, written = load_data(c)
     label_map = LabelMap.from_labels(train_labels, written)
     check_labels(label_map, len(train_texts), c)
@@ -303,8 +308,10 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
         f"(micro-batch {micro_batch} × {micro_steps}), {settings['optim']} lr {settings['lr']:.2e} {c.schedule}"
         f"{_layer_decay(settings)}, {mc.pooling} pooling, budget {budget.describe(epochs)}")
 
+    tracker = tracking.start(c.report_to, c.tracking_uri, out, {"finetune": dataclasses.asdict(c),
+                                                                  "settings": settings})
     log = RunLog(out / "metrics.jsonl", quiet=quiet,
-                 resume_step=snapshot.meta["loop"]["step"] if snapshot is not None else None)
+                 resume_step=snapshot.meta["loop"]["step"] if snapshot is not None else None, tracker=tracker)
     with GracefulStop() as stop:
         result = fit(model, model, task, optimizer, fit_cfg, budget, runtime, log, checkpoints=checkpoints,
                      resume=snapshot, stop=stop, scaler=scaler, run_meta=identity)
@@ -352,6 +359,7 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
         "config": {"finetune": dataclasses.asdict(c)},
     }
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
+    tracking.finish(tracker, summary, [out / "loss.png", out / "confusion.png"])
     say_done(result, out, f"validation accuracy {scored['accuracy']:.4f}, macro-F1 {scored['macro_f1']:.4f}, "
              f"{summary['examples_per_s']:,.0f} examples/s, {summary['epochs']} epochs", summary["wall_s"])
     return summary
