@@ -103,6 +103,12 @@ def metrics_of(record: dict) -> tuple[int, dict[str, float]]:
     return int(record.get("step", 0)), values
 
 
+def figures_of(summary: dict) -> dict[str, float]:
+    """The summary's own finite numbers (best_val_bpb, steps, ...), not those of the config it repeats."""
+    return {k: float(v) for k, v in summary.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
 class TensorBoardSink:
     def __init__(self, where: Scope, own_folder: bool):
         from torch.utils.tensorboard import SummaryWriter
@@ -122,8 +128,7 @@ class TensorBoardSink:
     def finish(self, summary: dict, artifacts: list[Path]) -> None:
         from torch.utils.tensorboard.summary import hparams
 
-        figures = {f"summary/{k}": v for k, v in flatten(summary).items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        figures = {f"summary/{k}": v for k, v in figures_of(summary).items()}
         step = int(summary.get("steps") or 0)
         for key, value in figures.items():
             self.writer.add_scalar(key, value, step)
@@ -167,8 +172,7 @@ class MlflowSink:
 
     def finish(self, summary: dict, artifacts: list[Path]) -> None:
         step = int(summary.get("steps") or 0)
-        self.log(step, {f"summary.{k}": v for k, v in flatten(summary).items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)})
+        self.log(step, {f"summary.{k}": v for k, v in figures_of(summary).items()})
         self.client.log_dict(self.run_id, summary, "summary.json")
         for path in artifacts:
             self.client.log_artifact(self.run_id, str(path))
@@ -202,7 +206,7 @@ class WandbSink:
         self.run.log({"step": step, **metrics})
 
     def finish(self, summary: dict, artifacts: list[Path]) -> None:
-        self.run.summary.update({k: v for k, v in flatten(summary).items() if not isinstance(v, str) or len(v) < 500})
+        self.run.summary.update(figures_of(summary))
         if artifacts:
             self.run.log({"step": int(summary.get("steps") or 0),
                           **{path.stem: self.wandb.Image(str(path)) for path in artifacts}})

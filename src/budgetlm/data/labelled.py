@@ -64,14 +64,18 @@ def _read_headerless(path: Path) -> tuple[list[str], list[dict]]:
     return columns, [dict(zip(columns, line)) for line in lines]
 
 
-def _looks_like_text(values: list) -> bool:
-    """Strings that are not numbers and mostly differ from each other (labels repeat a few values)."""
-    values = [v for v in values if v not in (None, "")]
-    if not values or not all(isinstance(v, str) for v in values):
-        return False
-    if all(_number(v) is not None for v in values):
-        return False
-    return len(set(values)) > len(values) / 2
+def _text_like(columns: list[str], rows: list[dict], leave_out: str | None) -> list[str]:
+    """The columns that look like text: strings, not numbers, mostly of several words; where none is,
+    those whose values mostly differ from each other (labels repeat a few values)."""
+    sample = rows[:1000]
+    strings = {}
+    for c in columns:
+        values = [r.get(c) for r in sample if r.get(c) not in (None, "")]
+        if c != leave_out and values and all(isinstance(v, str) for v in values) and \
+                not all(_number(v) is not None for v in values):
+            strings[c] = values
+    worded = [c for c, values in strings.items() if sum(len(v.split()) > 1 for v in values) >= len(values) / 2]
+    return worded or [c for c, values in strings.items() if len(set(values)) > len(values) / 2]
 
 
 def find_columns(path: str | Path, columns: list[str], rows: list[dict], text_column: str | None = None,
@@ -83,13 +87,12 @@ def find_columns(path: str | Path, columns: list[str], rows: list[dict], text_co
         if column is not None and column not in columns:
             raise UserError(f"{path}: no column {column!r} (columns: {names(columns)}); choose one with {flag}"
                             + ("" if header else " (without a header, columns are named by position: 0, 1, ...)"))
-    sample = rows[:1000]
     text = text_column
     if text is None:
         if "text" in columns and label_column != "text":
             text = "text"
         else:
-            textual = [c for c in columns if c != label_column and _looks_like_text([r.get(c) for r in sample])]
+            textual = _text_like(columns, rows, label_column)
             if len(textual) != 1:
                 raise UserError(f"{path}: cannot tell which column holds the text (columns: {names(columns)}); "
                                 "choose one with --text-column" + _headerless_hint(path, header, columns))
@@ -186,7 +189,7 @@ def find_text_column(path: str | Path, columns: list[str], rows: list[dict], tex
     for name in (trained_on, "text"):
         if name in columns:
             return name
-    textual = [c for c in columns if _looks_like_text([r.get(c) for r in rows[:1000]])]
+    textual = _text_like(columns, rows, None)
     if len(textual) != 1:
         raise UserError(f"{path}: cannot tell which column holds the text (columns: {names(columns)}); "
                         "choose one with --text-column")
