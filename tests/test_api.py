@@ -11,10 +11,10 @@ from budgetlm.config import TrainConfig, apply
 from budgetlm.errors import UserError
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "python.md"
-# what the test adds to the doc's calls so that they take seconds: tiny models and a few steps
-TINY_PRETRAIN = {"n_layer": 1, "d_model": 32, "n_head": 1, "context": 32, "micro_batch": 4, "vocab_size": 300,
-                 "max_steps": 20, "compile": "off", "calibrate": False}
-TINY_FINETUNE = {"size": "tiny", "max_length": 16, "max_steps": 20, "vocab_size": 300}
+# what the test adds to the doc's calls so that they take seconds: tiny models and 20 steps in place of the budget
+TINY_PRETRAIN = {"budget": None, "n_layer": 1, "d_model": 32, "n_head": 1, "context": 32, "micro_batch": 4,
+                 "vocab_size": 300, "max_steps": 20, "compile": "off", "calibrate": False}
+TINY_FINETUNE = {"budget": None, "size": "tiny", "max_length": 16, "max_steps": 20, "vocab_size": 300}
 
 
 def doc_blocks(kind: str) -> list[str]:
