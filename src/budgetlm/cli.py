@@ -5,28 +5,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from budgetlm import __version__
 from budgetlm.config import (
-    DataConfig,
     FinetuneConfig,
     FinetuneRunConfig,
-    ModelConfig,
+    RUN_SECTIONS,
     RunConfig,
-    TrainConfig,
     add_section_flags,
     resolve,
     to_toml,
 )
 from budgetlm.errors import UserError
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+from budgetlm.report import default_out as _default_out
 
-
-def _default_out() -> Path:
-    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+SECTIONS = RUN_SECTIONS
 
 
 DIVERGED_EXIT = 3
@@ -70,7 +65,7 @@ def _augment(args: argparse.Namespace) -> int:
     from budgetlm.workflows import augment
 
     result = augment.run(args.input, args.output, text_column=args.text_column, label_column=args.label_column,
-                         spec=args.augment, seed=args.seed, synonyms=args.synonyms)
+                         header=args.header, spec=args.augment, seed=args.seed, synonyms=args.synonyms)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -79,7 +74,7 @@ def _baseline(args: argparse.Namespace) -> int:
     from budgetlm.workflows import baseline
 
     result = baseline.run(args.data, args.val, text_column=args.text_column, label_column=args.label_column,
-                          val_fraction=args.val_fraction, seed=args.seed, out=Path(args.out) if args.out else None)
+                          header=args.header, val_fraction=args.val_fraction, seed=args.seed, out=Path(args.out) if args.out else None)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -98,8 +93,8 @@ def _finetune(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from budgetlm.workflows import predict
 
-    predict.run(args.model, texts=args.text, data=args.data, text_column=args.text_column, out=args.out,
-                device=args.device, threads=args.threads)
+    predict.run(args.model, texts=args.text, data=args.data, text_column=args.text_column, header=args.header,
+                out=args.out, device=args.device, threads=args.threads)
     return 0
 
 
@@ -134,6 +129,19 @@ def _import(args: argparse.Namespace) -> int:
 
     import_.run(args.source, Path(args.out))
     return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from budgetlm.workflows import runs
+
+    runs.run(args.folder, as_json=args.json)
+    return 0
+
+
+def _header_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-header", dest="header", action="store_false",
+                        help="the CSV/TSV file has no header row: its columns are named by position "
+                             "(--text-column 0 --label-column 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,8 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Augment the training split only.")
     a.add_argument("input", metavar="IN", help="labelled table: .tsv, .csv, .jsonl or .parquet")
     a.add_argument("output", metavar="OUT", help="where to write the augmented table (same format as IN)")
-    a.add_argument("--text-column", default="sentence", help="column (or .jsonl field) holding the text")
-    a.add_argument("--label-column", default="label", help="column (or .jsonl field) holding the label")
+    a.add_argument("--text-column", default=None,
+                   help="column (or .jsonl field) holding the text (default: text, else the only text-like column)")
+    a.add_argument("--label-column", default=None,
+                   help="column (or .jsonl field) holding the label (default: label, else the only other column)")
+    _header_flag(a)
     a.add_argument("--augment", default="sr=0.1,ri=0.1,rs=0.1,rd=0.1,n=4",
                    help="rates of synonym replacement, random insertion, swap and deletion, and copies per row "
                         "(operations left out are off; default: %(default)s)")
@@ -193,8 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "accuracy and macro-F1.")
     b.add_argument("--data", required=True, help="training table: .tsv, .csv, .jsonl or .parquet")
     b.add_argument("--val", default=None, help="validation table (default: a stratified share of --data)")
-    b.add_argument("--text-column", default="sentence", help="column (or .jsonl field) holding the text")
-    b.add_argument("--label-column", default="label", help="column (or .jsonl field) holding the label")
+    b.add_argument("--text-column", default=None,
+                   help="column (or .jsonl field) holding the text (default: text, else the only text-like column)")
+    b.add_argument("--label-column", default=None,
+                   help="column (or .jsonl field) holding the label (default: label, else the only other column)")
+    _header_flag(b)
     b.add_argument("--val-fraction", type=float, default=0.2, help="share held out when --val is not given")
     b.add_argument("--seed", type=int, default=0, help="seed of the validation split")
     b.add_argument("--out", default=None, help="folder to write baseline.json into")
@@ -217,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--text", nargs="+", action="extend", help="text(s) to classify")
     r.add_argument("--data", help="a .txt file (one text per line) or a .tsv/.csv/.jsonl/.parquet table")
     r.add_argument("--text-column", default=None, help="the table's text column (default: the training data's)")
+    _header_flag(r)
     r.add_argument("--out", help="write the JSON lines to this file instead of stdout")
     r.add_argument("--device", default="auto")
     r.add_argument("--threads", type=int, default=None, help="CPU threads (default: the machine's cores)")
@@ -266,7 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="model folder to write")
     m.set_defaults(func=_import)
 
-    for sp in (p, g, e, a, b, f, r, c, t, x, m):
+
+    n = sub.add_parser("runs", help="list the runs under a folder, best first",
+                       description="A table of the runs under DIR (name, date, architecture, size, budget, "
+                                   "metric, stop reason), sorted by their validation metric.")
+    n.add_argument("folder", metavar="DIR", nargs="?", default="runs", help="where to look (default: runs/)")
+    n.add_argument("--json", action="store_true", help="print the rows as JSON")
+    n.set_defaults(func=_runs)
+
+    for sp in (p, g, e, a, b, f, r, c, t, x, m, n):
         sp.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 

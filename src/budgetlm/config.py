@@ -87,6 +87,9 @@ class TrainingSettings(Section):
                              "or a checkpoint folder")
     seed: int = opt(0, low=0, help="seed for initialization and data order")
     threads: int | None = opt(None, low=1, help="CPU threads for PyTorch (default: the machine's cores)")
+    report_to: str | None = opt(None, help="trackers to report to, comma-separated: tensorboard, mlflow, wandb "
+                                "(pip install 'budgetlm[tracking]'; default: none)")
+    tracking_uri: str | None = opt(None, help="MLflow tracking server (default: a file store in the run folder)")
 
 
 @dataclass
@@ -125,6 +128,9 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return plain(self)
+
+
+RUN_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}  # RunConfig's TOML tables
 
 
 def add_section_flags(parser: argparse.ArgumentParser, cls, title: str) -> None:
@@ -208,6 +214,14 @@ def plain(config: Any) -> dict:
     return out
 
 
+def apply_settings(run: Any, settings: dict, where: str = "") -> None:
+    """Set flat `settings` (field name → value, `-` or `_`) on the section of the run config `run` that
+    owns each field, checked as `apply` checks them: the Python API's keywords, one name per setting."""
+    for key, value in settings.items():
+        name = normalize_key(run, key, where)
+        apply(getattr(run, section_of(run, name)), {name: value}, where)
+
+
 def to_toml(config: Any) -> str:
     """TOML of a run config; settings left to the plan or the model (None) are listed as comments."""
     parts = []
@@ -245,9 +259,7 @@ def normalize_key(cfg: Any, key: str, where: str) -> str:
 def with_overrides(base: Any, settings: dict, where: str = "") -> Any:
     """A copy of `base` with flat `settings` (key → value) applied and validated by `apply`."""
     cfg = copy.deepcopy(base)
-    for key, value in settings.items():
-        name = normalize_key(cfg, key, where)
-        apply(getattr(cfg, section_of(cfg, name)), {name: value}, where)
+    apply_settings(cfg, settings, where)
     return cfg
 
 
@@ -274,7 +286,8 @@ def value_types(cfg: Any, key: str) -> set[type]:
 # before the budgets of compare's variants or tune's trials start.
 WARM_UP = {"budget": None, "max_tokens": None, "max_steps": 1, "size": None, "n_layer": 1, "d_model": 32,
            "n_head": 1, "context": 32, "micro_batch": 16, "batch_tokens": None, "compile": "off", "eval_every": "1",
-           "eval_tokens": 512, "early_stop": None, "patience": 0, "save_every": None, "resume": None}
+           "eval_tokens": 512, "early_stop": None, "patience": 0, "save_every": None, "resume": None,
+           "report_to": None}
 
 
 FINETUNE_POOLINGS = ("mean", "last", "first")  # as budgetlm.models.classifier.POOLINGS
@@ -291,8 +304,12 @@ class FinetuneConfig(TrainingSettings):
     val: str | None = opt(None, help="labelled validation data (default: a stratified --val-fraction of --data)")
     val_fraction: float = opt(0.1, above=0, high=0.9,
                               help="share of each class held out for validation when --val is not given")
-    text_column: str = opt("text", help="column (or JSON field) holding the text")
-    label_column: str = opt("label", help="column (or JSON field) holding the label; any strings or numbers")
+    text_column: str | None = opt(None, help="column (or JSON field) holding the text (default: text, else the "
+                                  "only text-like column)")
+    label_column: str | None = opt(None, help="column (or JSON field) holding the label; any strings or numbers "
+                                   "(default: label, else the only other column)")
+    header: bool = opt(True, help="the CSV/TSV files' first row names the columns; --no-header: it is an example, "
+                       "and the columns are named by position (--text-column 0 --label-column 1)")
     augment: str | None = opt(None, help="EDA on the training split only, e.g. sr=0.1,ri=0.1,rs=0.1,rd=0.1,n=4")
     synonyms: str | None = opt(None, help="thesaurus for --augment: a WordNet database folder or a JSON file "
                                "(default: NLTK's WordNet, else /usr/share/wordnet)")

@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -15,6 +16,11 @@ from budgetlm.errors import UserError
 
 def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+def default_out() -> Path:
+    """A new run's folder when none is given: runs/<timestamp>."""
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
 def prepare_out(out: Path) -> None:

@@ -4,6 +4,7 @@ import pytest
 
 from budgetlm.data.labelled import (
     LabelMap,
+    find_columns,
     load_labelled,
     read_rows,
     stratified_split,
@@ -42,8 +43,9 @@ def test_parquet(tmp_path):
 
 
 @pytest.mark.parametrize("content, fragments", [
-    ("text\tlabel\na\t1\nb\t0\n", ["no column 'sentence'", "'text', 'label'", "--text-column"]),
-    ("sentence\ty\na\t1\nb\t0\n", ["no column 'label'", "--label-column"]),
+    ("id\tsentence\tnote\tlabel\n1\ta b\tx y\t1\n2\tc d\tz w\t0\n",
+     ["cannot tell which column holds the text", "'id', 'sentence', 'note', 'label'", "--text-column"]),
+    ("sentence\ty\tsource\na b\t1\tweb\nc d\t0\tweb\n", ["which column holds the label", "--label-column"]),
     ("sentence\tlabel\na\t1\nb\t\n", ["row 2", "empty label"]),
     ("sentence\tlabel\na\t1\nb\t1\n", ["every label is '1'", "two classes"]),
     ("sentence\tlabel\n", ["no rows"]),
@@ -117,3 +119,45 @@ def test_stratified_split_errors():
         stratified_split(["x", "y"], ["a", "b"], 1.0, 0)
     with pytest.raises(UserError, match="--val"):
         stratified_split(["x", "y"], ["a", "b"], 0.5, 0)
+
+
+def test_columns_text_and_label_by_default_else_the_only_candidates(tmp_path):
+    (tmp_path / "hf.csv").write_text("label,text,id\npos,a fine film,1\nneg,a dull one,2\n")
+    assert load_labelled(tmp_path / "hf.csv")[:2] == (["a fine film", "a dull one"], ["pos", "neg"])
+    # no `text` or `label`: the only text-like column, and the only other one
+    (tmp_path / "glue.tsv").write_text("sentence\tsentiment\nwarm and funny\tpos\ncold\tneg\nslow\tneg\n"
+                                       "bright\tpos\n")
+    assert load_labelled(tmp_path / "glue.tsv")[:2] == (["warm and funny", "cold", "slow", "bright"],
+                                                        ["pos", "neg", "neg", "pos"])
+    # named columns win over the rule
+    assert load_labelled(tmp_path / "glue.tsv", "sentiment", "sentence")[0] == ["pos", "neg", "neg", "pos"]
+
+
+def test_headerless_table_by_position(tmp_path):
+    path = tmp_path / "nohead.tsv"
+    path.write_text("a warm film\tpos\na cold film\tneg\nsome dull film\tneg\n")
+    texts, labels, _ = load_labelled(path, "0", "1", header=False)
+    assert texts == ["a warm film", "a cold film", "some dull film"] and labels == ["pos", "neg", "neg"]
+    assert load_labelled(path, header=False)[:2] == (texts, labels)  # found by the rule too
+    with pytest.raises(UserError, match="named by position"):
+        load_labelled(path, "text", "1", header=False)
+
+
+def test_first_row_that_looks_like_data_asks_for_no_header(tmp_path):
+    path = tmp_path / "nohead.csv"
+    path.write_text("a warm film,pos\na cold film,neg\nsome dull film,pos\n")
+    with pytest.raises(UserError) as e:
+        load_labelled(path)
+    message = str(e.value)
+    assert "--no-header" in message and "'pos' occurs below it" in message and "\n" not in message
+    with pytest.raises(UserError, match="--no-header"):
+        load_labelled(path, "a warm film", "pos")  # named or found, the header is an example
+    (tmp_path / "d.jsonl").write_text('{"text": "a", "label": 1}\n')
+    with pytest.raises(UserError, match="for .csv and .tsv"):
+        load_labelled(tmp_path / "d.jsonl", header=False)
+
+
+def test_find_columns_names_the_columns_when_unsure():
+    rows = [{"a": "one text", "b": "another text"}, {"a": "more words", "b": "other words"}]
+    with pytest.raises(UserError, match="cannot tell which column holds the text .*'a', 'b'"):
+        find_columns("t.csv", ["a", "b"], rows)

@@ -8,19 +8,24 @@ import sys
 import time
 from pathlib import Path
 
-from tqdm import tqdm
+from tqdm.auto import tqdm
+from tqdm.notebook import tqdm_notebook
 
 from budgetlm.budget import format_duration
+
+# tqdm.auto draws a widget in a Jupyter kernel, whose stderr is no terminal but shows a live bar
+IN_NOTEBOOK = issubclass(tqdm, tqdm_notebook)
 
 
 class RunLog:
     """Appends one JSON record per log or evaluation to metrics.jsonl and keeps a progress bar on
     stderr (a plain line per record when stderr is not a terminal)."""
 
-    def __init__(self, path: Path | None, *, quiet: bool = False, resume_step: int | None = None):
+    def __init__(self, path: Path | None, *, quiet: bool = False, resume_step: int | None = None, tracker=None):
         """A fresh log, or with `resume_step` the existing one cut back to that step (records of steps
-        after the checkpoint are redone by the resumed run)."""
+        after the checkpoint are redone by the resumed run). `tracker` (budgetlm.tracking) gets every record."""
         self.path = path
+        self.tracker = tracker
         self.records: list[dict] = []
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,7 +41,7 @@ class RunLog:
             elif path.exists():
                 path.unlink()
         self.quiet = quiet
-        self.tty = sys.stderr.isatty()
+        self.tty = sys.stderr.isatty() or IN_NOTEBOOK
         self.bar = tqdm(total=1000, file=sys.stderr, dynamic_ncols=True, leave=True, disable=quiet or not self.tty,
                         bar_format="{l_bar}{bar}| {postfix}")
         self._shown = 0
@@ -49,6 +54,8 @@ class RunLog:
         if self.path is not None:
             with self.path.open("a") as f:
                 f.write(json.dumps(fields) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(fields)
 
     def show(self, progress: float, *, loss: float | None, val: str | None, rate: float, unit: str = "tokens",
              left_s: float | None, force: bool = False) -> None:

@@ -13,20 +13,21 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.pipeline import make_pipeline
 
-from budgetlm.data.labelled import LabelMap, load_labelled, stratified_split
+from budgetlm.data.labelled import LabelMap, labelled_columns, load_labelled, stratified_split
 
 MODEL = "tfidf(word 1-2 grams, sublinear tf) + logistic regression"
 
 
-def run(data: str | Path, val: str | Path | None = None, *, text_column: str = "sentence",
-        label_column: str = "label", val_fraction: float = 0.2, seed: int = 0, c: float = 4.0,
-        out: Path | None = None) -> dict:
+def run(data: str | Path, val: str | Path | None = None, *, text_column: str | None = None,
+        label_column: str | None = None, header: bool = True, val_fraction: float = 0.2, seed: int = 0,
+        c: float = 4.0, out: Path | None = None) -> dict:
     """Fit on `data`, score on `val` (or a stratified `val_fraction` of `data`). `c` is the inverse L2
     strength: 4 beat scikit-learn's default of 1 on a held-out tenth of SST-2's training set."""
     started = time.monotonic()
-    texts, labels, _ = load_labelled(data, text_column, label_column)
+    text_column, label_column = labelled_columns(data, text_column, label_column, header)
+    texts, labels, _ = load_labelled(data, text_column, label_column, header)
     if val is not None:
-        val_texts, val_labels, _ = load_labelled(val, text_column, label_column)
+        val_texts, val_labels, _ = load_labelled(val, text_column, label_column, header)
     else:
         train_idx, val_idx = stratified_split(texts, labels, val_fraction, seed)
         val_texts, val_labels = [texts[i] for i in val_idx], [labels[i] for i in val_idx]

@@ -28,6 +28,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from budgetlm import tracking
 from budgetlm.budget import format_duration
 from budgetlm.config import (
     WARM_UP,
@@ -162,6 +163,7 @@ def _text(value) -> str:
 def run(base: RunConfig, found: list[Variant], out: Path) -> list[dict]:
     """Run every variant in turn; write compare.json after each, then compare.md and compare.png.
     Raises UserError (after writing the files) only when every variant failed."""
+    tracking.require(base.train.report_to)  # before the warm-up and every variant
     prepare_out(out)
     say("warming up (imports, tokenizer, token cache) outside the budgets")
     run_quietly(pretrain.run, with_overrides(found[0].config, WARM_UP), out / ".warm-up")
@@ -194,7 +196,8 @@ def run_variant(variant: Variant, folder: Path) -> dict:
     started = time.monotonic()
     try:
         prepare_out(folder)
-        with (folder / "pretrain.log").open("w") as log, contextlib.redirect_stderr(log):
+        with (folder / "pretrain.log").open("w") as log, contextlib.redirect_stderr(log), \
+                tracking.scope(folder.parent, f"compare {folder.parent.resolve().name}", variant.name):
             summary = pretrain.run(variant.config, folder, quiet=True)
     except UserError as e:
         record.update(error=str(e), wall_s=round(time.monotonic() - started, 2))

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from budgetlm import tracking
 from budgetlm.budget import format_duration
 from budgetlm.config import FinetuneConfig, plain
 from budgetlm.data.labelled import LabelMap, load_split
@@ -101,7 +102,8 @@ def run(c: FinetuneConfig, out: Path, *, quiet: bool = False) -> dict:
             member_cfg = dataclasses.replace(
                 c, members=1, seed=member["seed"], split_seed=split_seed, budget=member["budget_s"],
                 resume="auto" if started and c.resume == "auto" else None)
-            summary = finetune.run(member_cfg, member_out, quiet=quiet, prior=validation.prior())
+            with tracking.scope(out, f"finetune {out.resolve().name}", f"member-{k}"):
+                summary = finetune.run(member_cfg, member_out, quiet=quiet, prior=validation.prior())
             if summary["stop_reason"] == "interrupted":
                 say(f"stopped in member {k + 1}; resume with the same command and --resume auto --out {out}")
                 return summary
@@ -121,7 +123,7 @@ class Validation:
         set_threads(c.threads)
         self.device = pick_device(c.device)
         _, _, self.texts, self.labels, _ = load_split(c.data, c.val, c.text_column, c.label_column,
-                                                      c.val_fraction, c.split_seed)
+                                                      c.val_fraction, c.split_seed, c.header)
         self.source = c.val or "the validation split"
         self.models: list[torch.nn.Module] = []
         self.tokenizers = []

@@ -6,6 +6,7 @@ new GPT or LSTM (`scratch`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -14,9 +15,10 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from budgetlm import tracking
 from budgetlm.budget import Budget, EarlyStop, Every, format_duration
 from budgetlm.config import SIZES, FinetuneConfig, plain
-from budgetlm.data.labelled import LabelMap, load_split
+from budgetlm.data.labelled import LabelMap, labelled_columns, load_split
 from budgetlm.data.tokenizer import (
     EOT,
     default_vocab_size,
@@ -171,6 +173,7 @@ def defaults(c: FinetuneConfig, body: torch.nn.Module) -> dict:
 
 def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.ndarray, int] | None = None) -> dict:
     """Train, keep the best weights, report; `prior`: see ClassificationTask (an ensemble's later members)."""
+    tracking.require(cfg.report_to)  # a missing tracker package stops the run before anything else
     c = cfg
     epochs = c.epochs or (None if c.model == "scratch" else PRETRAINED_EPOCHS)
     if not (c.budget or c.max_steps or epochs):
@@ -193,8 +196,12 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
     precision = pick_precision(c.precision, device)
 
     # Data: labelled rows → train/validation split → label map → augmented training split.
+    if c.data:  # the columns found, named in the saved config (predict's default) and the summary
+        c = dataclasses.replace(c, **dict(zip(("text_column", "label_column"), labelled_columns(
+            c.data, c.text_column, c.label_column, c.header))))
     train_texts, train_labels, val_texts, val_labels, written = load_split(
-        c.data, c.val, c.text_column, c.label_column, c.val_fraction, c.split_seed if c.split_seed is not None else c.seed)
+        c.data, c.val, c.text_column, c.label_column, c.val_fraction,
+        c.split_seed if c.split_seed is not None else c.seed, c.header)
     label_map = LabelMap.from_labels(train_labels, written)
     check_labels(label_map, len(train_texts), c)
     val_y = label_map.encode(val_labels, source=c.val or "the validation split")
@@ -277,8 +284,10 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
         f"(micro-batch {micro_batch} × {micro_steps}), {settings['optim']} lr {settings['lr']:.2e} {c.schedule}"
         f"{_layer_decay(settings)}, {mc.pooling} pooling, budget {budget.describe(epochs)}")
 
+    tracker = tracking.start(c.report_to, c.tracking_uri, out, {"finetune": plain(c),
+                                                                  "settings": settings})
     log = RunLog(out / "metrics.jsonl", quiet=quiet,
-                 resume_step=snapshot.meta["loop"]["step"] if snapshot is not None else None)
+                 resume_step=snapshot.meta["loop"]["step"] if snapshot is not None else None, tracker=tracker)
     with GracefulStop() as stop:
         result = fit(model, model, task, optimizer, fit_cfg, budget, runtime, log, checkpoints=checkpoints,
                      resume=snapshot, stop=stop, scaler=scaler, run_meta=identity)
@@ -326,6 +335,7 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
         "config": {"finetune": plain(c)},
     }
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
+    tracking.finish(tracker, summary, [out / "loss.png", out / "confusion.png"])
     say_done(result, out, f"validation accuracy {scored['accuracy']:.4f}, macro-F1 {scored['macro_f1']:.4f}, "
              f"{summary['examples_per_s']:,.0f} examples/s, {summary['epochs']} epochs", summary["wall_s"])
     return summary

@@ -11,8 +11,8 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from budgetlm.data.labelled import LABELLED_SUFFIXES, read_rows
-from budgetlm.errors import UserError, names
+from budgetlm.data.labelled import LABELLED_SUFFIXES, find_text_column, read_rows
+from budgetlm.errors import UserError
 from budgetlm.train.checkpoint import atomic_write_bytes, load_model, read_config
 from budgetlm.train.classify import (
     EVAL_BATCH,
@@ -51,8 +51,9 @@ def predict(model: nn.Module, config: dict, tok: Tokenizer, texts: list[str],
             for p in probs]
 
 
-def read_texts(path: str | Path, text_column: str) -> list[str]:
-    """The texts of a .txt file (one per line) or of a table's column."""
+def read_texts(path: str | Path, text_column: str | None, trained_on: str | None = None,
+               header: bool = True) -> list[str]:
+    """The texts of a .txt file (one per line) or of a table's column (as labelled.find_text_column finds it)."""
     path = Path(path)
     if path.suffix.lower() == ".txt":
         if not path.is_file():
@@ -63,15 +64,13 @@ def read_texts(path: str | Path, text_column: str) -> list[str]:
             raise UserError(f"{path}: not UTF-8 text; convert it to UTF-8") from None
     if path.suffix.lower() not in LABELLED_SUFFIXES:
         raise UserError(f"{path}: give a .txt file (one text per line) or a {', '.join(LABELLED_SUFFIXES)} table")
-    columns, rows = read_rows(path)
-    if text_column not in columns:
-        raise UserError(f"{path}: no column {text_column!r} (columns: {names(columns)}); "
-                        "choose one with --text-column")
+    columns, rows = read_rows(path, header)
+    text_column = find_text_column(path, columns, rows, text_column, trained_on)
     return ["" if row.get(text_column) is None else str(row[text_column]) for row in rows]
 
 
 def run(model_dir: str | Path, *, texts: list[str] | None = None, data: str | Path | None = None,
-        text_column: str | None = None, out: str | Path | None = None, device: str = "auto",
+        text_column: str | None = None, header: bool = True, out: str | Path | None = None, device: str = "auto",
         threads: int | None = None) -> list[dict]:
     if bool(texts) == (data is not None):
         raise UserError("give either --text or --data (a .txt file or a table) to predict")
@@ -79,7 +78,7 @@ def run(model_dir: str | Path, *, texts: list[str] | None = None, data: str | Pa
     dev = pick_device(device)
     model, config, tok = load_classifier(model_dir, dev)
     if data is not None:
-        texts = read_texts(data, text_column or config.get("text_column", "text"))
+        texts = read_texts(data, text_column, config.get("text_column"), header)
     predictions = predict(model, config, tok, texts, dev)
     lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
     if out is None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from budgetlm import tracking
 from budgetlm.budget import Budget, format_duration
 from budgetlm.config import Every, RunConfig
 from budgetlm.data.default_corpus import default_corpus_files
@@ -83,6 +84,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     """Train, save the best weights and the run's files in `out`; return the summary.
     `on_eval(entry) -> bool` sees each periodic evaluation and may stop the run (see loop.fit)."""
     t = cfg.train
+    tracking.require(t.report_to)  # a missing tracker package stops the run before anything else
     budget = Budget(seconds=t.budget, max_steps=t.max_steps,
                     max_tokens=t.max_tokens)  # the clock starts now: data preparation counts
     prepare_out(out)
@@ -205,8 +207,10 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         f"batch {micro_steps * micro_batch * mc.context} tokens (micro-batch {micro_batch} × {micro_steps}), "
         f"{t.optim} lr {lr:.2e} {t.schedule}, budget {budget.describe()}")
 
+    tracker = tracking.start(t.report_to, t.tracking_uri, out, {**cfg.to_dict(), "plan": identity["plan"],
+                                                                  "gpt": mc.to_dict()})
     log = RunLog(out / "metrics.jsonl", quiet=quiet,
-                 resume_step=snapshot.meta["loop"]["step"] if snapshot is not None else None)
+                 resume_step=snapshot.meta["loop"]["step"] if snapshot is not None else None, tracker=tracker)
     with GracefulStop() as stop:  # a signal after training, too, waits until the model is saved
         result = fit(model, forward, task, optimizer, fit_cfg, budget, runtime, log, checkpoints=checkpoints,
                      resume=snapshot, stop=stop, scaler=scaler,
@@ -251,10 +255,12 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         "bpe_passes": passes,
         "config": cfg.to_dict(),
         "model": mc.to_dict(),
+        "plan": identity["plan"],
     }
     plot_losses(log.records, out / "loss.png", title=f"{mc.n_layer}×{mc.d_model} GPT, {summary['tokens_seen']:,} tokens")
     summary["wall_s"] = round(budget.elapsed(), 2)
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
+    tracking.finish(tracker, summary, [out / "loss.png"])
     calibrated = (f", at temperature {mc.temperature:.3f}; {summary['uncalibrated_val_bpb']:.4f} at 1"
                   if mc.temperature != 1 else "")
     say_done(result, out, f"best validation {summary['best_val_bpb']:.4f} bits/byte (loss "

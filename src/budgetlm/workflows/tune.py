@@ -29,6 +29,7 @@ from pathlib import Path
 
 import optuna
 
+from budgetlm import tracking
 from budgetlm.budget import format_duration, parse_duration
 from budgetlm.config import (
     WARM_UP,
@@ -229,6 +230,7 @@ def run(base: RunConfig, space: list[Param], out: Path, *, total_budget: str | N
     if total_s is not None and trial_s is not None and total_s < trial_s * TRIAL_OVERRUN + REPORT_RESERVE_S:
         raise UserError(f"the total budget {format_duration(total_s)} cannot hold one trial of "
                         f"{format_duration(trial_s)}; give a larger --total-budget or a smaller --trial-budget")
+    tracking.require(t.report_to)  # before the warm-up and every trial
     prepare_out(out)
     say("warming up (imports, tokenizer, token cache) outside the budgets")
     run_quietly(pretrain.run, with_overrides(base, WARM_UP), out / ".warm-up")  # or trial 0 would pay them
@@ -320,7 +322,8 @@ def _run_trial(trial: optuna.Trial, params: dict, base: RunConfig, out: Path, pl
     try:
         cfg, result.settings = trial_config(base, params, planned_width)
         prepare_out(folder)
-        with (folder / "pretrain.log").open("w") as log, contextlib.redirect_stderr(log):
+        with (folder / "pretrain.log").open("w") as log, contextlib.redirect_stderr(log), \
+                tracking.scope(out, f"tune {out.resolve().name}", folder.name):
             summary = pretrain.run(cfg, folder, quiet=True, on_eval=on_eval)
     except UserError as e:
         result.error = str(e)
