@@ -22,6 +22,7 @@ from budgetlm.train.metrics import RunLog
 from budgetlm.train.resume import Checkpoints, Snapshot
 from budgetlm.train.runtime import Runtime, to_device
 from budgetlm.train.schedule import Schedule
+from budgetlm.train.selection import Verdict, judge
 from budgetlm.train.signals import GracefulStop
 
 WARMUP_STEPS = 2      # steps left out of the steady-state throughput (compilation, allocator warm-up)
@@ -67,6 +68,7 @@ class FitConfig:
     final_eval: bool = True           # score the kept weights on all validation batches after the loop (off: the
                                       # caller does, as pretraining's calibration)
     reserve_evals: float = 1.0        # evaluations of all validation batches the budget keeps time for after the loop
+    after_s: float = 2.0              # and seconds for what the caller does after them (saving, plots)
 
 
 @dataclass
@@ -230,7 +232,7 @@ def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.
 
     def reserve_s() -> float:
         # the final evaluations on all validation batches, one periodic one, and saving
-        return st.eval_s_per_batch * (cfg.reserve_evals * task.eval_batch_count() + (st.eval_batches or 0)) + 2.0
+        return st.eval_s_per_batch * (cfg.reserve_evals * task.eval_batch_count() + (st.eval_batches or 0)) + cfg.after_s
 
     def record_eval(metrics: dict) -> bool:
         """Log an evaluation and keep the weights if they are the best so far. True: stop early."""
@@ -240,11 +242,14 @@ def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.
         st.evals.append(entry)
         st.last_eval_step, st.last_eval_time = st.step, budget.elapsed()
         log.record(kind="eval", **entry)
-        if st.best_value is None or value < st.best_value - cfg.min_delta:
-            st.best_value, st.best_metrics, st.bad_evals = value, dict(entry), 0
-            best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
-        else:
+        verdict = judge(value, st.best_value, noise=metrics.get(f"{cfg.monitor}_se", 0.0), min_delta=cfg.min_delta)
+        if verdict is Verdict.WORSE:
             st.bad_evals += 1
+        else:  # on a change within the noise the newer weights are kept, the best figure stays the reference
+            if verdict is Verdict.BETTER:
+                st.best_value, st.bad_evals = value, 0
+            st.best_metrics = dict(entry)
+            best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
         return cfg.patience > 0 and st.bad_evals >= cfg.patience
 
     def save_checkpoint() -> None:
@@ -430,6 +435,9 @@ def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.
         final = evaluate(None)
     else:
         final = {k: v for k, v in st.best_metrics.items() if k.startswith("val_")}
+    if cfg.final_eval and stop_reason != "interrupted":
+        log.record(kind="final", step=st.step, **{task.unit: st.seen}, elapsed_s=budget.elapsed(),
+                   best_step=st.best_metrics.get("step"), **{**final, "val_full": True})
     log.close()
     return FitResult(stop_reason=stop_reason, state=st, best=st.best_metrics, final=final, checkpoint=last_checkpoint)
 
