@@ -46,7 +46,7 @@ def load_plotting() -> None:
     the time kept for the end of a budget."""
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401
+    import matplotlib.pyplot
     from sklearn.metrics import ConfusionMatrixDisplay  # noqa: F401
 
 
@@ -54,7 +54,7 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
+    from sklearn.metrics import ConfusionMatrixDisplay  # noqa: F401
 
     size = min(4 + 0.45 * len(labels), 16)
     fig, ax = plt.subplots(figsize=(size, size))

@@ -109,7 +109,7 @@ def predict_probs(forward: Callable, seqs: list[np.ndarray], batch: int, device:
     return probs
 
 
-def final_pass_cost(model: nn.Module, task: "ClassificationTask", runtime) -> float:
+def final_pass_cost(model: nn.Module, task: ClassificationTask, runtime) -> float:
     """Time of the final evaluation (`predict_probs`, in fp32 as `predict` computes) relative to a
     periodic one (the task's evaluation, in the run's precision), timed on the same first validation
     batch: the evaluations of all validation batches the loop keeps time for after training. 1 where
