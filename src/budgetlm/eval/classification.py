@@ -54,7 +54,7 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay  # noqa: F401
+    from sklearn.metrics import ConfusionMatrixDisplay
 
     size = min(4 + 0.45 * len(labels), 16)
     fig, ax = plt.subplots(figsize=(size, size))
