@@ -56,3 +56,24 @@ class HostReads:
                 return _original(*args, **kwargs)
 
             monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+class SavedFigures:
+    """The legends (text, and each entry's points) of the figures matplotlib saves while it is installed."""
+
+    def __init__(self, monkeypatch):
+        import matplotlib.figure
+
+        self.entries: list[tuple[str, list, list]] = []
+        save = matplotlib.figure.Figure.savefig
+
+        def keep(fig, *args, **kwargs):
+            for ax in fig.axes:
+                for line in ax.get_lines():
+                    self.entries.append((line.get_label(), list(line.get_xdata()), list(line.get_ydata())))
+            return save(fig, *args, **kwargs)
+
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+
+    def labelled(self, *fragments: str) -> list[tuple[str, list, list]]:
+        return [e for e in self.entries if all(f in e[0] for f in fragments)]

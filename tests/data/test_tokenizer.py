@@ -2,7 +2,7 @@ import numpy as np
 
 from budgetlm.data.tokenizer import EOT, default_vocab_size, eot_id, train_tokenizer
 from budgetlm.data.tokens import (WindowSampler, bpe_dropout_tokens, cached_tokens, eval_windows, line_pieces,
-                                  supports_bpe_dropout)
+                                  supports_bpe_dropout, window_sample)
 
 
 def test_round_trip_any_text(play_text):
@@ -112,3 +112,15 @@ def test_eval_windows_predict_every_token_once():
         assert x.shape == y.shape == (4, 64)
         targets.extend(int(t) for t in y.flatten() if t != -100)
     assert targets == list(range(1, 1000))
+
+
+def test_the_window_sample_spreads_over_the_stream_and_depends_only_on_it():
+    tokens = np.random.default_rng(0).integers(0, 500, 64 * 300 + 1).astype(np.uint16)
+    starts = window_sample(tokens, 64, 20)
+    assert len(set(starts)) == 20 and all(s % 64 == 0 for s in starts)
+    assert set(starts * 10 // len(tokens)) == set(range(10))  # every tenth of the stream
+    assert np.array_equal(starts, window_sample(tokens.copy(), 64, 20))
+    other = tokens.copy()
+    other[5] += 1
+    assert not np.array_equal(starts, window_sample(other, 64, 20))
+    assert np.array_equal(window_sample(tokens, 64, 300), np.arange(300) * 64)  # all of them: the whole stream

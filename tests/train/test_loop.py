@@ -204,6 +204,39 @@ def test_early_stopping_restores_the_best_weights():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), snapshots[2]))
 
 
+def test_a_change_within_the_noise_neither_counts_against_patience_nor_drops_the_newer_weights():
+    values = [5.0, 1.0, 1.05, 1.5, 0.98, 1.6, 1.7, 1.8]
+
+    class Noisy(Regression):
+        calls = 0
+
+        def evaluate(self, forward, max_batches):
+            Noisy.calls += 1
+            return {"val_loss": values[min(Noisy.calls - 1, 7)], "val_loss_se": 0.1}
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = build_optimizer(model, "adamw", lr=1e-2, weight_decay=0.0, device=CPU)
+    cfg = FitConfig(lr=1e-2, schedule=Schedule("constant", warmup=0), eval_every=Every(steps=5),
+                    stopping=EarlyStop("val_loss", 2))
+    snapshots = {}
+    task = Noisy()
+    original = task.evaluate
+
+    def spy(forward, max_batches):
+        out = original(forward, max_batches)
+        snapshots[Noisy.calls] = [p.detach().clone() for p in model.parameters()]
+        return out
+
+    task.evaluate = spy
+    result = run(model, task, opt, cfg, Budget(max_steps=100))
+    # 1.05 and 0.98 lie within the noise of 1.0: only 1.5 and 1.6 count as declines (without the noise, 1.05 and
+    # 1.5 would have stopped the run at step 15, keeping step 5)
+    assert result.stop_reason == "early_stop" and result.steps == 25
+    assert result.best["step"] == 20  # the newest weights within the noise of the best
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), snapshots[5]))
+
+
 class Recording(Regression):
     """Records the raw weights after every update (the weights each step starts from, and at the last
     evaluation) and what the evaluation was given."""

@@ -119,3 +119,26 @@ def test_vary_or_sweep_and_a_limit_are_required(play_file, tmp_path):
     unlimited = resolve(RunConfig, SECTIONS, None, {"data": [str(play_file)]})
     with pytest.raises(UserError, match="give a limit"):
         compare.variants(unlimited, vary=["optim=sgd,adamw"])
+
+
+def test_the_plot_ends_each_curve_with_the_reported_figure(tmp_path, monkeypatch):
+    from tests.conftest import SavedFigures
+
+    figures = SavedFigures(monkeypatch)
+    records = []
+    for name, best in (("optim=adamw", 2.1234), ("optim=sgd", 2.5678)):
+        folder = tmp_path / name
+        folder.mkdir()
+        evals = [{"kind": "eval", "step": s, "elapsed_s": 5.0 * s, "val_bpb": best + 0.5 - 0.1 * s,
+                  "val_sample_tokens": 4096, "val_full": False} for s in range(5)]
+        final = {"kind": "final", "step": 4, "elapsed_s": 21.0, "val_bpb": best, "val_full": True}
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*evals, final]))
+        records.append({"name": name, "run": str(folder), "error": None, "best_val_bpb": best})
+    compare.plot(records, tmp_path / "compare.png")
+    assert (tmp_path / "compare.png").read_bytes().startswith(b"\x89PNG")
+    for name, best in (("optim=adamw", 2.1234), ("optim=sgd", 2.5678)):
+        (curve,) = figures.labelled(f"{name} ({best:.3f})")
+        assert curve[1] == [0.0, 5.0, 10.0, 15.0, 20.0]
+        assert ([21.0], [best]) in [(x, y) for _, x, y in figures.entries]  # the star at the reported figure
+    assert figures.labelled("final: whole validation split")
+    assert figures.labelled("fixed sample of 4,096 tokens")

@@ -289,3 +289,33 @@ def test_a_package_folder_points_to_the_model_folder_inside_it(toy, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"no config\.json; give a Hugging Face model folder$"):
         finetune.run(config(train, dev, model=f"hf:{tmp_path / 'empty'}", max_steps=2), tmp_path / "out", quiet=True)
+
+
+def test_a_large_slow_validation_set_is_sampled_during_training_and_the_run_ends_on_budget(tmp_path, monkeypatch):
+    """3,000 validation examples whose evaluation takes 3 s of a 12 s budget: evaluations during training read a
+    sample, the final one reads them all, once, in the time kept for it."""
+    import time
+
+    from budgetlm.models.classifier import Classifier
+
+    forward = Classifier.forward
+
+    def slow(self, *args, **kwargs):
+        if not self.training:
+            time.sleep(0.06)  # per batch of 64
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(Classifier, "forward", slow)
+    train = write_tsv(tmp_path / "train.tsv", toy_rows(400, 0))
+    dev = write_tsv(tmp_path / "dev.tsv", toy_rows(3000, 1))
+    started = time.monotonic()
+    summary = finetune.run(config(train, dev, budget="12s", max_steps=None), tmp_path / "run", quiet=True)
+    wall = time.monotonic() - started
+    assert summary["stop_reason"] == "budget"
+    assert 0.97 * 12 <= wall <= 1.03 * 12
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert evals and all(0 < r["val_sample_examples"] < 3000 and "val_accuracy_se" in r for r in evals)
+    (final,) = [r for r in records if r["kind"] == "final"]
+    assert final["val_full"] and final["val_examples"] == 3000
+    assert final["val_accuracy"] == pytest.approx(summary["best_val_accuracy"], abs=1e-6)

@@ -162,3 +162,24 @@ def test_eval_command_reports_loss_bpb_and_perplexity(play_file, tmp_path):
     result = json.loads(done.stdout)
     assert {"loss", "bpb", "ppl"} <= set(result)
     assert result["bytes"] == len(play_file.read_bytes())
+
+
+def test_the_curve_ends_at_the_reported_figure_and_the_sample_agrees_with_the_full_evaluation(play_file, tmp_path,
+                                                                                               monkeypatch):
+    """Evaluations during training score a fixed sample (with its standard error); the final record is
+    the whole split with the reported, calibrated figure, and loss.png's legend shows it."""
+    from tests.conftest import SavedFigures
+
+    figures = SavedFigures(monkeypatch)
+    out = tmp_path / "run"
+    main(["pretrain", "--data", str(play_file), "--max-steps", "40", "--eval-every", "10", "--eval-tokens", "2048",
+          "--out", str(out), *TINY])
+    s = read_summary(out)
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    (final,) = [r for r in records if r["kind"] == "final"]
+    assert all(0 < e["val_sample_tokens"] <= 2048 and not e["val_full"] and e["val_bpb_se"] > 0 for e in evals)
+    assert final["val_full"] and final["val_bpb"] == pytest.approx(s["best_val_bpb"], abs=1e-6)
+    kept = next(e for e in evals if e["step"] == final["best_step"])
+    assert abs(kept["val_bpb"] - s["uncalibrated_val_bpb"]) <= 2 * kept["val_bpb_se"]
+    assert figures.labelled("final, whole validation set", f"{s['best_val_bpb']:.4f} bits/byte")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,11 +174,12 @@ class WindowSampler:
         return chunk[:, :-1], chunk[:, 1:]
 
 
-def eval_windows(tokens: np.ndarray, context: int, batch: int):
+def eval_windows(tokens: np.ndarray, context: int, batch: int, starts: np.ndarray | None = None):
     """Every token of the stream after the first, predicted exactly once: non-overlapping windows,
-    in batches of a fixed shape (the last one padded with ignored targets, -100)."""
+    in batches of a fixed shape (the last one padded with ignored targets, -100). `starts`: only
+    those windows (positions from `window_sample`)."""
     n = len(tokens) - 1
-    starts = list(range(0, n, context))
+    starts = list(range(0, n, context)) if starts is None else [int(s) for s in starts]
     for i in range(0, len(starts), batch):
         x = torch.zeros(batch, context, dtype=torch.int64)
         y = torch.full((batch, context), -100, dtype=torch.int64)
@@ -187,3 +189,18 @@ def eval_windows(tokens: np.ndarray, context: int, batch: int):
             x[row, :length] = window[:-1]
             y[row, :length] = window[1:]
         yield x, y
+
+
+def window_sample(tokens: np.ndarray, context: int, count: int) -> np.ndarray:
+    """Start positions of `count` of the non-overlapping windows of `eval_windows`, spread over the whole
+    stream: the windows are cut into `count` equal runs and one is drawn from each (stratified, so a
+    stream easier at one end than the other gives no biased sample). The draw is seeded by the tokens
+    themselves, so every run on the same text and tokenizer scores the same windows; all windows when
+    `count` reaches their number."""
+    total = math.ceil((len(tokens) - 1) / context)
+    if count >= total:
+        return np.arange(total, dtype=np.int64) * context
+    seed = int.from_bytes(hashlib.blake2b(np.ascontiguousarray(tokens).tobytes(), digest_size=8).digest(), "little")
+    edges = np.arange(count + 1, dtype=np.int64) * total // count
+    picked = edges[:-1] + np.floor(np.random.default_rng(seed).random(count) * np.diff(edges)).astype(np.int64)
+    return picked * context

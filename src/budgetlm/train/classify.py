@@ -7,6 +7,9 @@ themselves. Batching sentences of similar length brings that close to 1."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -19,6 +22,7 @@ from budgetlm.errors import UserError
 from budgetlm.eval.classification import scores
 from budgetlm.train.muon import MuonWithAdamW
 from budgetlm.train.runtime import to_device
+from budgetlm.train.selection import standard_error
 
 POOL_BATCHES = 50     # a shuffled pool of this many batches is sorted by length before it is cut
 EVAL_WINDOW = 8       # validation batches per length-sorted window of a fixed random order
@@ -105,6 +109,32 @@ def predict_probs(forward: Callable, seqs: list[np.ndarray], batch: int, device:
     return probs
 
 
+def final_pass_cost(model: nn.Module, task: ClassificationTask, runtime) -> float:
+    """Time of the final evaluation (`predict_probs`, in fp32 as `predict` computes) relative to a
+    periodic one (the task's evaluation, in the run's precision), timed on the same first validation
+    batch: the evaluations of all validation batches the loop keeps time for after training. 1 where
+    both compute alike (fp32)."""
+    if runtime.precision == "fp32":
+        return 1.0
+    rows = task.eval_batches[0]
+    seqs = [task.val[i] for i in rows]
+    passes = {"periodic": lambda: task.evaluate(model, 1),
+              "final": lambda: predict_probs(model, seqs, len(rows), task.device, task.pad_id)}
+    times = {}
+    model.eval()
+    with torch.no_grad():
+        for name, run in passes.items():
+            durations = []
+            for _ in range(3):  # the first warms up; the quicker of the others is the least disturbed
+                started = time.monotonic()
+                with runtime.autocast() if name == "periodic" else contextlib.nullcontext():
+                    run()
+                durations.append(time.monotonic() - started)
+            times[name] = min(durations[1:])
+    model.train()
+    return times["final"] / max(times["periodic"], 1e-9)
+
+
 class ClassificationTask:
     unit = "examples"
 
@@ -129,7 +159,8 @@ class ClassificationTask:
         # what the body trains once unfrozen: parameters frozen for the whole run stay frozen
         self.body_trainable = [p for p in body.parameters() if p.requires_grad] if body is not None else []
         self.sampler = LengthBucketSampler(np.array([len(s) for s in train]), micro_batch, seed)
-        self.eval_batches = self._eval_plan(np.array([len(s) for s in val]), eval_batch, seed)
+        # seeded by the validation set itself: every run on it samples the same examples during training
+        self.eval_batches = self._eval_plan(np.array([len(s) for s in val]), eval_batch, content_seed(val, val_labels))
 
     @staticmethod
     def _eval_plan(lengths: np.ndarray, batch: int, seed: int) -> list[np.ndarray]:
@@ -171,8 +202,10 @@ class ClassificationTask:
         return len(self.eval_batches)
 
     def evaluate(self, forward: Callable, max_batches: int | None) -> dict[str, float]:
-        """Validation loss, accuracy and macro-F1; the per-batch results stay on the device until the
-        end, so a GPU is not made to wait after every batch."""
+        """Validation loss, accuracy and macro-F1 over the whole set (None) or its first `max_batches`
+        batches, a fixed random sample (marked `val_sample_examples`, with the standard errors
+        `val_loss_se` and `val_accuracy_se`). The per-batch results stay on the device until the end,
+        so a GPU is not made to wait after every batch."""
         losses, truth, guess, alone = [], [], [], []
         for rows in self.eval_batches[:max_batches]:
             ids, mask = collate([self.val[i] for i in rows], self.pad_id)
@@ -184,16 +217,30 @@ class ClassificationTask:
                          + logits.softmax(-1)) / (n + 1)
                 logits = probs.clamp(min=1e-30).log()  # the ensemble's, as log-probabilities
             losses.append(F.cross_entropy(logits, to_device(torch.from_numpy(self.val_labels[rows]), self.device),
-                                          reduction="sum"))
+                                          reduction="none"))
             truth.append(self.val_labels[rows])
             guess.append(logits.argmax(-1))
         truth, guess = np.concatenate(truth), torch.cat(guess).cpu().numpy()
+        losses = torch.cat(losses).cpu().double().numpy()
         s = scores(truth, guess)
-        metrics = {"val_loss": float(torch.stack(losses).sum()) / len(truth), "val_accuracy": s["accuracy"],
-                   "val_macro_f1": s["macro_f1"], "val_examples": len(truth)}
+        metrics = {"val_loss": float(losses.mean()), "val_accuracy": s["accuracy"], "val_macro_f1": s["macro_f1"]}
         if alone:
             metrics["val_member_accuracy"] = float(np.mean(torch.cat(alone).cpu().numpy() == truth))
-        return metrics
+        if len(truth) == len(self.val_labels):
+            return {**metrics, "val_examples": len(truth), "val_full": True}
+        ones, population = np.ones(len(truth)), len(self.val_labels)
+        return {**metrics, "val_sample_examples": len(truth), "val_full": False,
+                "val_loss_se": standard_error(losses, ones, population),
+                "val_accuracy_se": standard_error((guess == truth).astype(np.float64), ones, population)}
+
+
+def content_seed(seqs: list[np.ndarray], labels) -> int:
+    """A seed drawn from the examples themselves (token ids and labels)."""
+    h = hashlib.blake2b(np.asarray(labels, dtype=np.int64).tobytes(), digest_size=8)
+    for s in seqs:
+        h.update(len(s).to_bytes(4, "little"))
+        h.update(np.asarray(s, dtype=np.int64).tobytes())
+    return int.from_bytes(h.digest(), "little")
 
 
 def layer_scaled(optimizer: torch.optim.Optimizer, layers: list[list[nn.Parameter]],

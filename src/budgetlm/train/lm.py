@@ -9,28 +9,39 @@ from typing import Callable
 import numpy as np
 import torch
 
-from budgetlm.data.tokens import WindowSampler, eval_windows
+from budgetlm.data.tokens import WindowSampler, eval_windows, window_sample
 from budgetlm.eval.calibration import Calibration, calibrate
 from budgetlm.train.runtime import to_device
+from budgetlm.train.selection import standard_error
 
 
 def evaluate_lm(forward: Callable, tokens: np.ndarray, n_bytes: int, context: int, batch: int,
-                device: torch.device, max_batches: int | None = None) -> dict[str, float]:
-    """Loss per token, bits per byte and perplexity over the stream (or its first batches; bpb
-    then scales the bytes by the share of tokens seen). The sums stay on the device until the end, so a
-    GPU is not made to wait after every batch."""
-    batch_nats, total_tokens = [], 0
-    for i, (x, y) in enumerate(eval_windows(tokens, context, batch)):
-        if max_batches is not None and i >= max_batches:
-            break
-        batch_nats.append(forward(to_device(x, device), to_device(y, device), reduction="sum").detach().float())
-        total_tokens += int((y != -100).sum())
-    total_nats = float(torch.stack(batch_nats).cpu().double().sum()) if batch_nats else 0.0  # MPS has no float64
+                device: torch.device, starts: np.ndarray | None = None) -> dict[str, float]:
+    """Loss per token, bits per byte and perplexity over the whole stream, or over the windows at
+    `starts` (a sample from `window_sample`): bpb then scales the bytes by the share of tokens scored,
+    the record says `val_sample_tokens` instead of `val_tokens`, and `val_*_se` give each figure's
+    standard error. The sums stay on the device until the end, so a GPU is not made to wait after
+    every batch."""
+    window_nats, window_tokens = [], []
+    for x, y in eval_windows(tokens, context, batch, starts):
+        y = to_device(y, device)
+        nats = forward(to_device(x, device), y, reduction="none").detach().float().view(y.shape)
+        window_nats.append(nats.sum(1))
+        window_tokens.append((y != -100).sum(1))
+    nats = torch.cat(window_nats).cpu().double().numpy()  # MPS has no float64
+    counts = torch.cat(window_tokens).cpu().numpy()
+    scored = counts > 0  # the padding rows of the last batch
+    nats, counts = nats[scored], counts[scored]
+    total_tokens = int(counts.sum())
     all_tokens = len(tokens) - 1
-    bytes_seen = n_bytes * total_tokens / all_tokens
-    loss = total_nats / max(total_tokens, 1)
-    return {"val_loss": loss, "val_bpb": total_nats / (bytes_seen * math.log(2)),
-            "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": total_tokens}
+    loss = float(nats.sum()) / max(total_tokens, 1)
+    per_bit = all_tokens / (n_bytes * math.log(2))  # bits per byte = nats per token × this
+    metrics = {"val_loss": loss, "val_bpb": loss * per_bit, "val_ppl": math.exp(min(loss, 50.0))}
+    if total_tokens == all_tokens:
+        return {**metrics, "val_tokens": total_tokens, "val_full": True}
+    se = standard_error(nats, counts, population=math.ceil(all_tokens / context))
+    return {**metrics, "val_sample_tokens": total_tokens, "val_full": False, "val_loss_se": se,
+            "val_bpb_se": se * per_bit, "val_ppl_se": metrics["val_ppl"] * se}
 
 
 class LanguageModelTask:
@@ -44,6 +55,9 @@ class LanguageModelTask:
         self.micro_steps = 1
         self.label_smoothing = label_smoothing
         self._eval_micro_batch = micro_batch  # evaluation keeps its batch shape (and compiled graph)
+        self._windows_per_batch = micro_batch  # what the loop's count of evaluation batches means, fixed so
+                                               # that halving the batch after running out of memory keeps the sample
+        self._samples: dict[int, np.ndarray] = {}
 
     def halve_micro_batch(self) -> bool:
         """After running out of memory: half the sequences per forward pass, twice the micro-steps.
@@ -73,11 +87,19 @@ class LanguageModelTask:
         return forward(x, y, reduction="sum", label_smoothing=self.label_smoothing)
 
     def eval_batch_count(self) -> int:
-        return math.ceil(math.ceil((len(self.val_tokens) - 1) / self.context) / self._eval_micro_batch)
+        return math.ceil(math.ceil((len(self.val_tokens) - 1) / self.context) / self._windows_per_batch)
 
     def evaluate(self, forward: Callable, max_batches: int | None) -> dict[str, float]:
+        """The whole validation stream (None), or a fixed sample of `max_batches` batches' worth of its
+        windows spread over all of it: the same windows at every evaluation of every run on this text."""
+        starts = None
+        if max_batches is not None and max_batches < self.eval_batch_count():
+            count = max_batches * self._windows_per_batch
+            if count not in self._samples:
+                self._samples[count] = window_sample(self.val_tokens, self.context, count)
+            starts = self._samples[count]
         return evaluate_lm(forward, self.val_tokens, self.val_bytes, self.context, self._eval_micro_batch,
-                           self.device, max_batches)
+                           self.device, starts)
 
     def calibrate(self, model) -> Calibration:
         """The temperature of `model` fitted on the validation stream (eval/calibration.py); under no_grad."""

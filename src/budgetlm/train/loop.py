@@ -23,6 +23,7 @@ from budgetlm.train.metrics import RunLog
 from budgetlm.train.resume import Checkpoints, Snapshot, load_snapshot
 from budgetlm.train.runtime import Runtime, to_device
 from budgetlm.train.schedule import Schedule
+from budgetlm.train.selection import Verdict, judge
 from budgetlm.train.signals import GracefulStop
 
 WARMUP_STEPS = 2      # steps left out of the steady-state throughput (compilation, allocator warm-up)
@@ -63,6 +64,7 @@ class FitConfig:
     final_eval: bool = True           # score the kept weights on all validation batches after the loop (off: the
                                       # caller does, as pretraining's calibration)
     reserve_evals: float = 1.0        # evaluations of all validation batches the budget keeps time for after the loop
+    after_s: float = 2.0              # and seconds for what the caller does after them (saving, plots)
 
 
 @dataclass
@@ -201,7 +203,8 @@ class Decisions:
 
     def reserve_s(self, st: LoopState) -> float:
         """Time kept back for the final evaluations on all validation batches, one periodic one, and saving."""
-        return st.eval_s_per_batch * (self.cfg.reserve_evals * self.task.eval_batch_count() + (st.eval_batches or 0)) + 2.0
+        return (st.eval_s_per_batch * (self.cfg.reserve_evals * self.task.eval_batch_count() + (st.eval_batches or 0))
+                + self.cfg.after_s)
 
     def before_step(self, st: LoopState, stop_requested: bool) -> Decision:
         reserve = self.reserve_s(st)
@@ -372,11 +375,14 @@ class Trainer:
         st.evals.append(entry)
         st.last_eval_step, st.last_eval_time = st.step, self.budget.elapsed()
         self.log.record(kind="eval", **entry)
-        if st.best_value is None or value < st.best_value - rule.min_delta:
-            st.best_value, st.best_metrics, st.bad_evals = value, dict(entry), 0
-            self.best_state = {k: v.detach().clone() for k, v in self.evaluated.state_dict().items()}
-        else:
+        verdict = judge(value, st.best_value, noise=metrics.get(f"{rule.metric}_se", 0.0), min_delta=rule.min_delta)
+        if verdict is Verdict.WORSE:
             st.bad_evals += 1
+        else:  # on a change within the noise the newer weights are kept, the best figure stays the reference
+            if verdict is Verdict.BETTER:
+                st.best_value, st.bad_evals = value, 0
+            st.best_metrics = dict(entry)
+            self.best_state = {k: v.detach().clone() for k, v in self.evaluated.state_dict().items()}
         return rule.patience > 0 and st.bad_evals >= rule.patience
 
     def save_checkpoint(self) -> None:
@@ -473,6 +479,9 @@ class Trainer:
             final = self.evaluate(None)
         else:
             final = {k: v for k, v in st.best_metrics.items() if k.startswith("val_")}
+        if cfg.final_eval and stop_reason != "interrupted":
+            self.log.record(kind="final", step=st.step, **{self.task.unit: st.seen}, elapsed_s=self.budget.elapsed(),
+                            best_step=st.best_metrics.get("step"), **{**final, "val_full": True})
         self.log.close()
         return FitResult(stop_reason=stop_reason, state=st, best=st.best_metrics, final=final,
                          checkpoint=self.last_checkpoint)

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from tqdm.notebook import tqdm_notebook
 
 from budgetlm.budget import format_duration
+from budgetlm.eval.validation import final_label, final_record, validation_label
 
 # tqdm.auto draws a widget in a Jupyter kernel, whose stderr is no terminal but shows a live bar
 IN_NOTEBOOK = issubclass(tqdm, tqdm_notebook)
@@ -91,23 +92,27 @@ class RunLog:
 
 
 def plot_losses(records: list[dict], path: Path, title: str = "") -> None:
-    """Train and validation loss against tokens and against time, side by side."""
+    """Train and validation loss against tokens and against time, side by side; the final evaluation
+    of the kept weights on the whole validation split is a labelled star at the end."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     train = [r for r in records if r.get("train_loss") is not None]
-    val = [r for r in records if r.get("val_loss") is not None]
+    val = [r for r in records if r.get("val_loss") is not None and r.get("kind") != "final"]
+    final = final_record(records)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, key, label in ((axes[0], "tokens", "training tokens"), (axes[1], "elapsed_s", "wall-clock seconds")):
         if train:
             ax.plot([r[key] for r in train], [r["train_loss"] for r in train], label="train", lw=1, alpha=0.8)
         if val:
-            ax.plot([r[key] for r in val], [r["val_loss"] for r in val], "o-", label="validation", ms=3)
+            ax.plot([r[key] for r in val], [r["val_loss"] for r in val], "o-", label=validation_label(val), ms=3)
+        if final is not None:
+            ax.plot([final[key]], [final["val_loss"]], "*", ms=13, color="C3", label=final_label(final))
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("loss (nats per token)")
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

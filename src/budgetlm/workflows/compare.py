@@ -41,6 +41,7 @@ from budgetlm.config import (
     with_overrides,
 )
 from budgetlm.errors import UserError
+from budgetlm.eval.validation import final_record, validation_label
 from budgetlm.train.checkpoint import atomic_write_bytes
 from budgetlm.workflows import pretrain
 from budgetlm.report import prepare_out, run_quietly, say
@@ -215,8 +216,9 @@ def run_variant(variant: Variant, folder: Path) -> dict:
     return record
 
 
-def eval_records(path: Path) -> list[dict]:
-    """The `kind: eval` records of a run's metrics.jsonl (lines cut short by a kill are skipped)."""
+def eval_records(path: Path, kind: str = "eval") -> list[dict]:
+    """The `kind: eval` records (or those of another kind: "final") of a run's metrics.jsonl with a
+    val_bpb (lines cut short by a kill are skipped)."""
     if not path.is_file():
         return []
     records = []
@@ -225,7 +227,7 @@ def eval_records(path: Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if record.get("kind") == "eval" and record.get("val_bpb") is not None:
+        if record.get("kind") == kind and record.get("val_bpb") is not None:
             records.append(record)
     return records
 
@@ -286,19 +288,27 @@ def plot(records: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 5))
     later = []  # evaluations after the first, to keep the untrained start from flattening the curves
     drawn = False
+    periodic = []  # every variant's evaluations during training
     for r in ranked(records):
         evals = eval_records(Path(r["run"]) / "metrics.jsonl")
         if r["error"] or not evals:
             continue
-        ax.plot([e["elapsed_s"] for e in evals], [e["val_bpb"] for e in evals], "o-", ms=3, lw=1.2,
-                label=f"{r['name']} ({r['best_val_bpb']:.3f})")
+        line, = ax.plot([e["elapsed_s"] for e in evals], [e["val_bpb"] for e in evals], "o-", ms=3, lw=1.2,
+                        label=f"{r['name']} ({r['best_val_bpb']:.3f})")
         later += [e["val_bpb"] for e in evals[1:]]
+        periodic += evals
+        final = final_record(eval_records(Path(r["run"]) / "metrics.jsonl", kind="final"))
+        if final is not None:  # the reported figure: the kept weights on the whole validation split
+            ax.plot([final["elapsed_s"]], [final["val_bpb"]], "*", ms=12, color=line.get_color())
+            later.append(final["val_bpb"])
         drawn = True
     if later:
         low, high = min(later), max(later)
         ax.set_ylim(low - 0.05 * (high - low + 1e-3), high + 0.1 * (high - low + 1e-3))
     if drawn:
-        ax.legend(title="variant (best val bpb)", fontsize=8)
+        ax.plot([], [], "*", ms=10, color="gray", label="final: whole validation split (as reported)")
+        ax.plot([], [], "o-", ms=3, lw=1.2, color="gray", label=validation_label(periodic))
+        ax.legend(title="variant (best val bpb, the ★)", fontsize=8)
     ax.set_xlabel("wall-clock seconds")
     ax.set_ylabel("validation bits per byte")
     ax.set_title("budgetlm compare")

@@ -27,7 +27,7 @@ from budgetlm.data.tokenizer import (
 )
 from budgetlm.data.tokens import content_hash
 from budgetlm.errors import UserError
-from budgetlm.eval.classification import log_loss, plot_confusion, plot_training, report
+from budgetlm.eval.classification import load_plotting, log_loss, plot_confusion, plot_training, report
 from budgetlm.models.classifier import Classifier, ClassifierConfig, GPTBody
 from budgetlm.models.gpt import GPT
 from budgetlm.models.config import ModelConfig
@@ -43,6 +43,7 @@ from budgetlm.train.classify import (
     ClassificationTask,
     classification_tokenizer,
     encode_texts,
+    final_pass_cost,
     layer_scaled,
     predict_probs,
 )
@@ -57,6 +58,9 @@ from budgetlm.train.signals import GracefulStop
 from budgetlm.report import prepare_out, say, say_done
 
 EVALS_PER_RUN = 12  # a classifier's dev set is small: evaluating often costs ~4% and finds the best weights
+# Time kept after the final evaluation (saving, plots; their imports come before training): 2 s, or this
+# share of a short budget, where 2 s would end the run early
+AFTER_SHARE = 0.03
 # A pretrained body stops after 3 epochs unless --epochs says otherwise (the GPT-1 and BERT recipes): on SST-2,
 # a GPT pretrained for 10 minutes reached 0.828 in 3 epochs (3.6 minutes) against 0.821 in the 8 epochs a
 # 10-minute budget bought, and MiniLM's best evaluations came before its third epoch (docs/finetune.md).
@@ -261,12 +265,17 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
         raise UserError(f"--early-stop: fine-tuning measures {', '.join(MONITORS)}, not {stopping.metric!r}")
     fit_cfg = FitConfig(lr=settings["lr"], schedule=schedule, micro_steps=micro_steps, grad_clip=c.grad_clip,
                         eval_every=eval_every, eval_share=0.02, stopping=stopping, log_every_s=2.0,
-                        save_every=c.save_every,
-                        ema=settings.get("ema", 0.0))
+                        save_every=c.save_every, ema=settings.get("ema", 0.0),
+                        final_eval=False,  # the final evaluation is predict's, below
+                        after_s=min(2.0, AFTER_SHARE * budget.seconds) if budget.seconds else 2.0)
     task = ClassificationTask(train_ids, train_y, val_ids, val_y, micro_batch, micro_steps=micro_steps, seed=c.seed,
                               device=device, label_smoothing=c.label_smoothing, pad_id=model.pad_id,
                               body=model.body, freeze_steps=c.freeze_steps, lm_weight=settings.get("lm_weight", 0.0),
                               prior=prior)
+
+    if budget.seconds:
+        load_plotting()
+        fit_cfg.reserve_evals = final_pass_cost(model, task, runtime)
 
     if snapshot is not None:
         say(f"resuming from {snapshot.path} (step {snapshot.meta['loop']['step']}, "
@@ -298,6 +307,10 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
     probs = predict_probs(model, val_ids, EVAL_BATCH, device, model.pad_id)
     scored = report(np.asarray(val_y), probs.argmax(1), list(label_map.labels))
     val_loss = log_loss(np.asarray(val_y), probs)
+    if result.stop_reason != "interrupted":
+        log.record(kind="final", step=result.steps, examples=result.seen, elapsed_s=budget.elapsed(),
+                   best_step=result.best.get("step"), val_loss=val_loss, val_accuracy=scored["accuracy"],
+                   val_macro_f1=scored["macro_f1"], val_examples=len(val_ids), val_full=True)
     save_model(out, model, mc.to_dict(), tokenizer)
     atomic_write_bytes(out / "confusion.json", json.dumps(
         {"labels": list(label_map.labels), "rows": "true label", "columns": "predicted label",

@@ -225,6 +225,10 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
             if calibration.val_bpb < calibration.raw_val_bpb:  # cross-fitted: on positions the fit did not see
                 mc.temperature = calibration.temperature
                 best = {"val_bpb": calibration.val_bpb, "val_loss": calibration.val_loss}
+            # the final evaluation, with the figure reported: the curve in metrics.jsonl ends where the summary does
+            log.record(kind="final", step=result.steps, tokens=result.seen, elapsed_s=budget.elapsed(),
+                       best_step=result.best.get("step"), **best, val_tokens=len(val_tokens) - 1, val_full=True,
+                       uncalibrated_val_bpb=raw["val_bpb"], temperature=mc.temperature)
         save_model(out, model, mc.to_dict(), tokenizer)
     summary = {
         "best_val_bpb": best["val_bpb"],
