@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 
 from budgetlm.data.tokenizer import EOT, default_vocab_size, eot_id, train_tokenizer
 from budgetlm.data.tokens import (WindowSampler, bpe_dropout_tokens, cached_tokens, eval_windows, line_pieces,
@@ -112,3 +113,15 @@ def test_eval_windows_predict_every_token_once():
         assert x.shape == y.shape == (4, 64)
         targets.extend(int(t) for t in y.flatten() if t != -100)
     assert targets == list(range(1, 1000))
+
+
+def test_stream_windows_cut_the_batches_of_the_whole_stream():
+    from budgetlm.data.tokens import stream_windows
+
+    tokens = np.arange(1000)
+    cuts = [0, 7, 300, 301, 640, 1000]
+    chunks = [tokens[a:b] for a, b in zip(cuts, cuts[1:])]
+    streamed, whole = list(stream_windows(chunks, 16, 4)), list(eval_windows(tokens, 16, 4))
+    assert len(streamed) == len(whole) == 16
+    for (xs, ys), (xw, yw) in zip(streamed, whole):
+        assert torch.equal(xs, xw) and torch.equal(ys, yw)

@@ -17,19 +17,37 @@ from budgetlm.train.runtime import to_device
 def evaluate_lm(forward: Callable, tokens: np.ndarray, n_bytes: int, context: int, batch: int,
                 device: torch.device, max_batches: int | None = None) -> dict[str, float]:
     """Loss per token, bits per byte and perplexity over the stream (or its first batches; bpb
-    then scales the bytes by the share of tokens seen). The sums stay on the device until the end, so a
-    GPU is not made to wait after every batch."""
-    batch_nats, total_tokens = [], 0
-    for i, (x, y) in enumerate(eval_windows(tokens, context, batch)):
+    then scales the bytes by the share of tokens seen)."""
+    total_nats, total_tokens = sum_nats(forward, eval_windows(tokens, context, batch), device, max_batches)
+    bytes_seen = n_bytes * total_tokens / (len(tokens) - 1)
+    return lm_metrics(total_nats, total_tokens, bytes_seen)
+
+
+def sum_nats(forward: Callable, batches, device: torch.device, max_batches: int | None = None) -> tuple[float, int]:
+    """(summed nats, predicted tokens) over `batches` of (x, y). The sums stay on the device and are read every
+    `HOST_READ_EVERY` batches, so a GPU is not made to wait after every batch, and memory stays bounded."""
+    batch_nats, total_nats, total_tokens = [], 0.0, 0
+    for i, (x, y) in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
         batch_nats.append(forward(to_device(x, device), to_device(y, device), reduction="sum").detach().float())
         total_tokens += int((y != -100).sum())
-    total_nats = float(torch.stack(batch_nats).cpu().double().sum()) if batch_nats else 0.0  # MPS has no float64
-    all_tokens = len(tokens) - 1
-    bytes_seen = n_bytes * total_tokens / all_tokens
+        if len(batch_nats) == HOST_READ_EVERY:
+            total_nats += _host_sum(batch_nats)
+            batch_nats = []
+    return total_nats + _host_sum(batch_nats), total_tokens
+
+
+HOST_READ_EVERY = 256
+
+
+def _host_sum(values: list[torch.Tensor]) -> float:
+    return float(torch.stack(values).cpu().double().sum()) if values else 0.0  # MPS has no float64
+
+
+def lm_metrics(total_nats: float, total_tokens: int, n_bytes: float) -> dict[str, float]:
     loss = total_nats / max(total_tokens, 1)
-    return {"val_loss": loss, "val_bpb": total_nats / (bytes_seen * math.log(2)),
+    return {"val_loss": loss, "val_bpb": total_nats / (n_bytes * math.log(2)),
             "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": total_tokens}
 
 
