@@ -107,3 +107,16 @@ def test_split_errors():
         split_validation(["abc"], 1.5)
     with pytest.raises(UserError, match="too small"):
         split_validation(["x"], 0.1)
+
+
+def test_a_text_file_streams_in_pieces_that_tokenize_as_the_whole(tmp_path, play_text):
+    from budgetlm.data.sources import text_pieces
+    from budgetlm.data.tokenizer import train_tokenizer
+
+    path = tmp_path / "play.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n  \n" + play_text.encode())  # a BOM and blank lines first
+    pieces = list(text_pieces(path, [], piece_bytes=4096))
+    assert len(pieces) > 10 and [starts for _, starts in pieces] == [True] + [False] * (len(pieces) - 1)
+    assert "".join(text for text, _ in pieces) == "\n  \n" + play_text
+    tok = train_tokenizer([play_text], 600)
+    assert [i for text, _ in pieces for i in tok.encode(text).ids] == tok.encode("\n  \n" + play_text).ids

@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 
 from budgetlm.data.tokenizer import EOT, default_vocab_size, eot_id, train_tokenizer
 from budgetlm.data.tokens import (WindowSampler, bpe_dropout_tokens, cached_tokens, eval_windows, line_pieces,
@@ -124,3 +125,15 @@ def test_the_window_sample_spreads_over_the_stream_and_depends_only_on_it():
     other[5] += 1
     assert not np.array_equal(starts, window_sample(other, 64, 20))
     assert np.array_equal(window_sample(tokens, 64, 300), np.arange(300) * 64)  # all of them: the whole stream
+
+
+def test_stream_windows_cut_the_batches_of_the_whole_stream():
+    from budgetlm.data.tokens import stream_windows
+
+    tokens = np.arange(1000)
+    cuts = [0, 7, 300, 301, 640, 1000]
+    chunks = [tokens[a:b] for a, b in zip(cuts, cuts[1:])]
+    streamed, whole = list(stream_windows(chunks, 16, 4)), list(eval_windows(tokens, 16, 4))
+    assert len(streamed) == len(whole) == 16
+    for (xs, ys), (xw, yw) in zip(streamed, whole):
+        assert torch.equal(xs, xw) and torch.equal(ys, yw)

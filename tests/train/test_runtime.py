@@ -59,4 +59,6 @@ def test_the_allocator_is_set_by_the_command_line_not_by_the_library(monkeypatch
         evaluate.run(str(tmp_path / "no-model"), [str(tmp_path / "no-text.txt")])
     assert calls == []
     assert cli.main(["eval", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-text.txt")]) == 2
+    assert calls == []  # evaluation streams text: its memory stays lower without the setting
+    assert cli.main(["generate", "--model", str(tmp_path / "no-model")]) == 2
     assert calls == [1]

@@ -1,19 +1,23 @@
-"""Read text corpora from files, folders, globs, tables and Hugging Face datasets into documents,
+"""Read text corpora from files, folders, globs, tables and Hugging Face datasets, as a stream of
+pieces (`iter_pieces`, memory bounded by a piece, not by the corpus) or as documents (`load_corpus`),
 and split off a deterministic validation tail."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from budgetlm.errors import UserError, names
 
 TEXT_SUFFIXES = (".txt", ".md")
 TABLE_SUFFIXES = (".jsonl", ".csv", ".tsv", ".parquet")
+PIECE_BYTES = 1 << 20  # a text file is read this much at a time
 
 
 @dataclass
@@ -26,21 +30,8 @@ class Corpus:
         return sum(len(d.encode("utf-8")) for d in self.documents)
 
 
-def _decode(path: Path) -> str | None:
-    """The file's text, or None when it is binary or not UTF-8."""
-    raw = path.read_bytes()
-    if b"\x00" in raw[:8192]:
-        return None
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return None
-
-
-def read_jsonl(path: Path) -> tuple[list[str], list[dict]]:
-    """Keys (in first-seen order) and records of a JSON-lines file; blank lines are skipped."""
-    columns: dict[str, None] = {}
-    rows = []
+def _jsonl_records(path: Path) -> Iterator[dict]:
+    """The records of a JSON-lines file one by one; blank lines are skipped."""
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -51,49 +42,79 @@ def read_jsonl(path: Path) -> tuple[list[str], list[dict]]:
                 raise UserError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
             if not isinstance(record, dict):
                 raise UserError(f"{path}:{n}: each line must be a JSON object, not {type(record).__name__}")
-            columns.update(dict.fromkeys(record))
-            rows.append(record)
+            yield record
+
+
+def read_jsonl(path: Path) -> tuple[list[str], list[dict]]:
+    """Keys (in first-seen order) and records of a JSON-lines file; blank lines are skipped."""
+    columns: dict[str, None] = {}
+    rows = []
+    for record in _jsonl_records(path):
+        columns.update(dict.fromkeys(record))
+        rows.append(record)
     return list(columns), rows
 
 
-def _read_jsonl_texts(path: Path, field: str) -> list[str]:
-    _, rows = read_jsonl(path)
-    for n, record in enumerate(rows, 1):
+def _iter_jsonl_texts(path: Path, field: str) -> Iterator[str]:
+    for n, record in enumerate(_jsonl_records(path), 1):
         if field not in record:
             raise UserError(f"{path}: record {n} has no field {field!r}; choose the text field with --text-field")
-    return [str(record[field]) for record in rows]
+        yield str(record[field])
 
 
-def _column(path: Path, rows: list[dict], columns: list[str], column: str | None) -> list[str]:
+def _text_column(path: Path, columns: list[str], column: str | None) -> str:
     if column is None:
         if len(columns) != 1:
             raise UserError(f"{path}: has columns {columns}; choose the text with --text-column")
         column = columns[0]
     if column not in columns:
         raise UserError(f"{path}: no column {column!r} (columns: {names(columns)}); choose one with --text-column")
-    return [str(r[column]) for r in rows if r[column] not in (None, "")]
+    return column
+
+
+def _iter_column(path: Path, column: str | None) -> Iterator[str]:
+    """The text column of a .csv, .tsv or .parquet file, row by row (parquet: batch by batch)."""
+    if path.suffix == ".parquet":
+        pq = _pyarrow_parquet(path)
+        table = pq.ParquetFile(path)
+        column = _text_column(path, table.schema_arrow.names, column)
+        for batch in table.iter_batches(columns=[column]):
+            yield from (str(v) for v in batch.column(0).to_pylist() if v not in (None, ""))
+        return
+    with _csv_reader(path) as reader:
+        column = _text_column(path, list(reader.fieldnames or []), column)
+        yield from (str(r[column]) for r in reader if r[column] not in (None, ""))
+
+
+def _pyarrow_parquet(path: Path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
+    return pq
+
+
+@contextlib.contextmanager
+def _csv_reader(path: Path) -> Iterator[csv.DictReader]:
+    csv.field_size_limit(sys.maxsize)
+    with path.open(encoding="utf-8", newline="") as f:
+        if path.suffix == ".tsv":
+            yield csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        else:
+            yield csv.DictReader(f)
 
 
 def read_table(path: Path) -> tuple[list[str], list[dict]]:
     """Column names and rows of a .csv, .tsv or .parquet file."""
     if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise UserError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
-        table = pq.read_table(path)
+        table = _pyarrow_parquet(path).read_table(path)
         return table.column_names, table.to_pylist()
-    csv.field_size_limit(sys.maxsize)
-    with path.open(encoding="utf-8", newline="") as f:
-        if path.suffix == ".tsv":
-            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        else:
-            reader = csv.DictReader(f)
+    with _csv_reader(path) as reader:
         rows = list(reader)
         return list(reader.fieldnames or []), rows
 
 
-def _read_hf_dataset(name: str, text_column: str | None) -> list[str]:
+def _iter_hf_dataset(name: str, text_column: str | None) -> Iterator[str]:
     try:
         import datasets
     except ImportError:
@@ -111,7 +132,8 @@ def _read_hf_dataset(name: str, text_column: str | None) -> list[str]:
     column = text_column or ("text" if "text" in ds.column_names else None)
     if column not in ds.column_names:
         raise UserError(f"{name}: no column {column!r} (columns: {names(ds.column_names)}); use --text-column")
-    return [t for t in ds[column] if t]
+    for batch in ds.select_columns([column]).iter(batch_size=1000):  # Arrow-backed: read a batch at a time
+        yield from (t for t in batch[column] if t)
 
 
 def expand(spec: str) -> list[Path]:
@@ -126,12 +148,16 @@ def expand(spec: str) -> list[Path]:
     return []
 
 
-def load_corpus(specs: list[str], *, text_field: str = "text", text_column: str | None = None) -> Corpus:
-    """Documents from every source in `specs`; binary or non-UTF-8 files are skipped and counted."""
-    documents, skipped = [], []
+def iter_pieces(specs: list[str], *, text_field: str = "text", text_column: str | None = None,
+                skipped: list[str] | None = None, piece_bytes: int = PIECE_BYTES) -> Iterator[tuple[str, bool]]:
+    """(text, starts a document) from every source in `specs`, in order: a table's rows one by one and a
+    text file in pieces of about `piece_bytes` (`text_pieces`), so memory stays bounded whatever the
+    corpus size. Documents of only whitespace are left out; binary or non-UTF-8 files are appended to
+    `skipped`."""
+    skipped = [] if skipped is None else skipped
     for spec in specs:
         if _is_saved_hf_dataset(Path(spec)) or (not Path(spec).exists() and _looks_like_hub_name(spec)):
-            documents.extend(_read_hf_dataset(spec, text_column))
+            yield from ((t, True) for t in _iter_hf_dataset(spec, text_column) if t.strip())
             continue
         files = expand(spec)
         if not files:
@@ -142,23 +168,86 @@ def load_corpus(specs: list[str], *, text_field: str = "text", text_column: str 
             suffix = path.suffix.lower()
             try:
                 if suffix == ".jsonl":
-                    documents.extend(_read_jsonl_texts(path, text_field))
+                    texts = _iter_jsonl_texts(path, text_field)
                 elif suffix in (".csv", ".tsv", ".parquet"):
-                    columns, rows = read_table(path)
-                    documents.extend(_column(path, rows, columns, text_column))
-                elif (text := _decode(path)) is None:
-                    skipped.append(str(path))
-                elif text.strip():
-                    documents.append(text)
+                    texts = _iter_column(path, text_column)
+                else:
+                    yield from text_pieces(path, skipped, piece_bytes)
+                    continue
+                yield from ((t, True) for t in texts if t.strip())
             except UnicodeDecodeError:
                 skipped.append(str(path))
+
+
+def text_pieces(path: Path, skipped: list[str], piece_bytes: int = PIECE_BYTES) -> Iterator[tuple[str, bool]]:
+    """A text file as one document in pieces of about `piece_bytes`, each cut after a newline between two
+    non-space characters (as `tokens.line_pieces` cuts: byte-level BPE gives the same tokens for the pieces as for
+    the whole). A file that is binary (a NUL in its first 8 KB) or whose first piece is not UTF-8 is skipped."""
+    with path.open("rb") as f:
+        carry = f.read(piece_bytes)
+        if b"\x00" in carry[:8192]:
+            skipped.append(str(path))
+            return
+        read, pending = 0, ""  # bytes decoded so far; leading whitespace held until the document shows text
+        while carry:
+            block = f.read(piece_bytes)
+            carry += block
+            cut = _piece_end(carry, piece_bytes) if block else len(carry)
+            if cut is None:
+                continue
+            raw, carry = carry[:cut], carry[cut:]
+            try:
+                text = raw.decode("utf-8-sig" if read == 0 else "utf-8")
+            except UnicodeDecodeError:
+                if read == 0:
+                    skipped.append(str(path))
+                    return
+                raise UserError(f"{path}: not UTF-8 after byte {read}; convert it to UTF-8 or leave it out") from None
+            read, starts = read + len(raw), False
+            if pending is not None:
+                if not text.strip():
+                    pending += text
+                    continue
+                text, pending = pending + text, None
+                starts = True
+            yield text, starts
+
+
+def _piece_end(data: bytes, piece_bytes: int) -> int | None:
+    """Where to cut `data`: after its last newline between two non-space bytes, else (past eight pieces) after
+    its last newline or space; None to read on."""
+    end = len(data) - 1
+    while (end := data.rfind(b"\n", 1, end)) > 0:
+        if not data[end - 1 : end].isspace() and not data[end + 1 : end + 2].isspace():
+            return end + 1
+    if len(data) > 8 * piece_bytes:
+        end = max(data.rfind(b"\n"), data.rfind(b" "))
+        return end + 1 if end > 0 else None
+    return None
+
+
+def load_corpus(specs: list[str], *, text_field: str = "text", text_column: str | None = None) -> Corpus:
+    """Documents from every source in `specs`; binary or non-UTF-8 files are skipped and counted."""
+    documents, skipped = [], []
+    for text, starts in iter_pieces(specs, text_field=text_field, text_column=text_column, skipped=skipped):
+        if starts:
+            documents.append(text)
+        else:
+            documents[-1] += text
+    warn_skipped(skipped)
+    if not documents:
+        raise UserError(empty_corpus(specs, skipped))
+    return Corpus(documents, skipped)
+
+
+def warn_skipped(skipped: list[str]) -> None:
     if skipped:
         print(f"warning: skipped {len(skipped)} file(s) that are binary or not UTF-8, e.g. {skipped[0]}", file=sys.stderr)
-    documents = [d for d in documents if d.strip()]
-    if not documents:
-        what = "every file was binary or not UTF-8" if skipped else "it holds no text"
-        raise UserError(f"the corpus is empty: {what} ({', '.join(specs)})")
-    return Corpus(documents, skipped)
+
+
+def empty_corpus(specs: list[str], skipped: list[str]) -> str:
+    what = "every file was binary or not UTF-8" if skipped else "it holds no text"
+    return f"the corpus is empty: {what} ({', '.join(specs)})"
 
 
 def _looks_like_hub_name(spec: str) -> bool:

@@ -204,3 +204,45 @@ def window_sample(tokens: np.ndarray, context: int, count: int) -> np.ndarray:
     edges = np.arange(count + 1, dtype=np.int64) * total // count
     picked = edges[:-1] + np.floor(np.random.default_rng(seed).random(count) * np.diff(edges)).astype(np.int64)
     return picked * context
+
+
+def stream_tokens(pieces, tok: Tokenizer, group_bytes: int = 1 << 20):
+    """The token stream of (text, starts a document) pieces (`sources.iter_pieces`), as arrays of about
+    `group_bytes` of text each, with the separator before each document; yields (ids, UTF-8 bytes they encode).
+    Pieces are encoded a group at a time so that `encode_batch` spreads them over the cores."""
+    sep = eot_id(tok)
+    group: list[tuple[str, bool]] = []
+    size = 0
+    for text, starts in pieces:
+        group.append((text, starts))
+        size += len(text)
+        if size >= group_bytes:
+            yield _encode_group(tok, group, sep)
+            group, size = [], 0
+    if group:
+        yield _encode_group(tok, group, sep)
+
+
+def _encode_group(tok: Tokenizer, group: list[tuple[str, bool]], sep: int) -> tuple[np.ndarray, int]:
+    encodings = tok.encode_batch([text for text, _ in group], add_special_tokens=False)
+    parts = []
+    for (_, starts), enc in zip(group, encodings):
+        if starts:
+            parts.append(np.asarray([sep], dtype=np.int64))
+        parts.append(np.asarray(enc.ids, dtype=np.int64))
+    return np.concatenate(parts), sum(len(text.encode("utf-8")) for text, _ in group)
+
+
+def stream_windows(chunks, context: int, batch: int):
+    """`eval_windows` of the concatenated `chunks` (arrays of ids), holding about one chunk and one batch
+    of tokens at a time: memory does not grow with the stream."""
+    span = batch * context
+    rest = np.empty(0, dtype=np.int64)
+    for chunk in chunks:
+        buffer, start = np.concatenate([rest, chunk]), 0
+        while len(buffer) - start > span:
+            yield from eval_windows(buffer[start : start + span + 1], context, batch)
+            start += span
+        rest = buffer[start:]
+    if len(rest) > 1:
+        yield from eval_windows(rest, context, batch)

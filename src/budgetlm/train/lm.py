@@ -44,6 +44,34 @@ def evaluate_lm(forward: Callable, tokens: np.ndarray, n_bytes: int, context: in
             "val_bpb_se": se * per_bit, "val_ppl_se": metrics["val_ppl"] * se}
 
 
+def sum_nats(forward: Callable, batches, device: torch.device, max_batches: int | None = None) -> tuple[float, int]:
+    """(summed nats, predicted tokens) over `batches` of (x, y). The sums stay on the device and are read every
+    `HOST_READ_EVERY` batches, so a GPU is not made to wait after every batch, and memory stays bounded."""
+    batch_nats, total_nats, total_tokens = [], 0.0, 0
+    for i, (x, y) in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch_nats.append(forward(to_device(x, device), to_device(y, device), reduction="sum").detach().float())
+        total_tokens += int((y != -100).sum())
+        if len(batch_nats) == HOST_READ_EVERY:
+            total_nats += _host_sum(batch_nats)
+            batch_nats = []
+    return total_nats + _host_sum(batch_nats), total_tokens
+
+
+HOST_READ_EVERY = 256
+
+
+def _host_sum(values: list[torch.Tensor]) -> float:
+    return float(torch.stack(values).cpu().double().sum()) if values else 0.0  # MPS has no float64
+
+
+def lm_metrics(total_nats: float, total_tokens: int, n_bytes: float) -> dict[str, float]:
+    loss = total_nats / max(total_tokens, 1)
+    return {"val_loss": loss, "val_bpb": total_nats / (n_bytes * math.log(2)),
+            "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": total_tokens}
+
+
 class LanguageModelTask:
     unit = "tokens"
 
