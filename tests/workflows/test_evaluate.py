@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from budgetlm.data.tokenizer import eot_id, train_tokenizer
-from budgetlm.models.gpt import GPT, GPTConfig
+from budgetlm.models.config import ModelConfig
+from budgetlm.models.gpt import GPT
 from budgetlm.train.checkpoint import load_language_model, save_model
 from budgetlm.train.lm import evaluate_lm
 from budgetlm.workflows import evaluate
@@ -18,7 +19,7 @@ from budgetlm.workflows import evaluate
 def tiny_model(tmp_path, play_text) -> Path:
     torch.manual_seed(0)
     tok = train_tokenizer([play_text], 1000)
-    config = GPTConfig(vocab_size=1024, context=64, n_layer=1, n_head=2, d_model=16)
+    config = ModelConfig(vocab_size=1024, context=64, n_layer=1, n_head=2, d_model=16)
     out = tmp_path / "model"
     save_model(out, GPT(config), config.to_dict(), tok)
     return out

@@ -7,7 +7,7 @@ from budgetlm.cli import SECTIONS, build_parser, main
 from budgetlm.config import RunConfig, resolve
 from budgetlm.errors import UserError
 from budgetlm.train.optim import default_lr
-from budgetlm.workflows import pretrain, tune
+from budgetlm.workflows import tune
 
 TINY = ["--n-layer", "1", "--d-model", "32", "--n-head", "1", "--context", "32", "--micro-batch", "16",
         "--vocab-size", "300", "--compile", "off", "--eval-tokens", "512", "--val-fraction", "0.02"]

@@ -2,7 +2,11 @@
 
 Muon orthogonalizes the update of a matrix, which suits the Linear layers of the network body but
 not embeddings, the output head, norms or biases (Jordan et al. 2024, "Muon: An optimizer for hidden
-layers in neural networks"); those stay with AdamW."""
+layers in neural networks"); those stay with AdamW.
+
+Written here rather than torch.optim.Muon because that one cannot do two things the loop needs: take
+GradScaler's `found_inf`, so that a step with a non-finite gradient is skipped on the device without the host
+waiting for a GPU, and batch the Newton–Schulz iteration over matrices of one shape (below)."""
 
 from __future__ import annotations
 
