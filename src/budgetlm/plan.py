@@ -48,13 +48,9 @@ REPEAT_DROPOUT = 0.1
 REPEATS_BEFORE_BPE_DROPOUT = 6.0
 REPEAT_BPE_DROPOUT = 0.1
 MAX_BPE_PASSES = 4
-# With the dropout, past 4 epochs: a moving average of the weights (what is evaluated and kept) and Canon
-# layers (models/blocks.Canon). On tinyshakespeare at 5 minutes (13 epochs) 2.025 → 2.011 bpb with the
-# average, 2.002 over three seeds with both; in a 2-minute run on the complete works (under one epoch) each
-# cost about 0.01, the average lagging a model that still learns fast and the mixes taking 12% of the
-# tokens/s (docs/planner.md, "A moving average of the weights, and Canon layers").
-REPEAT_EMA = 0.998
-REPEAT_CANON = 4
+# A moving average of the weights (--ema 0.998) and Canon layers (--canon 4) are flags, not planned: at 5 minutes
+# each beat its absence on tinyshakespeare (about 10 epochs) but not on WikiText-2 (about 3.5 epochs, forced on),
+# paired by seed over three seeds (docs/planner.md, "A moving average of the weights, and Canon layers").
 
 
 @dataclass
@@ -70,8 +66,6 @@ class Plan:
     expected_epochs: float
     dropout: float
     bpe_dropout: float = 0.0
-    ema: float = 0.0   # plans saved before these two fields had neither
-    canon: int = 0
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Plan | None":
@@ -87,11 +81,6 @@ class Plan:
         if self.bpe_dropout:
             against.append(f"BPE-dropout {self.bpe_dropout:g}")
         regularized = f", {' and '.join(against)} against memorizing" if against else ""
-        repeat_aids = [f"Canon layers ({self.canon})"] if self.canon else []
-        if self.ema:
-            repeat_aids.append(f"a moving average of the weights ({self.ema:g})")
-        if repeat_aids:
-            regularized += ", " + " and ".join(repeat_aids)
         return (f"planned {self.n_layer}×{self.d_model} at context {self.context}, batch {self.batch_tokens} tokens, "
                 f"about {self.expected_tokens / 1e6:.1f}M training tokens ({self.expected_epochs:.1f} epochs) in the "
                 f"budget{regularized} (matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s)")
@@ -206,8 +195,7 @@ def plan(budget_s: float, *, train_tokens: int, vocab: int, device: torch.device
     repeated = epochs > REPEATS_BEFORE_DROPOUT
     return Plan(n_layer, d_model, n_head, context, batch, micro, int(tokens), peak, epochs,
                 REPEAT_DROPOUT if repeated else 0.0,
-                REPEAT_BPE_DROPOUT if epochs > REPEATS_BEFORE_BPE_DROPOUT else 0.0,
-                REPEAT_EMA if repeated else 0.0, REPEAT_CANON if repeated else 0)
+                REPEAT_BPE_DROPOUT if epochs > REPEATS_BEFORE_BPE_DROPOUT else 0.0)
 
 
 def bpe_passes(expected_epochs: float | None) -> int:
@@ -243,6 +231,6 @@ def model_for(m: ModelConfig, vocab_size: int, planned: Plan | None) -> ModelCon
         n_layer=m.n_layer or n_layer,
         d_model=d_model,
         n_head=m.n_head or (n_head if not m.d_model else max(1, d_model // 64)),
-        canon=given_or_planned(m.canon, planned, "canon", 0),
+        canon=m.canon or 0,
         dropout=given_or_planned(m.dropout, planned, "dropout", 0.0),
     )

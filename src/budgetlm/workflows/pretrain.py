@@ -185,7 +185,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     fit_cfg = FitConfig(lr=lr, schedule=schedule, micro_steps=micro_steps, grad_clip=t.grad_clip,
                         schedule_clock=t.schedule_clock, eval_every=eval_every, eval_batches=eval_batches,
                         stopping=stopping, save_every=t.save_every, l1=t.l1,
-                        ema=given_or_planned(t.ema, planned, "ema", 0.0),
+                        ema=t.ema or 0.0,
                         final_eval=not t.calibrate, reserve_evals=CALIBRATION_EVALS if t.calibrate else 1)
 
     task = LanguageModelTask(train_tokens, val_tokens, val_bytes, mc.context, micro_batch, device, t.seed,
