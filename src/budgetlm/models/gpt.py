@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,15 +18,16 @@ class GPT(nn.Module):
         super().__init__()
         if config.missing():
             raise ValueError(f"a GPT needs its whole shape; unset: {', '.join(config.missing())}")
-        self.config = c = config
-        dropout = c.dropout or 0.0
+        # what the plan may leave unset is off in a built model, and its config (what is saved) says so
+        self.config = c = dataclasses.replace(config, dropout=config.dropout or 0.0, canon=config.canon or 0)
+        dropout = c.dropout
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.rotary = Rotary(c.head_dim, c.context, c.rope_base)
         self.blocks = nn.ModuleList(
             Block(c.d_model, c.n_head, c.mlp_hidden, causal=True, mlp=c.mlp, dropout=dropout,
                   attention_dropout=dropout if c.attention_dropout is None else c.attention_dropout,
-                  qk_norm=c.qk_norm, canon=c.canon or 0)
+                  qk_norm=c.qk_norm, canon=c.canon)
             for _ in range(c.n_layer)
         )
         self.norm = RMSNorm(c.d_model)
