@@ -1,4 +1,3 @@
-import importlib.util
 import re
 import subprocess
 import sys
@@ -41,8 +40,9 @@ def test_the_docs_example_runs_and_prints_what_the_doc_shows(play_text, tmp_path
     exec(compile(code, str(DOC), "exec"), {})
     printed = capsys.readouterr().out.strip().splitlines()
     shown = doc_blocks("text")[0].strip().splitlines()
-    assert [shape(line) for line in printed] == [shape(line) for line in shown]
-    assert printed[1].startswith("ROMEO:") and len(printed[1]) > len("ROMEO:")
+    # the generated text between may run over several lines; the lines around it are as the doc shows
+    assert [shape(line) for line in printed[:1] + printed[-3:]] == [shape(line) for line in shown[:1] + shown[-3:]]
+    assert printed[1].startswith("ROMEO:") and len("\n".join(printed[1:-3])) > len("ROMEO:")
     assert (tmp_path / "runs" / "shakespeare" / "model.safetensors").is_file()
     assert re.fullmatch(r"\[\{'label': '(pos|neg)', .*\}\]", printed[-1])
 
@@ -61,19 +61,19 @@ def test_a_wrong_setting_raises_the_line_the_config_raises(play_file, tmp_path):
 
 
 def test_quiet_prints_nothing_and_a_language_model_does_not_predict(play_file, tmp_path, capfd):
-    run = budgetlm.pretrain(play_file, budget=None, out=tmp_path / "lm", quiet=True, **TINY_PRETRAIN)
+    run = budgetlm.pretrain(play_file, out=tmp_path / "lm", quiet=True, **TINY_PRETRAIN)
     assert capfd.readouterr() == ("", "")
     assert run.summary["steps"] == 20 and run.plan is None and run.path == tmp_path / "lm"
     with pytest.raises(UserError, match="not a classifier"):
         run.model.predict("text")
     assert run.model.eval(play_file)["bpb"] == pytest.approx(run.model.eval(str(play_file))["bpb"])
-    if importlib.util.find_spec("budgetlm.workflows.export") is None:
-        with pytest.raises(UserError, match="export is not yet available"):
-            run.model.export(tmp_path / "hf")
+    hf = run.model.export(tmp_path / "hf")
+    assert (hf / "config.json").is_file() and (hf / "model.safetensors").is_file()
 
 
 def test_import_budgetlm_loads_no_torch():
     done = subprocess.run([sys.executable, "-c", "import sys, budgetlm; print(budgetlm.__version__, "
                            "'torch' in sys.modules, callable(budgetlm.pretrain), 'torch' in sys.modules)"],
                           capture_output=True, text=True, check=True)
-    assert done.stdout.split() == [budgetlm.__version__, "False", "True", "True"]
+    # not even the API's functions need torch until one of them runs
+    assert done.stdout.split() == [budgetlm.__version__, "False", "True", "False"]

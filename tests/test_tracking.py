@@ -32,7 +32,7 @@ def test_tensorboard_and_mlflow_hold_the_runs_figures_and_config(play_file, tmp_
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     assert [(s.step, round(s.value, 6)) for s in events.Scalars("val_bpb")] == expected
-    assert len(events.Scalars("train_loss")) >= 2
+    assert [s.step for s in events.Scalars("train_loss")][:1] == [1]  # the first step is always logged
     assert events.Scalars("summary/best_val_bpb")[0].value == pytest.approx(
         json.loads((out / "summary.json").read_text())["best_val_bpb"], rel=1e-6)
     assert "loss" in events.Tags()["images"]

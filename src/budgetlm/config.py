@@ -239,7 +239,7 @@ def _sections(cfg: Any) -> list[str]:
 
 
 def config_keys(cfg: Any) -> list[str]:
-    return sorted(f.name for s in _sections(cfg) for f in fields(getattr(cfg, s)))
+    return sorted({f.name for s in _sections(cfg) for f in fields(getattr(cfg, s))})
 
 
 def section_of(cfg: Any, key: str) -> str | None:

@@ -36,7 +36,8 @@ def test_grid_of_variants_runs_and_reports_best_first(play_file, tmp_path, capsy
         assert r["error"] is None and r["stop_reason"] == "max_steps"
         assert r["tokens_seen"] == 6 * 16 * 32
         assert r["best_val_bpb"] > 0 and r["tokens_per_s"] > 0 and r["wall_s"] > 0
-        assert r["start_val_loss"] >= r["best_val_loss"]
+        # the start is scored on the validation sample, the best on the whole split: equal within its noise
+        assert r["best_val_loss"] <= r["start_val_loss"] * 1.01
         assert r["model"] == "1×32, context 32"
         assert (tmp_path / "cmp" / r["name"] / "metrics.jsonl").is_file()
     assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == sorted([*names, "compare.json", "compare.md",
@@ -76,7 +77,7 @@ def test_every_variant_failing_is_an_error_after_the_reports(play_file, tmp_path
 
 @pytest.mark.parametrize("vary,fragments", [
     (["optim=adamw,nadam"], ["optim", "'nadam' is not allowed", "adamw"]),
-    (["n_layers=1,2"], ["unknown key 'n_layers' (did you mean n_layer?)", "allowed: attention_dropout, batch_tokens"]),
+    (["n_layers=1,2"], ["unknown key 'n_layers' (did you mean n_layer?)", "allowed: arch, attention_dropout, batch_tokens"]),
     (["lr=fast"], ["lr: expected float"]),
     (["optim"], ["write KEY=V1,V2"]),
     (["optim=adamw,,sgd"], ["write KEY=V1,V2"]),

@@ -5,7 +5,7 @@ import pytest
 
 from budgetlm.errors import UserError
 from budgetlm.train.checkpoint import load_model
-from budgetlm.workflows import ensemble, finetune, predict
+from budgetlm.workflows import ensemble, predict
 
 from tests.workflows.test_finetune import config, read_jsonl, toy_rows, write_tsv
 
@@ -29,7 +29,7 @@ def test_two_members_make_one_model_that_predict_reads(toy, tmp_path, monkeypatc
     monkeypatch.setattr(ensemble.Validation, "improves", lambda self, probs, monitor: True)  # keep both
     train, dev = toy
     out = tmp_path / "run"
-    summary = finetune.run(config(train, dev, max_steps=12, members="2"), out, quiet=True)
+    summary = ensemble.run(config(train, dev, max_steps=12, members="2"), out, quiet=True)
     assert [m["seed"] for m in summary["members"]] == [0, 1]
     assert all((out / "members" / str(k) / "summary.json").is_file() for k in range(2))
     for name in ("model.safetensors", "config.json", "tokenizer.json", "summary.json", "confusion.json",
@@ -73,7 +73,7 @@ def test_a_member_is_kept_only_if_it_improves_the_ensemble():
 def test_the_kept_members_are_those_that_improved_the_ensemble(toy, tmp_path):
     train, dev = toy
     out = tmp_path / "run"
-    summary = finetune.run(config(train, dev, max_steps=8, members="3"), out, quiet=True)
+    summary = ensemble.run(config(train, dev, max_steps=8, members="3"), out, quiet=True)
     texts = [t for t, _ in toy_rows(100, 1)]
     truth = np.array([label == "pos" for _, label in toy_rows(100, 1)], dtype=int)
     alone = [np.array([[p["probs"]["neg"], p["probs"]["pos"]] for p in predict.run(out / "members" / str(k),
@@ -91,7 +91,7 @@ def test_the_kept_members_are_those_that_improved_the_ensemble(toy, tmp_path):
 
 def test_members_of_a_fraction_split_hold_out_the_same_examples(tmp_path):
     train = write_tsv(tmp_path / "all.tsv", toy_rows(300, 3))
-    summary = finetune.run(config(train, max_steps=4, members="2", val_fraction=0.2), tmp_path / "run", quiet=True)
+    summary = ensemble.run(config(train, max_steps=4, members="2", val_fraction=0.2), tmp_path / "run", quiet=True)
     assert summary["val_examples"] == 60
     data = [json.loads((tmp_path / "run" / "members" / str(k) / "summary.json").read_text()) for k in range(2)]
     assert [d["config"]["finetune"]["split_seed"] for d in data] == [0, 0]
@@ -100,13 +100,13 @@ def test_members_of_a_fraction_split_hold_out_the_same_examples(tmp_path):
 
 def test_auto_fills_the_time_an_epoch_limit_leaves(pretrained, toy, tmp_path):
     train, dev = toy
-    summary = finetune.run(config(train, dev, model=str(pretrained), max_steps=None, epochs=0.5, budget="60s"),
+    summary = ensemble.run(config(train, dev, model=str(pretrained), max_steps=None, epochs=0.5, budget="60s"),
                            tmp_path / "run", quiet=True)
     assert len(summary["members"]) >= 2  # each member takes a few seconds of the minute
     assert all(m["stop_reason"] == "max_tokens" for m in summary["members"])
     assert summary["wall_s"] <= 60
     # without a time budget, or with one member asked for, the run is a single model as before
-    single = finetune.run(config(train, dev, model=str(pretrained), max_steps=None, epochs=0.5, budget="60s",
+    single = ensemble.run(config(train, dev, model=str(pretrained), max_steps=None, epochs=0.5, budget="60s",
                                  members="1"), tmp_path / "single", quiet=True)
     assert "members" not in single and not (tmp_path / "single" / "members").exists()
 
@@ -114,7 +114,7 @@ def test_auto_fills_the_time_an_epoch_limit_leaves(pretrained, toy, tmp_path):
 def test_auto_keeps_one_member_when_the_first_takes_the_budget(pretrained, toy, tmp_path):
     train, dev = toy
     out = tmp_path / "run"
-    summary = finetune.run(config(train, dev, model=str(pretrained), max_steps=None, epochs=1000, budget="6s"), out,
+    summary = ensemble.run(config(train, dev, model=str(pretrained), max_steps=None, epochs=1000, budget="6s"), out,
                            quiet=True)
     assert len(summary["members"]) == 1 and summary["members"][0]["stop_reason"] == "budget"
     model, saved, _ = load_model(out)
@@ -125,16 +125,16 @@ def test_auto_keeps_one_member_when_the_first_takes_the_budget(pretrained, toy, 
 def test_a_resumed_ensemble_keeps_its_finished_members(toy, tmp_path):
     train, dev = toy
     out = tmp_path / "run"
-    first = finetune.run(config(train, dev, max_steps=6, members="2"), out, quiet=True)
+    first = ensemble.run(config(train, dev, max_steps=6, members="2"), out, quiet=True)
     member_weights = out / "members" / "0" / "model.safetensors"
     stamp = member_weights.stat().st_mtime_ns
     (out / "members" / "1" / "summary.json").unlink()  # the second member never finished
-    again = finetune.run(config(train, dev, max_steps=6, members="2", resume="auto"), out, quiet=True)
+    again = ensemble.run(config(train, dev, max_steps=6, members="2", resume="auto"), out, quiet=True)
     assert member_weights.stat().st_mtime_ns == stamp
     assert again["best_val_accuracy"] == first["best_val_accuracy"]
     # a fresh start clears the members of an older run
     (out / "members" / "7").mkdir()
-    finetune.run(config(train, dev, max_steps=2, members="2"), out, quiet=True)
+    ensemble.run(config(train, dev, max_steps=2, members="2"), out, quiet=True)
     assert sorted(p.name for p in (out / "members").iterdir()) == ["0", "1"]
 
 
@@ -146,5 +146,5 @@ def test_a_resumed_ensemble_keeps_its_finished_members(toy, tmp_path):
 def test_bad_member_flags_are_one_clear_line(toy, tmp_path, overrides, fragment):
     train, dev = toy
     with pytest.raises(UserError) as caught:
-        finetune.run(config(train, dev, **overrides), tmp_path / "run", quiet=True)
+        ensemble.run(config(train, dev, **overrides), tmp_path / "run", quiet=True)
     assert fragment in str(caught.value) and "\n" not in str(caught.value)

@@ -88,7 +88,7 @@ def test_default_space_starts_from_the_defaults_and_scales_the_automatic_lr(play
                                                  "weight_decay": 0.1, "batch_tokens": "auto"}
     cfg, settings = tune.trial_config(base, {"optim": "muon", "lr_factor": 2.0, "batch_tokens": "4096"}, None)
     assert settings["lr"] == pytest.approx(2 * default_lr(32, "muon"))
-    assert (cfg.train.optim, cfg.train.lr, cfg.train.batch_tokens) == ("muon", settings["lr"], "4096")
+    assert (cfg.train.optim, cfg.train.lr, cfg.train.batch_tokens) == ("muon", settings["lr"], 4096)
     cfg, settings = tune.trial_config(base, {"lr_factor": 1.0}, None)
     assert cfg.train.lr is None and "lr" not in settings  # the baseline keeps the automatic rate
 
