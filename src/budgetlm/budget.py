@@ -106,12 +106,18 @@ class Budget:
     seconds: float | None = None
     max_steps: int | None = None
     max_tokens: int | None = None
+    max_flops: float | None = None      # model FLOPs: tokens × flops_per_token, set once the model is built
+    flops_per_token: float = 0.0
     spent_s: float = 0.0
     _start: float = field(default_factory=time.monotonic, repr=False)
 
     def __post_init__(self):
-        if self.seconds is None and self.max_steps is None and self.max_tokens is None:
-            raise UserError("give a limit: --budget (e.g. 5m), --max-steps or --max-tokens")
+        if self.seconds is None and self.max_steps is None and self.max_tokens is None and self.max_flops is None:
+            raise UserError("give a limit: --budget (e.g. 5m), --budget-flops, --max-steps or --max-tokens")
+
+    def flops(self, tokens: float) -> float:
+        """Model FLOPs of training on `tokens` tokens."""
+        return tokens * self.flops_per_token
 
     def elapsed(self) -> float:
         return self.spent_s + time.monotonic() - self._start
@@ -129,6 +135,8 @@ class Budget:
             parts.append(step / self.max_steps)
         if self.max_tokens:
             parts.append(tokens / self.max_tokens)
+        if self.max_flops and self.flops_per_token:
+            parts.append(self.flops(tokens) / self.max_flops)
         if self.seconds:
             training_s = max(self.seconds - reserve_s, 1e-9)
             if clock == "time":
@@ -149,6 +157,8 @@ class Budget:
             parts.append(f"{epochs:g} epochs")
         elif self.max_tokens:
             parts.append(f"{self.max_tokens:,} tokens")
+        if self.max_flops:
+            parts.append(f"{self.max_flops:.3g} FLOPs")
         return " / ".join(parts)
 
     def exhausted(self, step: int, tokens: int, *, next_step_s: float = 0.0, reserve_s: float = 0.0) -> str | None:
@@ -157,6 +167,11 @@ class Budget:
             return "max_steps"
         if self.max_tokens is not None and tokens >= self.max_tokens:
             return "max_tokens"
+        if self.max_flops is not None and self.flops_per_token:
+            # the step that ends nearest the budget is the last: half a step past it at most
+            next_tokens = tokens / step if step else 0.0
+            if self.flops(tokens + next_tokens / 2) >= self.max_flops:
+                return "max_flops"
         if self.seconds is not None and self.elapsed() + next_step_s + reserve_s >= self.seconds:
             return "budget"
         return None

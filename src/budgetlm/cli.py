@@ -27,7 +27,7 @@ SECTIONS = RUN_SECTIONS
 DIVERGED_EXIT = 3
 # Commands whose steps free and reallocate the same large tensors (train/runtime.keep_freed_memory); eval and
 # predict stream text and measured a peak 2-5x higher with the setting (400 KB of text: 2.37 → 0.47 GB without it)
-KEEPS_FREED_MEMORY = {"pretrain", "finetune", "compare", "tune", "generate"}
+KEEPS_FREED_MEMORY = {"pretrain", "plan", "finetune", "compare", "tune", "generate"}  # plan: its speed probe
 
 
 def _exit_code(summary: dict) -> int:
@@ -44,6 +44,14 @@ def _pretrain(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out) if args.out else _default_out()
     return _exit_code(pretrain.run(cfg, out, quiet=args.quiet))
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from budgetlm.workflows import plan
+
+    cfg = resolve(RunConfig, SECTIONS, args.config, vars(args))
+    plan.run(cfg, as_json=args.json)
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -161,6 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name, cls in SECTIONS.items():
         add_section_flags(p, cls, name)
     p.set_defaults(func=_pretrain)
+
+    pl = sub.add_parser("plan", help="show the model, batch and recipe pretrain would choose, without training",
+                        description="Print the plan pretrain would follow for these settings and its reasons: "
+                        "device, speed (measured or assumed), shape, tokens, batch, learning rate, regularizers and "
+                        "the shapes weighed. Takes pretrain's options.")
+    pl.add_argument("--config", help="TOML file with [data], [model] and [train] tables; flags override it")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON (fields: docs/planner.md)")
+    for name, cls in SECTIONS.items():
+        add_section_flags(pl, cls, name)
+    if "--arch" not in pl._option_string_actions:  # the model section may not expose it as a flag
+        pl.add_argument("--arch", choices=("gpt",), default=argparse.SUPPRESS, help="architecture (gpt)")
+    pl.set_defaults(func=_plan)
 
     g = sub.add_parser("generate", help="sample text from a trained model")
     g.add_argument("--model", required=True, help="a run folder (model.safetensors, config.json, tokenizer.json)")
@@ -292,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--json", action="store_true", help="print the rows as JSON")
     n.set_defaults(func=_runs)
 
-    for sp in (p, g, e, a, b, f, r, c, t, x, m, n):
+    for sp in (p, pl, g, e, a, b, f, r, c, t, x, m, n):
         sp.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 

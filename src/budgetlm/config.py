@@ -98,6 +98,8 @@ class TrainConfig(TrainingSettings):
     optim: str = opt("muon", help="optimizer", choices=OPTIMIZERS)
     weight_decay: float = opt(0.1, low=0, help="decoupled weight decay (L2) on weight matrices")
     max_tokens: int | None = opt(None, low=1, help="stop after this many training tokens")
+    budget_flops: float | None = opt(None, above=0, help="compute budget in model FLOPs, e.g. 3e15 (6 × parameters "
+                                     "+ attention, per training token): planned for, and the run stops when spent")
     batch_tokens: int | str | None = opt(None, parse=count_or_auto("--batch-tokens", "tokens"),
                                          help="tokens per optimizer step (the effective batch), or auto: the "
                                          "largest micro-batch that fits memory")
@@ -284,7 +286,7 @@ def value_types(cfg: Any, key: str) -> set[type]:
 
 # A one-step run of a tiny model, to pay a process's one-time costs (imports, tokenizer, token caches)
 # before the budgets of compare's variants or tune's trials start.
-WARM_UP = {"budget": None, "max_tokens": None, "max_steps": 1, "size": None, "n_layer": 1, "d_model": 32,
+WARM_UP = {"budget": None, "budget_flops": None, "max_tokens": None, "max_steps": 1, "size": None, "n_layer": 1, "d_model": 32,
            "n_head": 1, "context": 32, "micro_batch": 16, "batch_tokens": None, "compile": "off", "eval_every": "1",
            "eval_tokens": 512, "early_stop": None, "patience": 0, "save_every": None, "resume": None,
            "report_to": None}

@@ -18,7 +18,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from budgetlm.errors import UserError
 from budgetlm.models.config import SIZES, ModelConfig
+from budgetlm.train.optim import default_lr
 from budgetlm.train.runtime import precision_dtype
 
 # (n_layer, d_model, n_head): width grows faster than depth at small scale, as in the GPT-2/Pythia families
@@ -66,6 +68,15 @@ class Plan:
     expected_epochs: float
     dropout: float
     bpe_dropout: float = 0.0
+    lr: float = 0.0                      # peak learning rate (learning_rate below)
+    budget_flops: float | None = None    # the compute budget planned for, if one was given
+    speed: str = "assumed"               # the pick's tokens/s: "measured" by the probe, "scaled" (the table × the
+                                         # probe's factor) or "assumed" (the efficiency table)
+    tokens_per_s: float = 0.0
+    memory_bytes: int = 0                # estimated peak of a training step (memory_estimate)
+    memory_limit: int | None = None      # what the device had free when planned
+    predicted_loss: float = 0.0          # the Chinchilla fit's figure the shapes were ranked by
+    candidates: list = dataclasses.field(default_factory=list)  # every shape weighed, as dicts
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Plan | None":
@@ -91,8 +102,7 @@ def device_peak(device: torch.device, dtype: torch.dtype) -> float:
     so that a moment of load elsewhere does not change the plan (plans stay repeatable)."""
     from budgetlm.data.tokens import cache_dir
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{torch.get_num_threads()}"
-    key = f"{name}/{dtype}/torch{torch.__version__}"
+    key = f"{_device_key(device)}/{dtype}/torch{torch.__version__}"
     path = cache_dir() / "device_peaks.json"
     try:
         known = json.loads(path.read_text())
@@ -172,30 +182,91 @@ def predicted_loss(n_params: float, tokens: float, unique_tokens: float) -> floa
     return c["E"] + c["A"] / n_params ** c["alpha"] + c["B"] / max(effective, 1.0) ** c["beta"]
 
 
-def plan(budget_s: float, *, train_tokens: int, vocab: int, device: torch.device, precision: str,
-         micro_batch: int | None = None, peak_flops: float | None = None) -> Plan:
-    """The ladder shape with the lowest predicted loss after `budget_s` seconds of training."""
+def plan(budget_s: float | None, *, train_tokens: int, vocab: int, device: torch.device, precision: str,
+         micro_batch: int | None = None, peak_flops: float | None = None, budget_flops: float | None = None,
+         speeds: dict | None = None, memory_limit: int | None = None, optim: str = "muon") -> Plan:
+    """The ladder shape with the lowest predicted loss after `budget_s` seconds of training and/or
+    `budget_flops` model FLOPs, among the shapes that fit `memory_limit` bytes. `speeds` maps
+    (n_layer, d_model) to training tokens/s measured on this device (probe_speeds); other shapes'
+    speed comes from the efficiency table."""
+    if not budget_s and not budget_flops:
+        raise ValueError("plan needs a time or a FLOP budget")
     peak = peak_flops or device_peak(device, precision_dtype(precision))
-    best = None
-    for n_layer, d_model, n_head in LADDER:
-        body_params = 12 * n_layer * d_model**2
-        n_params = body_params + vocab * d_model  # every parameter, as Chinchilla counts them
-        if best is not None and body_params > MAX_PARAMS_PER_TOKEN * train_tokens:
-            break
-        context = context_for(d_model)
-        tokens = efficiency(d_model, device, precision) * peak * budget_s * OVERHEAD / flops_per_token(n_layer, d_model, vocab, context)
-        loss = predicted_loss(n_params, tokens, train_tokens)
-        if best is None or loss < best[0]:
-            best = (loss, n_layer, d_model, n_head, context, tokens)
-    _, n_layer, d_model, n_head, context, tokens = best
-    micro = micro_batch or (8 if device.type == "cpu" else max(8, 32768 // context))
+    weighed = candidates(budget_s, train_tokens=train_tokens, vocab=vocab, device=device, precision=precision,
+                         micro_batch=micro_batch, peak=peak, budget_flops=budget_flops, speeds=speeds or {},
+                         memory_limit=memory_limit)
+    best = min((c for c in weighed if c["fits"]), key=lambda c: c["predicted_loss"])
+    n_layer, d_model, n_head, context, tokens = (best[k] for k in ("n_layer", "d_model", "n_head", "context", "tokens"))
+    micro = best["micro_batch"]
     batch = max(micro * context, 2 ** round(math.log2(max(tokens / STEPS_TARGET, 1))))
     batch = micro * context * max(1, round(batch / (micro * context)))
     epochs = tokens / max(train_tokens, 1)
     repeated = epochs > REPEATS_BEFORE_DROPOUT
     return Plan(n_layer, d_model, n_head, context, batch, micro, int(tokens), peak, epochs,
                 REPEAT_DROPOUT if repeated else 0.0,
-                REPEAT_BPE_DROPOUT if epochs > REPEATS_BEFORE_BPE_DROPOUT else 0.0)
+                REPEAT_BPE_DROPOUT if epochs > REPEATS_BEFORE_BPE_DROPOUT else 0.0,
+                lr=learning_rate(d_model, batch, optim), budget_flops=budget_flops, speed=best["speed"],
+                tokens_per_s=best["tokens_per_s"], memory_bytes=best["memory_bytes"], memory_limit=memory_limit,
+                predicted_loss=best["predicted_loss"], candidates=weighed)
+
+
+def probe_scale(speeds: dict, vocab: int, device: torch.device, precision: str, peak: float) -> float:
+    """How much faster than the efficiency table the probed shapes ran here (geometric mean): the factor
+    for the shapes not probed, so measured and assumed speeds compare on one footing."""
+    ratios = []
+    for (n_layer, d_model), per_s in speeds.items():
+        per_token = flops_per_token(n_layer, d_model, vocab, context_for(d_model))
+        ratios.append(per_s * per_token / (efficiency(d_model, device, precision) * peak))
+    return math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else 1.0
+
+
+def default_micro_batch(device: torch.device, context: int) -> int:
+    return 8 if device.type == "cpu" else max(8, 32768 // context)
+
+
+def candidates(budget_s: float | None, *, train_tokens: int, vocab: int, device: torch.device, precision: str,
+               micro_batch: int | None, peak: float, budget_flops: float | None, speeds: dict,
+               memory_limit: int | None) -> list[dict]:
+    """Each ladder shape the plan weighs: the tokens its budget affords, its predicted loss, its speed
+    (measured or assumed) and whether it fits memory, smallest first, up to the memorization guard."""
+    weighed: list[dict] = []
+    scale = probe_scale(speeds, vocab, device, precision, peak)
+    for n_layer, d_model, n_head in LADDER:
+        body_params = 12 * n_layer * d_model**2
+        n_params = body_params + vocab * d_model  # every parameter, as Chinchilla counts them
+        if weighed and body_params > MAX_PARAMS_PER_TOKEN * train_tokens:
+            break
+        context = context_for(d_model)
+        per_token = flops_per_token(n_layer, d_model, vocab, context)
+        measured = speeds.get((n_layer, d_model))
+        per_s = measured or scale * efficiency(d_model, device, precision) * peak / per_token
+        limits = []
+        if budget_s:
+            limits.append(per_s * budget_s * OVERHEAD)
+        if budget_flops:
+            limits.append(budget_flops / per_token)
+        tokens = min(limits)
+        micro = micro_batch or default_micro_batch(device, context)
+        need = memory_estimate(n_layer, d_model, n_head, context, vocab, micro, precision)
+        while memory_limit and need > MEMORY_SHARE * memory_limit and micro > 1 and not micro_batch:
+            micro //= 2  # a smaller micro-batch, more accumulation: the same batch in less memory
+            need = memory_estimate(n_layer, d_model, n_head, context, vocab, micro, precision)
+        fits = not memory_limit or need <= MEMORY_SHARE * memory_limit
+        weighed.append(dict(n_layer=n_layer, d_model=d_model, n_head=n_head, context=context, micro_batch=micro,
+                            params=n_params, params_without_embedding=body_params, flops_per_token=per_token,
+                            tokens=int(tokens), epochs=tokens / max(train_tokens, 1),
+                            predicted_loss=predicted_loss(n_params, tokens, train_tokens),
+                            tokens_per_s=per_s,
+                            speed="measured" if measured else "scaled" if speeds else "assumed",
+                            efficiency=per_s * per_token / peak, memory_bytes=need, fits=fits))
+        if not fits:
+            break  # a larger shape needs more memory still
+    if not any(c["fits"] for c in weighed):
+        c = weighed[0]
+        raise UserError(f"even the smallest model ({c['n_layer']}x{c['d_model']}, micro-batch {c['micro_batch']}) "
+                        f"needs about {c['memory_bytes'] / 2**20:,.0f} MiB, more than the "
+                        f"{memory_limit / 2**20:,.0f} MiB free on {device}; free memory or use another device")
+    return weighed
 
 
 def bpe_passes(expected_epochs: float | None) -> int:
@@ -234,3 +305,323 @@ def model_for(m: ModelConfig, vocab_size: int, planned: Plan | None) -> ModelCon
         canon=m.canon or 0,
         dropout=given_or_planned(m.dropout, planned, "dropout", 0.0),
     )
+
+
+# ---------------------------------------------------------------- learning rate
+
+def learning_rate(d_model: int, batch_tokens: int, optim: str = "muon") -> float:
+    """The planned peak learning rate. Width: AdamW's 1.5e-3 × 256 / d_model (µP-like), times the
+    optimizer's factor (train/optim.py default_lr). Batch: not scaled; the plan keeps its batch near
+    STEPS_TARGET steps a run, and no run here has measured a rate against the batch (docs/planner.md)."""
+    del batch_tokens  # part of the rule's inputs; measured figures exist only at one batch (docs/planner.md)
+    return default_lr(d_model, optim)
+
+
+# ---------------------------------------------------------------- memory
+
+MEMORY_SHARE = 0.8  # of the free memory a plan may use: the allocator, the data and the evaluation need the rest
+
+
+def memory_estimate(n_layer: int, d_model: int, n_head: int, context: int, vocab: int, micro_batch: int,
+                    precision: str, mlp_ratio: float = 4.0) -> int:
+    """Bytes a training step holds at its peak: fp32 weights, gradients and two optimizer moments
+    (16 bytes a parameter), the activations kept for the backward pass (Korthikanti et al. 2022: about
+    34·d + 5·heads·context bytes a token and layer in 16 bits, twice that in fp32, attention scores
+    included as the math kernel keeps them), and the logits with their gradient in fp32."""
+    params = n_layer * (4 + 2 * mlp_ratio) * d_model**2 + vocab * d_model
+    tokens = micro_batch * context
+    width = 1 if precision in ("bf16", "fp16") else 2
+    activations = n_layer * tokens * (34 * d_model + 5 * n_head * context) * width
+    logits = 2 * 4 * tokens * vocab
+    return int(1.1 * (16 * params + activations + logits))
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for a run on `device` now (None where it cannot be read)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    # MemAvailable counts reclaimable page cache, which sysconf's free pages leave out; psutil is no dependency
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# ---------------------------------------------------------------- speed probe
+
+PROBE_SHARE = 0.05      # of a time budget the speed probe may take
+PROBE_MAX_S = 30.0
+PROBE_SHAPES = 3        # the best-ranked shapes probed
+PROBE_WARMUP_STEPS = 2  # untimed: the allocator and the kernels' first calls
+PROBE_MIN_S = 1.0       # a shape is not probed in less
+
+
+def probe_speeds(ranked: list[dict], budget_s: float, *, vocab: int, device: torch.device, precision: str,
+                 optim: str = "muon") -> dict:
+    """Training tokens/s of the best-ranked shapes, measured by a few eager steps on this device and
+    remembered per device and shape (the best seen, as device_peak does), within PROBE_SHARE of the budget
+    and PROBE_MAX_S. Returns {(n_layer, d_model): tokens/s} for the shapes measured or remembered."""
+    from budgetlm.data.tokens import cache_dir
+
+    path = cache_dir() / "speed_probes.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    left = min(PROBE_SHARE * budget_s, PROBE_MAX_S)
+    speeds, changed = {}, False
+    shapes = [c for c in ranked if c["fits"]][:PROBE_SHAPES]
+    for i, c in enumerate(shapes):
+        key = (f"{_device_key(device)}/{precision}/torch{torch.__version__}/{c['n_layer']}x{c['d_model']}h{c['n_head']}"
+               f"/ctx{c['context']}/mb{c['micro_batch']}/v{math.ceil(vocab / 64) * 64}/{optim}")
+        if key not in known:
+            share = left / (len(shapes) - i)
+            if share < PROBE_MIN_S:
+                continue
+            started = time.monotonic()
+            measured = step_speed(c, vocab, device, precision, optim, share)
+            left -= time.monotonic() - started
+            if measured is None:
+                continue
+            known[key], changed = measured, True
+        speeds[(c["n_layer"], c["d_model"])] = float(known[key])
+    if changed:
+        _write_json(path, known)
+    return speeds
+
+
+def step_speed(c: dict, vocab: int, device: torch.device, precision: str, optim: str, seconds: float) -> float | None:
+    """Tokens/s of the fastest of eager training steps of shape `c` at its micro-batch, timed after
+    PROBE_WARMUP_STEPS until `seconds` are spent (the fastest, as other work on the machine only slows
+    steps down); None when not even one timed step fits."""
+    from budgetlm.models.gpt import GPT
+    from budgetlm.train.kernels import apply_kernels
+    from budgetlm.train.optim import build_optimizer
+    from budgetlm.train.runtime import autocast
+
+    started = time.monotonic()
+    torch.manual_seed(0)
+    mc = ModelConfig(vocab_size=math.ceil(vocab / 64) * 64, context=c["context"], n_layer=c["n_layer"],
+                     d_model=c["d_model"], n_head=c["n_head"], canon=0, dropout=0.0)
+    model = GPT(mc).to(device)
+    apply_kernels(model, device)
+    optimizer = build_optimizer(model, optim, lr=1e-4, weight_decay=0.1, device=device)
+    x = torch.randint(0, vocab, (c["micro_batch"], c["context"]), device=device)
+
+    def step():
+        with autocast(device, precision):
+            loss = model(x, x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(PROBE_WARMUP_STEPS):
+        step()
+    fastest = math.inf
+    while time.monotonic() - started < seconds:
+        begun = time.perf_counter()
+        step()
+        fastest = min(fastest, time.perf_counter() - begun)
+    return x.numel() / fastest if fastest < math.inf else None
+
+
+def _device_key(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{torch.get_num_threads()}"
+
+
+def _write_json(path, data: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs repeatability
+
+
+def plan_on_device(budget_s: float | None, *, train_tokens: int, vocab: int, device: torch.device, precision: str,
+                   micro_batch: int | None = None, budget_flops: float | None = None, optim: str = "muon",
+                   probe: bool = True, clock=None) -> Plan:
+    """The plan for this device: its free memory caps the shapes, and with a time budget the best-ranked
+    shapes' speed is probed here (cached) before the final ranking. `clock()` gives the seconds of the
+    budget left after the probe (default: `budget_s` less the probe's time)."""
+    limit = available_memory(device)
+    kwargs = dict(train_tokens=train_tokens, vocab=vocab, device=device, precision=precision, micro_batch=micro_batch,
+                  budget_flops=budget_flops, memory_limit=limit, optim=optim)
+    first = plan(budget_s, **kwargs)
+    if not (probe and budget_s):
+        return first
+    started = time.monotonic()
+    ranked = sorted(first.candidates, key=lambda c: c["predicted_loss"])
+    speeds = probe_speeds(ranked, budget_s, vocab=vocab, device=device, precision=precision, optim=optim)
+    left = clock() if clock else budget_s - (time.monotonic() - started)
+    return plan(left, peak_flops=first.peak_flops, speeds=speeds, **kwargs)
+
+
+# ---------------------------------------------------------------- the plan as a record
+
+PLAN_FORMAT = 1  # bumped when a field of plan_record changes meaning or goes away
+
+
+def plan_record(planned: Plan | None, mc: ModelConfig, *, n_params: int, n_params_without_embedding: int,
+                flops_per_token_: float, device: str, precision: str, compiled: bool, budget: dict,
+                data: dict, batch_tokens: int, micro_batch: int | None, micro_steps: int | None,
+                lr: float, warmup: float, optim: str, schedule: str) -> dict:
+    """The plan as plain data: what `budgetlm plan --json` prints and pretrain writes to plan.json
+    (fields listed in docs/planner.md)."""
+    p = planned
+    tokens = p.expected_tokens if p else (budget.get("max_tokens") or None)
+    steps = math.ceil(tokens / batch_tokens) if tokens else budget.get("max_steps")
+    warmup_steps = (round(warmup * steps) if warmup < 1 else int(warmup)) if steps else None
+    regularizers = []
+    if mc.dropout:
+        why = (f"{p.expected_epochs:.1f} expected epochs > {REPEATS_BEFORE_DROPOUT:g}" if p and p.dropout == mc.dropout
+               else "given")
+        regularizers.append({"name": "dropout", "value": mc.dropout, "why": why})
+    bpe = data.get("bpe_dropout") or 0.0
+    if bpe:
+        why = (f"{p.expected_epochs:.1f} expected epochs > {REPEATS_BEFORE_BPE_DROPOUT:g}"
+               if p and p.bpe_dropout == bpe else "given")
+        regularizers.append({"name": "bpe_dropout", "value": bpe, "passes": data.get("bpe_passes"), "why": why})
+    return {
+        "format": PLAN_FORMAT,
+        "planned": p is not None,
+        "device": device,
+        "precision": precision,
+        "compiled": compiled,
+        "matmul_peak_flops": p.peak_flops if p else None,
+        "budget": budget,
+        "data": data,
+        "model": {**mc.to_dict(), "params": n_params, "params_without_embedding": n_params_without_embedding,
+                  "flops_per_token": flops_per_token_},
+        "training": {"tokens": tokens, "epochs": tokens / data["train_tokens"] if tokens and data.get("train_tokens")
+                     else None, "batch_tokens": batch_tokens, "micro_batch": micro_batch, "micro_steps": micro_steps,
+                     "steps": steps, "optimizer": optim, "lr": lr,
+                     "lr_rule": "1.5e-3 x 256 / d_model x the optimizer's factor (not scaled with the batch)",
+                     "schedule": schedule, "warmup_steps": warmup_steps,
+                     "flops": tokens * flops_per_token_ if tokens else None,
+                     "tokens_per_s": p.tokens_per_s if p else None, "speed": p.speed if p else None},
+        "memory": {"estimate_bytes": p.memory_bytes if p else None, "free_bytes": p.memory_limit if p else None,
+                   "share_allowed": MEMORY_SHARE},
+        "regularizers": regularizers,
+        "ranking": {"by": "predicted_loss: the Chinchilla fit L(N, D) (Hoffmann et al. 2022) with repeated epochs "
+                    "discounted (Muennighoff et al. 2023), nats per token on the fit's own data: it ranks shapes "
+                    "and is not a forecast of this corpus' validation loss",
+                    "predicted_loss": p.predicted_loss if p else None},
+        "candidates": [{k: v for k, v in c.items()} for c in (p.candidates if p else [])],
+    }
+
+
+def plan_text(r: dict) -> str:
+    """The plan record for people: each choice and its reason."""
+    m, t, b, d = r["model"], r["training"], r["budget"], r["data"]
+    limits = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in b.items() if v)
+    lines = [f"plan ({'chosen by the planner' if r['planned'] else 'no plan: the shape was given'}), budget: {limits}",
+             f"  device {r['device']}, {r['precision']}, {'compiled' if r['compiled'] else 'eager'}"
+             + (f", matmul peak {r['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s" if r["matmul_peak_flops"] else ""),
+             f"  model {m['n_layer']}x{m['d_model']}, {m['n_head']} heads, context {m['context']}, vocabulary "
+             f"{d['vocab_size']:,} (head {m['vocab_size']:,}): {m['params'] / 1e6:.2f}M parameters, "
+             f"{m['params_without_embedding'] / 1e6:.2f}M without the embedding"]
+    if t["tokens"]:
+        epochs = f" = {t['epochs']:.1f} epochs of {d['train_tokens']:,}" if t["epochs"] else ""
+        lines.append(f"  tokens {t['tokens']:,}{epochs}, {t['flops']:.3g} model FLOPs")
+    micro = (f"micro-batch {t['micro_batch']} x {t['micro_steps']}" if t["micro_batch"]
+             else "micro-batch: the largest that fits, found at the start")
+    lines.append(f"  batch {t['batch_tokens']:,} tokens ({micro}), "
+                 f"{t['steps'] if t['steps'] else '?'} steps")
+    warm = f", warmup {t['warmup_steps']} steps" if t["warmup_steps"] is not None else ""
+    lines.append(f"  {t['optimizer']} lr {t['lr']:.2e} ({t['lr_rule']}), {t['schedule']}{warm}")
+    for g in r["regularizers"]:
+        lines.append(f"  {g['name']} {g['value']:g}: {g['why']}")
+    if not r["regularizers"]:
+        lines.append("  no dropout or BPE-dropout: the text is not read often enough to need them")
+    if r["memory"]["estimate_bytes"]:
+        free = r["memory"]["free_bytes"]
+        lines.append(f"  memory: about {r['memory']['estimate_bytes'] / 2**20:,.0f} MiB a step"
+                     + (f" of {free / 2**20:,.0f} MiB free" if free else ""))
+    if r["planned"]:
+        lines.append(f"  ranked by predicted loss (Chinchilla fit, not a forecast of this corpus' loss): "
+                     f"{r['ranking']['predicted_loss']:.3f}")
+        lines.append("  shape      context  params  tokens      epochs  pred.loss  tokens/s  speed     fits")
+        for c in r["candidates"]:
+            mark = "*" if (c["n_layer"], c["d_model"]) == (m["n_layer"], m["d_model"]) else " "
+            lines.append(f" {mark}{c['n_layer']:>2}x{c['d_model']:<6} {c['context']:>7} {c['params'] / 1e6:6.2f}M "
+                         f"{c['tokens']:>11,} {c['epochs']:7.1f} {c['predicted_loss']:9.3f} {c['tokens_per_s']:9,.0f}  "
+                         f"{c['speed']:<9} {'yes' if c['fits'] else 'no'}")
+    return "\n".join(lines)
+
+
+def batch_settings(batch_tokens, micro_batch: int | None, context: int, planned: Plan | None) -> tuple[int, int | None]:
+    """(tokens per optimizer step, sequences per forward pass) from the flags over the plan. The micro-batch is
+    None for --batch-tokens auto: the largest that fits, found once the model is built."""
+    asked = batch_tokens if isinstance(batch_tokens, int) else None
+    if asked is not None:
+        tokens = asked
+    elif planned is not None and context == planned.context:
+        tokens = planned.batch_tokens
+    else:
+        tokens = (micro_batch or 8) * context
+    if micro_batch:
+        return tokens, micro_batch
+    if batch_tokens == "auto":
+        return tokens, None
+    micro = planned.micro_batch if planned else 8
+    if asked is not None:  # a batch smaller than one planned micro-batch: fewer sequences per pass
+        micro = max(1, min(micro, asked // context))
+    return tokens, micro
+
+
+def planned_lr(lr: float | None, d_model: int, batch_tokens: int, optim: str, planned: Plan | None) -> float:
+    """--lr where given, else the plan's rate where the plan's width stands, else the rule at this width."""
+    if lr:
+        return lr
+    if planned is not None and planned.d_model == d_model and planned.lr:
+        return planned.lr
+    return learning_rate(d_model, batch_tokens, optim)
+
+
+# ---------------------------------------------------------------- what pretrain and plan share
+
+def shape_given(m: ModelConfig) -> bool:
+    """Whether flags fix the model's shape (then the planner does not pick it)."""
+    return bool(m.size or m.n_layer or m.d_model or m.n_head)
+
+
+def bpe_dropout_setting(d, tokenizer, planned: Plan | None) -> tuple[float, int]:
+    """(rate, noisy passes) of BPE-dropout from the [data] settings `d`: the flags, else the plan; (0, 0) when off."""
+    from budgetlm.data.tokens import supports_bpe_dropout
+
+    rate = given_or_planned(d.bpe_dropout, planned, "bpe_dropout", 0.0)
+    if not rate:
+        return 0.0, 0
+    if not supports_bpe_dropout(tokenizer):
+        if d.bpe_dropout:
+            raise UserError("--bpe-dropout needs a BPE tokenizer, and --tokenizer gave another kind; "
+                            "drop --bpe-dropout or use a BPE tokenizer")
+        return 0.0, 0
+    return rate, d.bpe_passes or bpe_passes(planned.expected_epochs if planned else None)
+
+
+def budget_fields(t) -> dict:
+    """The run's limits, as the plan record lists them."""
+    return {"seconds": t.budget, "flops": t.budget_flops, "max_steps": t.max_steps, "max_tokens": t.max_tokens}
+
+
+def data_fields(text, bpe_rate: float, passes: int) -> dict:
+    """The prepared text (data/prepare.py), as the plan record lists it."""
+    return {"train_tokens": len(text.train_tokens), "val_tokens": len(text.val_tokens),
+            "train_documents": len(text.train_docs), "vocab_size": text.tokenizer.get_vocab_size(),
+            "bpe_dropout": bpe_rate, "bpe_passes": passes}

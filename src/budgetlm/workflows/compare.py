@@ -46,7 +46,7 @@ from budgetlm.train.checkpoint import atomic_write_bytes
 from budgetlm.workflows import pretrain
 from budgetlm.report import prepare_out, run_quietly, say
 
-LIMITS = ("budget", "max_steps", "max_tokens")
+LIMITS = ("budget", "budget_flops", "max_steps", "max_tokens")
 
 
 @dataclass
@@ -92,7 +92,7 @@ def variants(base: RunConfig, *, vary: list[str] | None = None, sweep: str | Non
     for v in found:
         t = v.config.train
         if not any(getattr(t, limit) for limit in LIMITS):
-            raise UserError(f"variant {v.name}: give a limit, e.g. --budget 60s (or --max-steps, --max-tokens)")
+            raise UserError(f"variant {v.name}: give a limit, e.g. --budget 60s (or --budget-flops, --max-steps, --max-tokens)")
     return found
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import platform
 import time
 from pathlib import Path
 
@@ -16,24 +15,35 @@ import torch
 from budgetlm import tracking
 from budgetlm.budget import Budget, format_duration
 from budgetlm.config import Every, RunConfig
-from budgetlm.data.default_corpus import default_corpus_files
-from budgetlm.data.sources import load_corpus, split_validation
-from budgetlm.data.tokenizer import default_vocab_size, load_tokenizer, train_tokenizer
-from budgetlm.data.tokens import bpe_dropout_tokens, cache_dir, cached_tokens, content_hash, supports_bpe_dropout
+from budgetlm.data.prepare import prepare_text
+from budgetlm.data.tokens import bpe_dropout_tokens
 from budgetlm.errors import UserError
 from budgetlm.models.gpt import GPT
 from budgetlm.report import prepare_out, say, say_done
-from budgetlm.plan import Plan, bpe_passes, given_or_planned, model_for, plan
+from budgetlm.plan import (
+    Plan,
+    batch_settings,
+    bpe_dropout_setting,
+    budget_fields,
+    data_fields,
+    model_for,
+    plan_on_device,
+    plan_record,
+    plan_text,
+    planned_lr,
+    shape_given,
+)
 from budgetlm.train.batching import largest_micro_batch
 from budgetlm.train.checkpoint import atomic_write_bytes, save_model
 from budgetlm.train.kernels import apply_kernels
 from budgetlm.train.lm import LanguageModelTask
 from budgetlm.train.loop import FitConfig, fit
 from budgetlm.train.metrics import RunLog, plot_losses
-from budgetlm.train.optim import build_optimizer, default_lr, parse_optim_args
+from budgetlm.train.optim import build_optimizer, parse_optim_args
 from budgetlm.train.resume import Checkpoints, find_resume
 from budgetlm.train.runtime import (
     Runtime,
+    device_name,
     pick_device,
     pick_precision,
     set_threads,
@@ -41,37 +51,6 @@ from budgetlm.train.runtime import (
 )
 from budgetlm.train.schedule import Schedule
 from budgetlm.train.signals import GracefulStop
-
-
-def tokenizer_for(train_docs: list[str], cfg: RunConfig):
-    """The user's tokenizer, or BPE trained on the training split (cached by data and size)."""
-    if cfg.data.tokenizer:
-        return load_tokenizer(cfg.data.tokenizer)
-    n_bytes = sum(len(d.encode("utf-8")) for d in train_docs)
-    vocab = cfg.data.vocab_size or default_vocab_size(n_bytes)
-    path = cache_dir() / "tokenizers" / f"bpe{vocab}-{content_hash(train_docs, str(vocab))}.json"
-    if path.exists():
-        return load_tokenizer(path)
-    started = time.monotonic()
-    tok = train_tokenizer(train_docs, vocab)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path))
-    say(f"trained a {tok.get_vocab_size()}-token BPE tokenizer in {time.monotonic() - started:.1f}s")
-    return tok
-
-
-def bpe_dropout_setting(cfg: RunConfig, tokenizer, planned: Plan | None) -> tuple[float, int]:
-    """(rate, noisy passes) of BPE-dropout: the flags, else the plan; (0, 0) when off."""
-    d = cfg.data
-    rate = given_or_planned(d.bpe_dropout, planned, "bpe_dropout", 0.0)
-    if not rate:
-        return 0.0, 0
-    if not supports_bpe_dropout(tokenizer):
-        if d.bpe_dropout:
-            raise UserError("--bpe-dropout needs a BPE tokenizer, and --tokenizer gave another kind; "
-                            "drop --bpe-dropout or use a BPE tokenizer")
-        return 0.0, 0
-    return rate, d.bpe_passes or bpe_passes(planned.expected_epochs if planned else None)
 
 
 # Time the temperature's fit takes, in evaluations of the whole validation text, the final evaluation included:
@@ -85,8 +64,8 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     `on_eval(entry) -> bool` sees each periodic evaluation and may stop the run (see loop.fit)."""
     t = cfg.train
     tracking.require(t.report_to)  # a missing tracker package stops the run before anything else
-    budget = Budget(seconds=t.budget, max_steps=t.max_steps,
-                    max_tokens=t.max_tokens)  # the clock starts now: data preparation counts
+    budget = Budget(seconds=t.budget, max_steps=t.max_steps, max_tokens=t.max_tokens,
+                    max_flops=t.budget_flops)  # the clock starts now: data preparation counts
     prepare_out(out)
     checkpoints = Checkpoints(out / "checkpoints", keep=t.keep_checkpoints)
     snapshot = find_resume(t.resume, out, needs=("tokenizer.json",), warn=say)
@@ -97,29 +76,22 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     device = pick_device(t.device)
     precision = pick_precision(t.precision, device)
 
-    # Data: documents → train/validation split → tokenizer → cached token streams.
-    sources = cfg.data.data or [str(p) for p in default_corpus_files()]
-    corpus = load_corpus(sources, text_field=cfg.data.text_field, text_column=cfg.data.text_column)
-    if cfg.data.val:
-        train_docs = corpus.documents
-        val_docs = load_corpus(cfg.data.val, text_field=cfg.data.text_field, text_column=cfg.data.text_column).documents
-    else:
-        train_docs, val_docs = split_validation(corpus.documents, cfg.data.val_fraction)
-    # a resumed run keeps the tokenizer it started with
-    tokenizer = load_tokenizer(out / "tokenizer.json") if snapshot is not None else tokenizer_for(train_docs, cfg)
-    train_tokens = cached_tokens(train_docs, tokenizer, "train")
-    val_tokens = cached_tokens(val_docs, tokenizer, "val")
-    val_bytes = sum(len(d.encode("utf-8")) for d in val_docs)
+    # Data: documents → train/validation split → tokenizer → cached token streams; a resumed run keeps the
+    # tokenizer it started with
+    text = prepare_text(cfg.data, out / "tokenizer.json" if snapshot is not None else None)
+    train_docs, val_docs, tokenizer = text.train_docs, text.val_docs, text.tokenizer
+    train_tokens, val_tokens, val_bytes = text.train_tokens, text.val_tokens, text.val_bytes
 
     planned = None
-    if budget.seconds and not (cfg.model.size or cfg.model.n_layer or cfg.model.d_model or cfg.model.n_head):
+    if (budget.seconds or budget.max_flops) and not shape_given(cfg.model):
         # a resumed run keeps the plan its first session made for the whole budget; planning again
         # for the time left could pick another shape, which the checkpoint cannot continue
         planned = Plan.from_dict(snapshot.meta.get("plan")) if snapshot is not None else None
         if planned is None:
-            planned = plan(budget.seconds - budget.elapsed(), train_tokens=len(train_tokens),
-                           vocab=tokenizer.get_vocab_size(), device=device, precision=precision,
-                           micro_batch=t.micro_batch)
+            planned = plan_on_device(budget.remaining(), train_tokens=len(train_tokens),
+                                     vocab=tokenizer.get_vocab_size(), device=device, precision=precision,
+                                     micro_batch=t.micro_batch, budget_flops=t.budget_flops, optim=t.optim,
+                                     clock=budget.remaining)
         say(planned.describe())
     mc = model_for(cfg.model, tokenizer.get_vocab_size(), planned)
     if mc.d_model % mc.n_head:
@@ -132,7 +104,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     if len(train_tokens) < 2 * mc.context + 2:
         raise UserError(f"the training text has {len(train_tokens)} tokens, too few for two context windows of "
                         f"{mc.context}; give more text or a smaller --context")
-    bpe_rate, passes = bpe_dropout_setting(cfg, tokenizer, planned)
+    bpe_rate, passes = bpe_dropout_setting(cfg.data, tokenizer, planned)
     identity = {"model": mc.to_dict(), "train_tokens": Path(train_tokens.filename).name,
                 "vocab_asked": cfg.data.vocab_size, "bpe_dropout": bpe_rate, "bpe_passes": passes,
                 "plan": dataclasses.asdict(planned) if planned is not None else None}
@@ -150,36 +122,31 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
                 f"{time.monotonic() - started:.1f}s")
 
     model = GPT(mc).to(device)
-    asked_tokens = t.batch_tokens if isinstance(t.batch_tokens, int) else None
-    if asked_tokens is not None:
-        batch_tokens = asked_tokens
-    elif planned is not None and mc.context == planned.context:
-        batch_tokens = planned.batch_tokens
-    else:
-        batch_tokens = (t.micro_batch or 8) * mc.context
+    budget.flops_per_token = model.flops_per_token()
+    batch_tokens, micro_batch = batch_settings(t.batch_tokens, t.micro_batch, mc.context, planned)
     compiled = should_compile(t.compile, device, budget.seconds)
     apply_kernels(model, device, compiled=compiled)
     forward = torch.compile(model) if compiled else model
     runtime = Runtime(device, precision, compiled)
-    if t.micro_batch:
-        micro_batch = t.micro_batch
-    elif t.batch_tokens == "auto":
+    if micro_batch is None:
         micro_batch = largest_micro_batch(model, forward, mc.context, mc.vocab_size, batch_tokens, device,
                                           runtime.autocast)
-    else:
-        micro_batch = planned.micro_batch if planned else 8
-        if asked_tokens is not None:  # a batch smaller than one planned micro-batch: fewer sequences per pass
-            micro_batch = max(1, min(micro_batch, asked_tokens // mc.context))
     micro_steps = max(1, round(batch_tokens / (micro_batch * mc.context)))
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
-    lr = t.lr or default_lr(mc.d_model, t.optim)
+    lr = planned_lr(t.lr, mc.d_model, batch_tokens, t.optim, planned)
     optimizer = build_optimizer(model, t.optim, lr=lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
                                 extra=parse_optim_args(t.optim_args or ""), device=device)
     schedule = Schedule(t.schedule, t.warmup, t.decay_fraction, t.min_lr_ratio, gamma=t.gamma,
                         step_size=t.step_size, patience=t.plateau_patience)
+    record = plan_record(planned, mc, n_params=model.num_params(), n_params_without_embedding=model.num_params(False),
+                         flops_per_token_=model.flops_per_token(), device=device_name(device), precision=precision,
+                         compiled=compiled, budget=budget_fields(t), data=data_fields(text, bpe_rate, passes),
+                         batch_tokens=micro_steps * micro_batch * mc.context, micro_batch=micro_batch,
+                         micro_steps=micro_steps, lr=lr, warmup=t.warmup, optim=t.optim, schedule=t.schedule)
+    planned_steps = record["training"]["steps"]
     eval_every = t.eval_every or (Every(seconds=budget.seconds / 12) if budget.seconds
-                                  else Every(steps=max(1, (t.max_steps or 1200) // 12)))
+                                  else Every(steps=max(1, (t.max_steps or planned_steps or 1200) // 12)))
     stopping = t.stopping
     eval_batches = None if t.eval_tokens is None else max(1, math.ceil(t.eval_tokens / (micro_batch * mc.context)))
     fit_cfg = FitConfig(lr=lr, schedule=schedule, micro_steps=micro_steps, grad_clip=t.grad_clip,
@@ -200,6 +167,8 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         # the tokenizer and config go out first: a resume must find them whatever happens next
         atomic_write_bytes(out / "tokenizer.json", tokenizer.to_str().encode())
         atomic_write_bytes(out / "config.json", json.dumps(mc.to_dict(), indent=2).encode())
+    atomic_write_bytes(out / "plan.json", json.dumps(record, indent=2).encode())
+    say(plan_text(record))
     say(f"budgetlm pretrain: {model.num_params() / 1e6:.2f}M parameters ({mc.n_layer} layers, d_model {mc.d_model}, "
         f"{mc.n_head} heads, context {mc.context}), vocab {tokenizer.get_vocab_size()}, "
         f"{text_tokens:,} training / {len(val_tokens):,} validation tokens")
@@ -240,6 +209,8 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         "steps": result.steps,
         "params": model.num_params(),
         "flops_per_token": model.flops_per_token(),
+        "flops": budget.flops(result.seen),
+        "budget_flops": budget.max_flops,
         "wall_s": round(budget.elapsed(), 2),
         "budget_s": budget.seconds,
         "train_s": round(result.train_s, 2),
@@ -248,7 +219,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         "tokens_per_s": round(result.per_s, 1),
         "tokens_per_s_overall": round(result.overall_per_s, 1),
         "model_flops_per_s": round(result.per_s * model.flops_per_token(), 1),
-        "device": _device_name(device),
+        "device": device_name(device),
         "precision": precision,
         "compiled": compiled,
         "ema": fit_cfg.ema,
@@ -292,9 +263,3 @@ def _check_same_run(snapshot, identity: dict) -> None:
     if snapshot.meta.get("train_tokens") != identity["train_tokens"]:
         raise UserError(f"checkpoint {snapshot.path} was trained on other data; resume with the same --data "
                         "or start a new --out")
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

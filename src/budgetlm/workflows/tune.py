@@ -9,7 +9,7 @@ The search space is the `[tune]` table of the config TOML, one entry per config 
     lr_factor = {low = 0.25, high = 4, log = true}
 
 `lr_factor` is the one key that is not a config field: it multiplies the configured learning rate, or
-the automatic one for the trial's width and optimizer (pretrain.default_lr), so "around the default"
+the planned one for the trial's width and optimizer (plan.learning_rate), so "around the default"
 means the same for every optimizer. Without a [tune] table, DEFAULT_SPACE is searched.
 
 Trial 0 runs the config as given (each searched key at its configured value where the space holds
@@ -43,7 +43,7 @@ from budgetlm.config import (
     value_types,
     with_overrides,
 )
-from budgetlm.plan import model_for
+from budgetlm.plan import learning_rate, model_for
 from budgetlm.errors import UserError
 from budgetlm.train.checkpoint import atomic_write_bytes
 from budgetlm.workflows import pretrain
@@ -288,7 +288,7 @@ def trial_config(base: RunConfig, params: dict, planned_width: int | None) -> tu
     factor = params.get(LR_FACTOR, 1.0)
     if factor != 1.0:
         probe = with_overrides(base, settings)
-        reference = probe.train.lr or pretrain.default_lr(_width(probe, planned_width), probe.train.optim)
+        reference = probe.train.lr or learning_rate(_width(probe, planned_width), 0, probe.train.optim)
         settings["lr"] = reference * factor
     return with_overrides(base, settings, "[tune] "), settings
 
