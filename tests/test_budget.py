@@ -80,3 +80,21 @@ def test_early_stopping_rules_are_read_once_with_their_direction():
     for bad in ("val_bpb", "val_bpb,x", ",3", "val_bpb,-1"):
         with pytest.raises(UserError):
             EarlyStop.parse(bad)
+
+
+def test_a_flop_budget_ends_at_the_step_nearest_its_flops():
+    b = Budget(max_flops=10_000, flops_per_token=10)  # 1,000 tokens
+    assert b.exhausted(0, 0) is None
+    # steps of 300 tokens: after 3 (900) a fourth would end 200 past the budget, stopping leaves 100: stop
+    assert b.exhausted(3, 900) == "max_flops"
+    # steps of 120 tokens: after 7 (840) an eighth ends at 960, 40 short: go on; after 8 a ninth would end 80 past
+    assert b.exhausted(7, 840) is None
+    assert b.exhausted(8, 960) == "max_flops"
+    assert b.progress(5, 500) == pytest.approx(0.5)
+    assert "1e+04 FLOPs" in b.describe()
+
+
+def test_a_flop_budget_is_a_limit():
+    Budget(max_flops=1e12)  # no error: FLOPs alone bound a run
+    with pytest.raises(UserError, match="--budget-flops"):
+        Budget()

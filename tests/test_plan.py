@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from budgetlm import plan as planner
+from budgetlm.errors import UserError
 from budgetlm.plan import LADDER, context_for, flops_per_token, plan, predicted_loss
 
 CPU = torch.device("cpu")
@@ -116,3 +117,108 @@ def test_bf16_plans_fewer_tokens_than_its_peak_alone_promises():
     assert shape(bf16) == shape(fp32)
     assert fp32.expected_tokens < bf16.expected_tokens < 2.5 * fp32.expected_tokens
     assert all(planner.efficiency(d, CPU, "bf16") < planner.efficiency(d, CPU, "fp32") for d in (64, 128, 192, 384))
+
+
+def test_more_flops_never_plans_a_smaller_model():
+    plans = [plan(None, budget_flops=f, train_tokens=10**9, vocab=8192, device=CPU, precision="fp32", peak_flops=PEAK)
+             for f in (1e13, 1e14, 1e15, 1e16, 1e17, 1e18)]
+    shapes = [shape(p) for p in plans]
+    assert shapes == sorted(shapes) and shapes[0] < shapes[-1]
+    for p, flops in zip(plans, (1e13, 1e14, 1e15, 1e16, 1e17, 1e18)):
+        # the tokens a FLOP budget plans are the budget over the shape's FLOPs per token, whatever the device's speed
+        assert p.expected_tokens * flops_per_token(p.n_layer, p.d_model, 8192, p.context) == pytest.approx(flops, rel=1e-6)
+        assert p.budget_flops == flops
+
+
+def test_time_and_flops_together_plan_for_the_tighter():
+    by_time = plan(300, train_tokens=10**9, vocab=4096, device=CPU, precision="fp32", peak_flops=PEAK)
+    both = plan(300, budget_flops=1e12, train_tokens=10**9, vocab=4096, device=CPU, precision="fp32", peak_flops=PEAK)
+    assert both.expected_tokens < by_time.expected_tokens
+
+
+@pytest.mark.parametrize("limit_mib", [100, 200, 500, 4000])
+def test_no_planned_shape_exceeds_the_memory_it_may_use(limit_mib):
+    limit = limit_mib * 2**20
+    free = plan(30000, train_tokens=10**10, vocab=32768, device=CPU, precision="fp32", peak_flops=PEAK)
+    capped = plan(30000, train_tokens=10**10, vocab=32768, device=CPU, precision="fp32", peak_flops=PEAK,
+                  memory_limit=limit)
+    need = planner.memory_estimate(capped.n_layer, capped.d_model, capped.n_head, capped.context, 32768,
+                                   capped.micro_batch, "fp32")
+    assert need == capped.memory_bytes <= planner.MEMORY_SHARE * limit
+    assert shape(capped) <= shape(free)
+    assert all(c["memory_bytes"] <= planner.MEMORY_SHARE * limit for c in capped.candidates if c["fits"])
+    if limit_mib == 100:
+        assert shape(capped) < shape(free)  # the cap, not the budget, chose this size
+
+
+def test_memory_too_small_for_any_shape_is_a_clear_error():
+    with pytest.raises(UserError, match="MiB"):
+        plan(300, train_tokens=10**6, vocab=4096, device=CPU, precision="fp32", peak_flops=PEAK, memory_limit=2**20)
+
+
+def test_memory_estimate_grows_with_what_a_step_holds():
+    base = planner.memory_estimate(4, 128, 2, 256, 4096, 8, "fp32")
+    assert planner.memory_estimate(4, 128, 2, 256, 4096, 16, "fp32") > base  # activations and logits
+    assert planner.memory_estimate(8, 128, 2, 256, 4096, 8, "fp32") > base   # parameters and activations
+    assert planner.memory_estimate(4, 128, 2, 256, 4096, 8, "bf16") < base   # 16-bit activations
+    # at least the fp32 weights, gradients and two moments of every parameter
+    params = 12 * 4 * 128**2 + 4096 * 128
+    assert base > 16 * params
+
+
+def test_the_learning_rate_is_planned_from_width():
+    small = plan(60, train_tokens=10**9, vocab=4096, device=CPU, precision="fp32", peak_flops=PEAK)
+    large = plan(60000, train_tokens=10**9, vocab=4096, device=CPU, precision="fp32", peak_flops=PEAK)
+    assert small.d_model < large.d_model
+    assert small.lr * small.d_model == pytest.approx(large.lr * large.d_model)  # 1/width
+    assert planner.learning_rate(128, 2048, "muon") == pytest.approx(3e-3)     # measured at 4x128 (docs/planner.md)
+    assert planner.planned_lr(None, small.d_model, 2048, "muon", small) == small.lr
+    assert planner.planned_lr(1e-4, small.d_model, 2048, "muon", small) == 1e-4
+
+
+def test_probed_speeds_are_cached_per_device_and_shape_and_bounded_by_the_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv("BUDGETLM_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_speed(c, vocab, device, precision, optim, seconds):
+        calls.append((c["n_layer"], c["d_model"], seconds))
+        return 1000.0 * c["d_model"]
+
+    monkeypatch.setattr(planner, "step_speed", fake_speed)
+    first = plan(600, train_tokens=10**9, vocab=4096, device=CPU, precision="fp32", peak_flops=PEAK)
+    ranked = sorted(first.candidates, key=lambda c: c["predicted_loss"])
+    speeds = planner.probe_speeds(ranked, 600, vocab=4096, device=CPU, precision="fp32")
+    assert len(calls) == planner.PROBE_SHAPES and set(speeds) == {(l, d) for l, d, _ in calls}
+    # no more than 5% of the budget, nor 30 s, in all
+    assert sum(s for *_, s in calls) <= min(0.05 * 600, planner.PROBE_MAX_S) + 1e-9
+    calls.clear()
+    again = planner.probe_speeds(ranked, 600, vocab=4096, device=CPU, precision="fp32")
+    assert calls == [] and again == speeds  # remembered: no second probe
+    # a budget whose 5% cannot hold a probe measures nothing
+    assert planner.probe_speeds(ranked, 10, vocab=8192, device=CPU, precision="fp32") == {}
+    probed = plan(600, train_tokens=10**9, vocab=4096, device=CPU, precision="fp32", peak_flops=PEAK, speeds=speeds)
+    kinds = {(c["n_layer"], c["d_model"]): c["speed"] for c in probed.candidates}
+    assert {k for k, v in kinds.items() if v == "measured"} == set(speeds)
+    assert set(kinds.values()) == {"measured", "scaled"}
+    for c in probed.candidates:
+        if c["speed"] == "measured":
+            assert c["tokens_per_s"] == speeds[(c["n_layer"], c["d_model"])]
+
+
+def test_plan_record_lists_the_candidates_and_says_what_it_ranks_by():
+    from budgetlm.models.config import ModelConfig
+
+    p = plan(300, train_tokens=300_000, vocab=4096, device=CPU, precision="fp32", peak_flops=PEAK)
+    mc = planner.model_for(ModelConfig(), 4096, p)
+    r = planner.plan_record(p, mc, n_params=1, n_params_without_embedding=1, flops_per_token_=1e6, device="cpu",
+                            precision="fp32", compiled=False, budget={"seconds": 300.0}, data={"train_tokens": 300_000,
+                            "vocab_size": 4096, "bpe_dropout": p.bpe_dropout, "bpe_passes": 4},
+                            batch_tokens=p.batch_tokens, micro_batch=p.micro_batch, micro_steps=1, lr=p.lr,
+                            warmup=0.02, optim="muon", schedule="wsd")
+    assert (r["model"]["n_layer"], r["model"]["d_model"], r["model"]["n_head"]) == (p.n_layer, p.d_model, p.n_head)
+    assert {g["name"] for g in r["regularizers"]} == {"dropout", "bpe_dropout"}  # about 10 epochs of a small text
+    assert r["training"]["warmup_steps"] == round(0.02 * r["training"]["steps"])
+    assert "not a forecast" in r["ranking"]["by"]
+    text = planner.plan_text(r)
+    assert "dropout" in text and f"{p.n_layer}x{p.d_model}" in text
+    assert json.loads(json.dumps(r)) == r  # plain data

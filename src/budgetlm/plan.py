@@ -390,7 +390,7 @@ def probe_speeds(ranked: list[dict], budget_s: float, *, vocab: int, device: tor
                 continue
             started = time.monotonic()
             measured = step_speed(c, vocab, device, precision, optim, share)
-            left -= time.monotonic() - started
+            left -= max(share, time.monotonic() - started)  # the share it was given, or what it overran
             if measured is None:
                 continue
             known[key], changed = measured, True
@@ -483,8 +483,11 @@ def plan_record(planned: Plan | None, mc: ModelConfig, *, n_params: int, n_param
     """The plan as plain data: what `budgetlm plan --json` prints and pretrain writes to plan.json
     (fields listed in docs/planner.md)."""
     p = planned
-    tokens = p.expected_tokens if p else (budget.get("max_tokens") or None)
-    steps = math.ceil(tokens / batch_tokens) if tokens else budget.get("max_steps")
+    limits = [x for x in (budget.get("max_tokens"), budget.get("flops") and int(budget["flops"] / flops_per_token_)) if x]
+    tokens = min([p.expected_tokens, *limits]) if p else min(limits, default=None)
+    if budget.get("max_steps"):
+        tokens = min(tokens or math.inf, budget["max_steps"] * batch_tokens)
+    steps = math.ceil(tokens / batch_tokens) if tokens else None
     warmup_steps = (round(warmup * steps) if warmup < 1 else int(warmup)) if steps else None
     regularizers = []
     if mc.dropout:
