@@ -184,17 +184,19 @@ def predicted_loss(n_params: float, tokens: float, unique_tokens: float) -> floa
 
 def plan(budget_s: float | None, *, train_tokens: int, vocab: int, device: torch.device, precision: str,
          micro_batch: int | None = None, peak_flops: float | None = None, budget_flops: float | None = None,
-         speeds: dict | None = None, memory_limit: int | None = None, optim: str = "muon") -> Plan:
+         speeds: dict | None = None, memory_limit: int | None = None, optim: str = "muon",
+         ladder: list | None = None) -> Plan:
     """The ladder shape with the lowest predicted loss after `budget_s` seconds of training and/or
     `budget_flops` model FLOPs, among the shapes that fit `memory_limit` bytes. `speeds` maps
     (n_layer, d_model) to training tokens/s measured on this device (probe_speeds); other shapes'
-    speed comes from the efficiency table."""
+    speed comes from the efficiency table. `ladder`: other shapes to weigh (a single one: the plan's
+    rules applied to that shape, as bench/planner_regret.py does)."""
     if not budget_s and not budget_flops:
         raise ValueError("plan needs a time or a FLOP budget")
     peak = peak_flops or device_peak(device, precision_dtype(precision))
     weighed = candidates(budget_s, train_tokens=train_tokens, vocab=vocab, device=device, precision=precision,
                          micro_batch=micro_batch, peak=peak, budget_flops=budget_flops, speeds=speeds or {},
-                         memory_limit=memory_limit)
+                         memory_limit=memory_limit, ladder=ladder or LADDER)
     best = min((c for c in weighed if c["fits"]), key=lambda c: c["predicted_loss"])
     n_layer, d_model, n_head, context, tokens = (best[k] for k in ("n_layer", "d_model", "n_head", "context", "tokens"))
     micro = best["micro_batch"]
@@ -226,12 +228,12 @@ def default_micro_batch(device: torch.device, context: int) -> int:
 
 def candidates(budget_s: float | None, *, train_tokens: int, vocab: int, device: torch.device, precision: str,
                micro_batch: int | None, peak: float, budget_flops: float | None, speeds: dict,
-               memory_limit: int | None) -> list[dict]:
+               memory_limit: int | None, ladder: list = LADDER) -> list[dict]:
     """Each ladder shape the plan weighs: the tokens its budget affords, its predicted loss, its speed
     (measured or assumed) and whether it fits memory, smallest first, up to the memorization guard."""
     weighed: list[dict] = []
     scale = probe_scale(speeds, vocab, device, precision, peak)
-    for n_layer, d_model, n_head in LADDER:
+    for n_layer, d_model, n_head in ladder:
         body_params = 12 * n_layer * d_model**2
         n_params = body_params + vocab * d_model  # every parameter, as Chinchilla counts them
         if weighed and body_params > MAX_PARAMS_PER_TOKEN * train_tokens:
@@ -454,13 +456,13 @@ def _write_json(path, data: dict) -> None:
 
 def plan_on_device(budget_s: float | None, *, train_tokens: int, vocab: int, device: torch.device, precision: str,
                    micro_batch: int | None = None, budget_flops: float | None = None, optim: str = "muon",
-                   probe: bool = True, clock=None) -> Plan:
+                   probe: bool = True, clock=None, ladder: list | None = None) -> Plan:
     """The plan for this device: its free memory caps the shapes, and with a time budget the best-ranked
     shapes' speed is probed here (cached) before the final ranking. `clock()` gives the seconds of the
     budget left after the probe (default: `budget_s` less the probe's time)."""
     limit = available_memory(device)
     kwargs = dict(train_tokens=train_tokens, vocab=vocab, device=device, precision=precision, micro_batch=micro_batch,
-                  budget_flops=budget_flops, memory_limit=limit, optim=optim)
+                  budget_flops=budget_flops, memory_limit=limit, optim=optim, ladder=ladder)
     first = plan(budget_s, **kwargs)
     if not (probe and budget_s):
         return first
@@ -532,9 +534,9 @@ def plan_text(r: dict) -> str:
     """The plan record for people: each choice and its reason."""
     m, t, b, d = r["model"], r["training"], r["budget"], r["data"]
     limits = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in b.items() if v)
+    peak = f", matmul peak {r['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s" if r["matmul_peak_flops"] else ""
     lines = [f"plan ({'chosen by the planner' if r['planned'] else 'no plan: the shape was given'}), budget: {limits}",
-             f"  device {r['device']}, {r['precision']}, {'compiled' if r['compiled'] else 'eager'}"
-             + (f", matmul peak {r['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s" if r["matmul_peak_flops"] else ""),
+             f"  device {r['device']}, {r['precision']}, {'compiled' if r['compiled'] else 'eager'}{peak}",
              f"  model {m['n_layer']}x{m['d_model']}, {m['n_head']} heads, context {m['context']}, vocabulary "
              f"{d['vocab_size']:,} (head {m['vocab_size']:,}): {m['params'] / 1e6:.2f}M parameters, "
              f"{m['params_without_embedding'] / 1e6:.2f}M without the embedding"]

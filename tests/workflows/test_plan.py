@@ -15,7 +15,7 @@ SMALL = ["--vocab-size", "512", "--compile", "off"]
 def documented_fields() -> set[str]:
     """The `plan --json` fields docs/planner.md lists: the first column of its field table, `a.b` for nested ones."""
     section = DOCS.read_text().split("## `budgetlm plan --json`", 1)[1].split("\n## ", 1)[0]
-    return set(re.findall(r"^\| `([a-z_.]+)` \|", section, flags=re.M))
+    return set(re.findall(r"^\| `([a-z_.]+)` \|", section, flags=re.MULTILINE))
 
 
 def fields_of(record: dict) -> set[str]:

@@ -26,7 +26,13 @@ from budgetlm.plan import (
     shape_given,
 )
 from budgetlm.report import say
-from budgetlm.train.runtime import device_name, pick_device, pick_precision, set_threads, should_compile
+from budgetlm.train.runtime import (
+    device_name,
+    pick_device,
+    pick_precision,
+    set_threads,
+    should_compile,
+)
 
 
 def run(cfg: RunConfig, *, as_json: bool = False) -> dict:
