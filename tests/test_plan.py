@@ -222,3 +222,13 @@ def test_plan_record_lists_the_candidates_and_says_what_it_ranks_by():
     text = planner.plan_text(r)
     assert "dropout" in text and f"{p.n_layer}x{p.d_model}" in text
     assert json.loads(json.dumps(r)) == r  # plain data
+
+
+def test_the_probe_times_real_steps_and_leaves_the_runs_random_state():
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    c = {"n_layer": 1, "d_model": 32, "n_head": 1, "context": 16, "micro_batch": 2}
+    speed = planner.step_speed(c, 300, CPU, "fp32", "adamw", 1.5)
+    assert speed is not None and speed > 0
+    assert torch.equal(torch.random.get_rng_state(), before)  # the run's seed decides its weights, probed or not
+    assert planner.step_speed(c, 300, CPU, "fp32", "adamw", 0.0) is None  # no time: no figure, not a guess

@@ -406,13 +406,19 @@ def step_speed(c: dict, vocab: int, device: torch.device, precision: str, optim:
     """Tokens/s of the fastest of eager training steps of shape `c` at its micro-batch, timed after
     PROBE_WARMUP_STEPS until `seconds` are spent (the fastest, as other work on the machine only slows
     steps down); None when not even one timed step fits."""
+    # the run's random state stays as the run seeded it, probed or not
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        return _timed_steps(c, vocab, device, precision, optim, seconds)
+
+
+def _timed_steps(c: dict, vocab: int, device: torch.device, precision: str, optim: str, seconds: float) -> float | None:
     from budgetlm.models.gpt import GPT
     from budgetlm.train.kernels import apply_kernels
     from budgetlm.train.optim import build_optimizer
     from budgetlm.train.runtime import autocast
 
     started = time.monotonic()
-    torch.manual_seed(0)
     mc = ModelConfig(vocab_size=math.ceil(vocab / 64) * 64, context=c["context"], n_layer=c["n_layer"],
                      d_model=c["d_model"], n_head=c["n_head"], canon=0, dropout=0.0)
     model = GPT(mc).to(device)

@@ -79,7 +79,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     # Data: documents → train/validation split → tokenizer → cached token streams; a resumed run keeps the
     # tokenizer it started with
     text = prepare_text(cfg.data, out / "tokenizer.json" if snapshot is not None else None)
-    train_docs, val_docs, tokenizer = text.train_docs, text.val_docs, text.tokenizer
+    train_docs, tokenizer = text.train_docs, text.tokenizer
     train_tokens, val_tokens, val_bytes = text.train_tokens, text.val_tokens, text.val_bytes
 
     planned = None
@@ -176,7 +176,8 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         f"batch {micro_steps * micro_batch * mc.context} tokens (micro-batch {micro_batch} × {micro_steps}), "
         f"{t.optim} lr {lr:.2e} {t.schedule}, budget {budget.describe()}")
 
-    tracker = tracking.start(t.report_to, t.tracking_uri, out, {**cfg.to_dict(), "plan": identity["plan"],
+    tracked_plan = {k: v for k, v in (identity["plan"] or {}).items() if k != "candidates"} or None  # plan.json has them
+    tracker = tracking.start(t.report_to, t.tracking_uri, out, {**cfg.to_dict(), "plan": tracked_plan,
                                                                   "gpt": mc.to_dict()})
     log = RunLog(out / "metrics.jsonl", quiet=quiet,
                  resume_step=snapshot.meta["loop"]["step"] if snapshot is not None else None, tracker=tracker)
