@@ -169,7 +169,7 @@ def test_a_resumed_planned_run_keeps_its_first_plan(play_file, tmp_path, monkeyp
     def plan_again(*args, **kwargs):
         raise AssertionError("a resumed run planned again")
 
-    monkeypatch.setattr(pretrain, "plan", plan_again)
+    monkeypatch.setattr(pretrain, "plan_on_device", plan_again)
     assert main([*planned, "--max-steps", "6", "--resume", "auto"]) == 0
     resumed = json.loads((out / "summary.json").read_text())
     shape = lambda summary: {k: v for k, v in summary["model"].items() if k != "temperature"}  # fitted per run
