@@ -185,6 +185,7 @@ def test_probed_speeds_are_cached_per_device_and_shape_and_bounded_by_the_budget
         return 1000.0 * c["d_model"]
 
     monkeypatch.setattr(planner, "step_speed", fake_speed)
+    monkeypatch.setattr(planner, "machine_busy", lambda: False)
     first = plan(600, train_tokens=10**9, vocab=4096, device=CPU, precision="fp32", peak_flops=PEAK)
     ranked = sorted(first.candidates, key=lambda c: c["predicted_loss"])
     speeds = planner.probe_speeds(ranked, 600, vocab=4096, device=CPU, precision="fp32")
@@ -225,10 +226,20 @@ def test_plan_record_lists_the_candidates_and_says_what_it_ranks_by():
 
 
 def test_the_probe_times_real_steps_and_leaves_the_runs_random_state():
+    c = {"n_layer": 1, "d_model": 32, "n_head": 1, "context": 16, "micro_batch": 2}
+    assert planner.step_speed(c, 300, CPU, "fp32", "adamw", 0.0) is None  # no time: no figure, not a guess
     torch.manual_seed(5)
     before = torch.random.get_rng_state()
-    c = {"n_layer": 1, "d_model": 32, "n_head": 1, "context": 16, "micro_batch": 2}
-    speed = planner.step_speed(c, 300, CPU, "fp32", "adamw", 1.5)
+    speed = planner.step_speed(c, 300, CPU, "fp32", "adamw", 1.5)  # the first call paid the imports
     assert speed is not None and speed > 0
     assert torch.equal(torch.random.get_rng_state(), before)  # the run's seed decides its weights, probed or not
-    assert planner.step_speed(c, 300, CPU, "fp32", "adamw", 0.0) is None  # no time: no figure, not a guess
+
+
+def test_a_speed_probed_on_a_busy_machine_is_used_but_not_remembered(tmp_path, monkeypatch):
+    monkeypatch.setenv("BUDGETLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(planner, "step_speed", lambda c, *a: 1000.0)
+    monkeypatch.setattr(planner, "machine_busy", lambda: True)
+    first = plan(600, train_tokens=10**9, vocab=4096, device=CPU, precision="fp32", peak_flops=PEAK)
+    ranked = sorted(first.candidates, key=lambda c: c["predicted_loss"])
+    assert set(planner.probe_speeds(ranked, 600, vocab=4096, device=CPU, precision="fp32").values()) == {1000.0}
+    assert not (tmp_path / "speed_probes.json").exists()

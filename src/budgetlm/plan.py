@@ -20,8 +20,10 @@ import torch
 
 from budgetlm.errors import UserError
 from budgetlm.models.config import SIZES, ModelConfig
-from budgetlm.train.optim import default_lr
-from budgetlm.train.runtime import precision_dtype
+from budgetlm.models.gpt import GPT
+from budgetlm.train.kernels import apply_kernels
+from budgetlm.train.optim import build_optimizer, default_lr
+from budgetlm.train.runtime import autocast, precision_dtype
 
 # (n_layer, d_model, n_head): width grows faster than depth at small scale, as in the GPT-2/Pythia families
 LADDER = [(2, 64, 2), (3, 96, 2), (4, 128, 2), (4, 192, 3), (6, 256, 4), (6, 384, 6), (8, 512, 8),
@@ -372,7 +374,8 @@ def probe_speeds(ranked: list[dict], budget_s: float, *, vocab: int, device: tor
                  optim: str = "muon") -> dict:
     """Training tokens/s of the best-ranked shapes, measured by a few eager steps on this device and
     remembered per device and shape (the best seen, as device_peak does), within PROBE_SHARE of the budget
-    and PROBE_MAX_S. Returns {(n_layer, d_model): tokens/s} for the shapes measured or remembered."""
+    and PROBE_MAX_S; a figure taken while the machine is busy is used but not remembered. Returns
+    {(n_layer, d_model): tokens/s} for the shapes measured or remembered."""
     from budgetlm.data.tokens import cache_dir
 
     path = cache_dir() / "speed_probes.json"
@@ -395,7 +398,10 @@ def probe_speeds(ranked: list[dict], budget_s: float, *, vocab: int, device: tor
             left -= max(share, time.monotonic() - started)  # the share it was given, or what it overran
             if measured is None:
                 continue
-            known[key], changed = measured, True
+            speeds[(c["n_layer"], c["d_model"])] = measured
+            if not machine_busy():  # a figure taken under other work is used now, not remembered
+                known[key], changed = measured, True
+            continue
         speeds[(c["n_layer"], c["d_model"])] = float(known[key])
     if changed:
         _write_json(path, known)
@@ -413,11 +419,6 @@ def step_speed(c: dict, vocab: int, device: torch.device, precision: str, optim:
 
 
 def _timed_steps(c: dict, vocab: int, device: torch.device, precision: str, optim: str, seconds: float) -> float | None:
-    from budgetlm.models.gpt import GPT
-    from budgetlm.train.kernels import apply_kernels
-    from budgetlm.train.optim import build_optimizer
-    from budgetlm.train.runtime import autocast
-
     started = time.monotonic()
     mc = ModelConfig(vocab_size=math.ceil(vocab / 64) * 64, context=c["context"], n_layer=c["n_layer"],
                      d_model=c["d_model"], n_head=c["n_head"], canon=0, dropout=0.0)
@@ -444,6 +445,14 @@ def _timed_steps(c: dict, vocab: int, device: torch.device, precision: str, opti
         step()
         fastest = min(fastest, time.perf_counter() - begun)
     return x.numel() / fastest if fastest < math.inf else None
+
+
+def machine_busy() -> bool:
+    """Whether other work competes for this machine's cores now (the last minute's load average exceeds them)."""
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except (OSError, AttributeError):
+        return False
 
 
 def _device_key(device: torch.device) -> str:
