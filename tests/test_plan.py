@@ -195,8 +195,12 @@ def test_probed_speeds_are_cached_per_device_and_shape_and_bounded_by_the_budget
     calls.clear()
     again = planner.probe_speeds(ranked, 600, vocab=4096, device=CPU, precision="fp32")
     assert calls == [] and again == speeds  # remembered: no second probe
-    # a budget whose 5% cannot hold a probe measures nothing
+    # a budget whose 5% cannot hold a probe measures nothing; one that holds a single probe measures the best-ranked
     assert planner.probe_speeds(ranked, 10, vocab=8192, device=CPU, precision="fp32") == {}
+    calls.clear()
+    assert list(planner.probe_speeds(ranked, 30, vocab=8192, device=CPU, precision="fp32")) == [
+        (ranked[0]["n_layer"], ranked[0]["d_model"])]
+    assert len(calls) == 1
     probed = plan(600, train_tokens=10**9, vocab=4096, device=CPU, precision="fp32", peak_flops=PEAK, speeds=speeds)
     kinds = {(c["n_layer"], c["d_model"]): c["speed"] for c in probed.candidates}
     assert {k for k, v in kinds.items() if v == "measured"} == set(speeds)

@@ -385,7 +385,7 @@ def probe_speeds(ranked: list[dict], budget_s: float, *, vocab: int, device: tor
         known = {}
     left = min(PROBE_SHARE * budget_s, PROBE_MAX_S)
     speeds, changed = {}, False
-    shapes = [c for c in ranked if c["fits"]][:PROBE_SHAPES]
+    shapes = [c for c in ranked if c["fits"]][:max(0, min(PROBE_SHAPES, int(left / PROBE_MIN_S)))]  # best first
     for i, c in enumerate(shapes):
         key = (f"{_device_key(device)}/{precision}/torch{torch.__version__}/{c['n_layer']}x{c['d_model']}h{c['n_head']}"
                f"/ctx{c['context']}/mb{c['micro_batch']}/v{math.ceil(vocab / 64) * 64}/{optim}")
@@ -438,6 +438,8 @@ def _timed_steps(c: dict, vocab: int, device: torch.device, precision: str, opti
             torch.cuda.synchronize(device)
 
     for _ in range(PROBE_WARMUP_STEPS):
+        if time.monotonic() - started >= seconds:
+            return None
         step()
     fastest = math.inf
     while time.monotonic() - started < seconds:
