@@ -249,7 +249,7 @@ def ranked(records: list[dict]) -> list[dict]:
 
 def markdown(base: RunConfig, records: list[dict]) -> str:
     t = base.train
-    limit = " / ".join(f"{name.replace('_', ' ')} {getattr(t, name)}" for name in LIMITS if getattr(t, name))
+    limit = " / ".join(f"{name.replace('_', ' ')} {_limit(getattr(t, name))}" for name in LIMITS if getattr(t, name))
     varied = sorted({k for r in records for k in r["settings"] if k in LIMITS})
     data = ", ".join(base.data.data) or "Shakespeare's complete works (default corpus)"
     device = next((r["device"] for r in records if r["device"]), "unknown")
@@ -273,6 +273,10 @@ def markdown(base: RunConfig, records: list[dict]) -> str:
                      f"{_number(r['start_val_loss'], '.4f')} | {r['tokens_seen']:,} | {r['tokens_per_s']:,.0f} | "
                      f"{r['wall_s']:.1f}s | {r['stop_reason']} | {r['model']} |")
     return "\n".join(lines) + "\n"
+
+
+def _limit(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)  # 3e+15 FLOPs, not 3000000000000000.0
 
 
 def _number(value, spec: str) -> str:
