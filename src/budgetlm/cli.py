@@ -43,7 +43,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         print(to_toml(cfg))
         return 0
     out = Path(args.out) if args.out else _default_out()
-    return _exit_code(pretrain.run(cfg, out, quiet=args.quiet))
+    return _exit_code(pretrain.run(cfg, out, quiet=args.quiet, count_startup=True))
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -14,16 +14,14 @@ from pathlib import Path
 import torch
 
 from budgetlm import tracking
-from budgetlm.budget import Budget, format_duration
+from budgetlm.budget import Budget, format_duration, process_age
 from budgetlm.config import Every, RunConfig
-from budgetlm.data.default_corpus import default_corpus_files
-from budgetlm.data.sources import load_corpus, split_validation
-from budgetlm.data.tokenizer import default_vocab_size, load_tokenizer, train_tokenizer
-from budgetlm.data.tokens import bpe_dropout_tokens, cache_dir, cached_tokens, content_hash, supports_bpe_dropout
+from budgetlm.data.tokens import bpe_dropout_tokens, supports_bpe_dropout
 from budgetlm.errors import UserError
 from budgetlm.models.gpt import GPT
 from budgetlm.report import prepare_out, say, say_done
 from budgetlm.plan import Plan, bpe_passes, given_or_planned, model_for, plan
+from budgetlm.prepare import prepare
 from budgetlm.train.batching import largest_micro_batch
 from budgetlm.train.checkpoint import atomic_write_bytes, save_model
 from budgetlm.train.kernels import apply_kernels
@@ -41,23 +39,6 @@ from budgetlm.train.runtime import (
 )
 from budgetlm.train.schedule import Schedule
 from budgetlm.train.signals import GracefulStop
-
-
-def tokenizer_for(train_docs: list[str], cfg: RunConfig):
-    """The user's tokenizer, or BPE trained on the training split (cached by data and size)."""
-    if cfg.data.tokenizer:
-        return load_tokenizer(cfg.data.tokenizer)
-    n_bytes = sum(len(d.encode("utf-8")) for d in train_docs)
-    vocab = cfg.data.vocab_size or default_vocab_size(n_bytes)
-    path = cache_dir() / "tokenizers" / f"bpe{vocab}-{content_hash(train_docs, str(vocab))}.json"
-    if path.exists():
-        return load_tokenizer(path)
-    started = time.monotonic()
-    tok = train_tokenizer(train_docs, vocab)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path))
-    say(f"trained a {tok.get_vocab_size()}-token BPE tokenizer in {time.monotonic() - started:.1f}s")
-    return tok
 
 
 def bpe_dropout_setting(cfg: RunConfig, tokenizer, planned: Plan | None) -> tuple[float, int]:
@@ -80,11 +61,13 @@ def bpe_dropout_setting(cfg: RunConfig, tokenizer, planned: Plan | None) -> tupl
 CALIBRATION_EVALS = 1.5
 
 
-def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict:
+def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_startup: bool = False) -> dict:
     """Train, save the best weights and the run's files in `out`; return the summary.
-    `on_eval(entry) -> bool` sees each periodic evaluation and may stop the run (see loop.fit)."""
+    `on_eval(entry) -> bool` sees each periodic evaluation and may stop the run (see loop.fit).
+    `count_startup`: the budget also counts the process' start-up (the command line: its user's wall clock)."""
     t = cfg.train
     tracking.require(t.report_to)  # a missing tracker package stops the run before anything else
+    startup_s = process_age() if count_startup else 0.0
     budget = Budget(seconds=t.budget, max_steps=t.max_steps,
                     max_tokens=t.max_tokens)  # the clock starts now: data preparation counts
     prepare_out(out)
@@ -92,24 +75,16 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     snapshot = find_resume(t.resume, out, needs=("tokenizer.json",), warn=say)
     if snapshot is not None:
         budget.spent_s = snapshot.meta["spent_s"]
+    budget.spent_s += startup_s
     threads = set_threads(t.threads)
     torch.manual_seed(t.seed)
     device = pick_device(t.device)
     precision = pick_precision(t.precision, device)
 
-    # Data: documents → train/validation split → tokenizer → cached token streams.
-    sources = cfg.data.data or [str(p) for p in default_corpus_files()]
-    corpus = load_corpus(sources, text_field=cfg.data.text_field, text_column=cfg.data.text_column)
-    if cfg.data.val:
-        train_docs = corpus.documents
-        val_docs = load_corpus(cfg.data.val, text_field=cfg.data.text_field, text_column=cfg.data.text_column).documents
-    else:
-        train_docs, val_docs = split_validation(corpus.documents, cfg.data.val_fraction)
-    # a resumed run keeps the tokenizer it started with
-    tokenizer = load_tokenizer(out / "tokenizer.json") if snapshot is not None else tokenizer_for(train_docs, cfg)
-    train_tokens = cached_tokens(train_docs, tokenizer, "train")
-    val_tokens = cached_tokens(val_docs, tokenizer, "val")
-    val_bytes = sum(len(d.encode("utf-8")) for d in val_docs)
+    # Data: split, tokenizer and token streams, sized by what the budget will read (prepare.py)
+    data = prepare(cfg, budget, resumed_tokenizer=out / "tokenizer.json" if snapshot is not None else None,
+                   device=device, precision=precision)
+    tokenizer, train_tokens, val_tokens, val_bytes = data.tokenizer, data.train_tokens, data.val_tokens, data.val_bytes
 
     planned = None
     if budget.seconds and not (cfg.model.size or cfg.model.n_layer or cfg.model.d_model or cfg.model.n_head):
@@ -117,7 +92,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         # for the time left could pick another shape, which the checkpoint cannot continue
         planned = Plan.from_dict(snapshot.meta.get("plan")) if snapshot is not None else None
         if planned is None:
-            planned = plan(budget.seconds - budget.elapsed(), train_tokens=len(train_tokens),
+            planned = plan(budget.seconds - budget.elapsed(), train_tokens=data.unique_tokens,
                            vocab=tokenizer.get_vocab_size(), device=device, precision=precision,
                            micro_batch=t.micro_batch)
         say(planned.describe())
@@ -141,7 +116,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     text_tokens = len(train_tokens)
     if bpe_rate:
         started = time.monotonic()
-        train_tokens, drawn = bpe_dropout_tokens(train_docs, tokenizer, train_tokens, bpe_rate, passes, t.seed)
+        train_tokens, drawn = bpe_dropout_tokens(data.train_texts(), tokenizer, train_tokens, bpe_rate, passes, t.seed)
         if drawn:
             if snapshot is not None:
                 say("the BPE-dropout segmentations this run started with are no longer cached: drew new ones, so "
