@@ -219,9 +219,11 @@ class TokenCache:
             with self.data.open("ab") as f:
                 f.truncate(self.tokens * np.dtype(self.dtype).itemsize)
                 while self.tokens < needed_tokens and self.chunks < len(order):
-                    # the next few chunks, read in file order; enough of them to pass the need at the rate so far
-                    rate = self.tokens / self.bytes if self.bytes else 1 / 3.5
-                    want = max(1, int((needed_tokens - self.tokens) / rate / CHUNK_BYTES) + 1)
+                    # the next chunks, read in file order: one to learn the tokens per byte, then enough to pass
+                    # the need at that rate
+                    want = 1
+                    if self.bytes:
+                        want = int((needed_tokens - self.tokens) * self.bytes / self.tokens / CHUNK_BYTES) + 1
                     batch = sorted(order[self.chunks : self.chunks + min(want, 32)])
                     spans = [self.corpus.train[int(i)] for i in batch]
                     for ids in encode_span_texts((self.corpus.read(s) for s in spans), self.tok):
