@@ -3,8 +3,9 @@ vocabulary that many tokens can train, what preparing the data costs (predicted 
 model is sized, or refused when it would leave too little to train), then the tokenizer and token streams.
 
 A corpus up to SMALL_CORPUS_BYTES is read whole, split and encoded as it always was (tinyshakespeare and
-WikiText-2 figures stay comparable); a larger one of text files is read in chunks (data/chunks.py): the
-tokenizer trains on a bounded sample and only what the budget will read is encoded."""
+WikiText-2 figures stay comparable); a larger one of files is read in chunks (data/chunks.py): the tokenizer
+trains on a bounded sample and only what the budget will read is encoded. (A Hugging Face dataset, or a corpus
+with --val, is still read whole.)"""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import torch
 
 from budgetlm.budget import Budget
 from budgetlm.config import RunConfig
-from budgetlm.data.chunks import CHUNK_BYTES, ChunkedCorpus, TokenCache, chunked, sample_documents, text_files
+from budgetlm.data.chunks import (CHUNK_BYTES, ChunkedCorpus, TokenCache, chunked, corpus_bytes, sample_documents,
+                                  streamed, text_files)
 from budgetlm.data.default_corpus import default_corpus_files
 from budgetlm.data.sources import load_corpus, split_validation, warn_skipped
 from budgetlm.data.tokenizer import default_vocab_size, load_tokenizer, train_tokenizer
@@ -157,15 +159,16 @@ def prepare(cfg: RunConfig, budget: Budget, *, resumed_tokenizer: Path | None, d
     sources = d.data or [str(p) for p in default_corpus_files()]
     skipped: list[str] = []
     files = None if d.val else text_files(sources, skipped)
-    total = sum(p.stat().st_size for p in files) if files else 0
+    total = 0 if d.val else corpus_bytes(sources) or 0
     budget_s = budget.seconds - budget.elapsed() if budget.seconds else None
     fixed = t.max_tokens if t.max_tokens else None
     peak = device_peak(device, precision_dtype(precision)) if budget_s else None
     vocab_asked = d.vocab_size if not d.tokenizer else None
 
-    if files and total > SMALL_CORPUS_BYTES:
+    if total > SMALL_CORPUS_BYTES:
         warn_skipped(skipped)
-        corpus = chunked(files, d.val_fraction)
+        corpus = chunked(files, d.val_fraction) if files else streamed(
+            sources, d.val_fraction, {"text_field": d.text_field, "text_column": d.text_column})
         return _prepare_chunked(corpus, cfg, budget_s, fixed, peak, device, precision, vocab_asked,
                                 resumed_tokenizer)
 
@@ -241,7 +244,8 @@ def _prepare_chunked(corpus: ChunkedCorpus, cfg: RunConfig, budget_s, fixed, pea
             check_setup_fits(budget_s, setup, predict)
         chunks = max(1, math.ceil(setup.tokenizer_bytes / CHUNK_BYTES))
         tokenizer = _trained_tokenizer(
-            tokenizer_path(setup), lambda: [corpus.read(corpus.train[int(i)])[0] for i in sorted(order[:chunks])],
+            tokenizer_path(setup),
+            lambda: [text for text, _ in corpus.read_many([corpus.train[int(i)] for i in sorted(order[:chunks])])],
             setup.vocab)
     key = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
     cache = TokenCache(corpus, tokenizer, key)
@@ -255,6 +259,6 @@ def _prepare_chunked(corpus: ChunkedCorpus, cfg: RunConfig, budget_s, fixed, pea
     unique = int(corpus.train_bytes * cache.tokens / max(cache.bytes, 1))
 
     def texts() -> list[str]:
-        return [corpus.read(corpus.train[int(i)])[0] for i in order[: cache.chunks]]
+        return [text for text, _ in corpus.read_many([corpus.train[int(i)] for i in sorted(order[: cache.chunks])])]
 
     return TrainingData(tokenizer, train_tokens, val_tokens, val_read, unique, texts)

@@ -1,8 +1,11 @@
+import json
+
 import numpy as np
 import pytest
 
 from budgetlm.data import chunks
-from budgetlm.data.chunks import TokenCache, chunked, encode_span_texts, sample_documents
+from budgetlm.data.chunks import TokenCache, chunked, encode_span_texts, sample_documents, streamed
+from budgetlm.data.sources import iter_pieces
 from budgetlm.data.tokenizer import eot_id, train_tokenizer
 
 
@@ -31,7 +34,11 @@ def test_chunks_tile_the_training_text_and_encode_as_the_whole(small_chunks, pla
     assert streamed.tolist() == whole
     cached = np.asarray(TokenCache(corpus, tok, "t").train(10**9))
     assert len(cached) == len(whole) and sorted(cached.tolist()) == sorted(whole)
-    assert cached.tolist() != whole  # drawn across the corpus, not read from its head
+    part = TokenCache(corpus, tok, "part")
+    head = np.asarray(part.train(len(whole) // 5))
+    taken = corpus.order()[: part.chunks]
+    assert part.chunks < len(corpus.train) / 2 and taken.max() > 0.6 * len(corpus.train)  # across, not the head
+    assert head.tolist() != whole[: len(head)]
 
 
 def test_the_token_cache_grows_for_a_longer_run_and_keeps_what_it_has(small_chunks, play_file, tok):
@@ -65,3 +72,24 @@ def test_a_large_tail_is_validated_on_a_fixed_spread_sample(monkeypatch, small_c
     assert whole and docs == [play_text[:4000]]
     docs, whole = sample_documents([play_text[i : i + 3000] for i in range(0, 30000, 3000)])
     assert not whole and len(docs) == 4 and all(d in play_text for d in docs)
+
+
+def test_a_large_table_streams_in_chunks_sized_once(small_chunks, monkeypatch, tmp_path, play_text, tok):
+    """JSON lines cannot be entered at an offset: one pass sizes the chunks (remembered), later passes keep the
+    chunks asked for; the chunks hold every record once, training and validation apart."""
+    records = [play_text[i : i + 700] for i in range(0, len(play_text), 700)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"body": r}) + "\n" for r in records))
+    corpus = streamed([str(path)], 0.1, {"text_field": "body", "text_column": None})
+    assert len(corpus.train) > 10 and corpus.val_whole
+    read = [text for text, starts in corpus.read_many(corpus.train + corpus.val) if starts]
+    assert read == [r for r in records if r.strip()]
+    held = sum(len(t.encode()) for t, _ in corpus.read_many(corpus.val)) / len(play_text.encode())
+    assert 0.08 < held < 0.2
+    passes = []
+    monkeypatch.setattr(chunks, "iter_pieces", lambda *a, **k: passes.append(1) or iter_pieces(*a, **k))
+    again = streamed([str(path)], 0.1, {"text_field": "body", "text_column": None})
+    assert again.train == corpus.train and not passes  # sized once
+    cached = np.asarray(TokenCache(again, tok, "t").train(10**9))
+    whole = np.concatenate(list(encode_span_texts(again.read_many(again.train), tok)))
+    assert sorted(cached.tolist()) == sorted(whole.tolist())

@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 from tokenizers import Tokenizer
 
-from budgetlm.data.sources import TABLE_SUFFIXES, expand
+from budgetlm.data.sources import TABLE_SUFFIXES, expand, iter_pieces
 from budgetlm.data.tokenizer import eot_id
 from budgetlm.data.tokens import cache_dir, token_dtype
 from budgetlm.errors import UserError
@@ -69,6 +69,52 @@ class ChunkedCorpus:
         except UnicodeDecodeError:
             raise UserError(f"{path}: not UTF-8 near byte {start}; convert it to UTF-8 or leave it out") from None
 
+    def read_many(self, spans: list[Span]) -> Iterator[tuple[str, bool]]:
+        """(text, starts a document) of each of `spans`, given in corpus order."""
+        return (self.read(span) for span in spans)
+
+
+@dataclass
+class StreamedCorpus(ChunkedCorpus):
+    """A large corpus of tables (JSON lines, CSV, TSV, parquet) or mixed files, which cannot be entered at an
+    offset: its chunks are the groups of about CHUNK_BYTES that `iter_pieces` yields in order (sized once by a
+    pass over the corpus, remembered in the cache), read by passes that keep only the chunks asked for. A span's
+    offsets are those of the text stream; a validation span shorter than its chunk keeps its first documents."""
+
+    specs: list[str] = None
+    options: dict = None
+
+    def groups(self) -> Iterator[list[tuple[str, bool]]]:
+        group, size = [], 0
+        for text, starts in iter_pieces(self.specs, **self.options):
+            group.append((text, starts))
+            size += len(text.encode("utf-8"))
+            if size >= CHUNK_BYTES:
+                yield group
+                group, size = [], 0
+        if group:
+            yield group
+
+    def read_many(self, spans: list[Span]) -> Iterator[tuple[str, bool]]:
+        wanted = {span.start: span for span in spans}
+        offset, last = 0, max(wanted, default=-1)
+        for group in self.groups():
+            if offset > last:
+                return
+            size = sum(len(t.encode("utf-8")) for t, _ in group)
+            if offset in wanted:
+                limit, kept = wanted[offset].end - offset, 0
+                for text, starts in group:
+                    if kept >= limit:
+                        break
+                    kept += len(text.encode("utf-8"))
+                    yield text, starts
+            offset += size
+
+    def read(self, span: Span) -> tuple[str, bool]:
+        pieces = list(self.read_many([span]))
+        return "".join(t for t, _ in pieces), bool(pieces) and pieces[0][1]
+
 
 def text_files(specs: list[str], skipped: list[str]) -> list[Path] | None:
     """The files `specs` name when all are plain text (random access by offset), else None; binary files (a NUL
@@ -119,6 +165,42 @@ def chunked(files: list[Path], val_fraction: float) -> ChunkedCorpus:
     whole = tail_bytes <= VAL_WHOLE_BYTES
     return ChunkedCorpus(files, sizes, train, tail if whole else _spread(tail, tail_bytes), whole,
                          h.hexdigest()[:24])
+
+
+def streamed(specs: list[str], val_fraction: float, options: dict) -> StreamedCorpus:
+    """A large corpus of tables or mixed files in chunks (`StreamedCorpus`); the first run on it sizes them."""
+    files = [p for spec in specs for p in expand(spec)]
+    h = hashlib.sha256(json.dumps([specs, options, CHUNK_BYTES]).encode())
+    for p in files:
+        h.update(f"{p.resolve()}\x00{p.stat().st_size}\x00{p.stat().st_mtime_ns}\x00".encode())
+    identity = h.hexdigest()[:24]
+    corpus = StreamedCorpus([], [], [], [], True, identity, specs=specs, options=options)
+    index = cache_dir() / "corpora" / f"{identity}.json"
+    try:
+        sizes = json.loads(index.read_text())
+    except (OSError, ValueError):
+        sizes = [sum(len(t.encode("utf-8")) for t, _ in group) for group in corpus.groups()]
+        index.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(sizes))
+        os.replace(tmp, index)
+    starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+    spans = [Span(0, starts[k], starts[k + 1]) for k in range(len(sizes))]
+    # the tail: whole chunks from the end holding `val_fraction` of the text (at least one, never all)
+    k = len(spans)
+    while k > 1 and starts[-1] - starts[k] < val_fraction * starts[-1]:
+        k -= 1
+    if k == len(spans) or k == 0:
+        raise UserError("the corpus is too small to split off a validation part; give more text or --val")
+    corpus.train, tail = spans[:k], spans[k:]
+    tail_bytes = starts[-1] - starts[k]
+    corpus.val_whole = tail_bytes <= VAL_WHOLE_BYTES
+    if not corpus.val_whole:
+        count = min(len(tail), VAL_SAMPLE_BYTES // VAL_PIECE_BYTES)
+        picked = sorted({int(i * len(tail) / count) for i in range(count)})
+        tail = [Span(0, tail[i].start, tail[i].start + VAL_SAMPLE_BYTES // count) for i in picked]
+    corpus.val = tail
+    return corpus
 
 
 def _spread(tail: list[Span], tail_bytes: int) -> list[Span]:
@@ -219,14 +301,13 @@ class TokenCache:
             with self.data.open("ab") as f:
                 f.truncate(self.tokens * np.dtype(self.dtype).itemsize)
                 while self.tokens < needed_tokens and self.chunks < len(order):
-                    # the next chunks, read in file order: one to learn the tokens per byte, then enough to pass
-                    # the need at that rate
-                    want = 1
-                    if self.bytes:
-                        want = int((needed_tokens - self.tokens) * self.bytes / self.tokens / CHUNK_BYTES) + 1
-                    batch = sorted(order[self.chunks : self.chunks + min(want, 32)])
+                    # the next chunks, read in corpus order: enough to pass the need at the rate so far (a batch
+                    # of streamed chunks is one pass over the corpus)
+                    rate = self.bytes / self.tokens if self.tokens else 1.5  # bytes per token, low at first
+                    want = int((needed_tokens - self.tokens) * rate / CHUNK_BYTES) + 1
+                    batch = sorted(order[self.chunks : self.chunks + min(want, 256)])
                     spans = [self.corpus.train[int(i)] for i in batch]
-                    for ids in encode_span_texts((self.corpus.read(s) for s in spans), self.tok):
+                    for ids in encode_span_texts(self.corpus.read_many(spans), self.tok):
                         f.write(ids.tobytes())
                         self.tokens += len(ids)
                     self.bytes += sum(s.end - s.start for s in spans)
@@ -242,7 +323,7 @@ class TokenCache:
 
     def validation(self) -> tuple[np.memmap, int]:
         """(tokens, UTF-8 bytes) of the validation text."""
-        texts = [self.corpus.read(s) for s in self.corpus.val]
+        texts = list(self.corpus.read_many(self.corpus.val))
         # sample pieces are separate windows of text: each starts with the separator, as a document does
         texts = [(t, starts or not self.corpus.val_whole) for t, starts in texts]
         n_bytes = sum(len(t.encode("utf-8")) for t, _ in texts)
