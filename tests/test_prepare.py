@@ -102,3 +102,12 @@ def test_a_run_is_refused_before_its_setup_starts(large_corpus, monkeypatch):
     with pytest.raises(UserError, match="give --budget"):
         prep.prepare(_config(large_corpus), Budget(seconds=60), resumed_tokenizer=None, device=CPU, precision="fp32")
     assert not (cache_dir() / "tokens").exists()
+
+
+def test_a_budget_already_spent_is_refused_with_a_finite_suggestion():
+    def predict(seconds):
+        return _predict(seconds, 1 << 20, chunked_corpus=False)
+
+    with pytest.raises(UserError, match=r"give --budget \d+s") as refused:
+        prep.check_setup_fits(-5.0, predict(-5.0), predict, spent_s=25.0)
+    assert int(re.search(r"--budget (\d+)s", str(refused.value)).group(1)) > 25

@@ -138,17 +138,23 @@ def remember_rate(name: str, seconds: float, n_bytes: int) -> None:
         pass  # a read-only cache only costs the prediction's accuracy
 
 
-def check_setup_fits(budget_s: float | None, setup: Setup, predict: Callable[[float], Setup]) -> None:
-    """Refuse, before any work, a budget whose data preparation would leave less than MIN_TRAIN_SHARE to
-    train, naming the smallest budget that would work."""
-    if not budget_s or setup.seconds <= (1 - MIN_TRAIN_SHARE) * budget_s:
+def check_setup_fits(budget_s: float | None, setup: Setup, predict: Callable[[float], Setup],
+                     spent_s: float = 0.0) -> None:
+    """Refuse, before any work, a budget whose data preparation would leave less than MIN_TRAIN_SHARE of the
+    `budget_s` seconds left to train, naming the smallest budget that would work (`spent_s`: already spent)."""
+    if budget_s is None or (budget_s > 0 and setup.seconds <= (1 - MIN_TRAIN_SHARE) * budget_s):
         return
-    smallest = budget_s
-    while predict(smallest).seconds > (1 - MIN_TRAIN_SHARE) * smallest:
+    smallest = max(budget_s, 1.0)
+    for _ in range(100):  # setup grows with the budget (more tokens to encode), but slower: this ends
+        if predict(smallest).seconds <= (1 - MIN_TRAIN_SHARE) * smallest:
+            break
         smallest *= 1.1
+    else:
+        raise UserError(f"preparing the data would take about {setup.seconds:.0f}s, more than any budget affords; "
+                        "give less data or a ready --tokenizer")
     raise UserError(f"preparing the data (tokenizer and encoding, about {setup.seconds:.0f}s) would leave too "
-                    f"little of the {budget_s:.0f}s budget to train; give --budget {math.ceil(smallest)}s or more, "
-                    "or less data")
+                    f"little of the {spent_s + budget_s:.0f}s budget to train; give --budget "
+                    f"{math.ceil(spent_s + smallest)}s or more, or less data")
 
 
 def prepare(cfg: RunConfig, budget: Budget, *, resumed_tokenizer: Path | None, device: torch.device,
@@ -161,6 +167,7 @@ def prepare(cfg: RunConfig, budget: Budget, *, resumed_tokenizer: Path | None, d
     files = None if d.val else text_files(sources, skipped)
     total = 0 if d.val else corpus_bytes(sources) or 0
     budget_s = budget.seconds - budget.elapsed() if budget.seconds else None
+    spent = budget.elapsed()
     fixed = t.max_tokens if t.max_tokens else None
     peak = device_peak(device, precision_dtype(precision)) if budget_s else None
     vocab_asked = d.vocab_size if not d.tokenizer else None
@@ -169,7 +176,7 @@ def prepare(cfg: RunConfig, budget: Budget, *, resumed_tokenizer: Path | None, d
         warn_skipped(skipped)
         corpus = chunked(files, d.val_fraction) if files else streamed(
             sources, d.val_fraction, {"text_field": d.text_field, "text_column": d.text_column})
-        return _prepare_chunked(corpus, cfg, budget_s, fixed, peak, device, precision, vocab_asked,
+        return _prepare_chunked(corpus, cfg, budget_s, spent, fixed, peak, device, precision, vocab_asked,
                                 resumed_tokenizer)
 
     corpus_docs = load_corpus(sources, text_field=d.text_field, text_column=d.text_column)
@@ -197,7 +204,7 @@ def prepare(cfg: RunConfig, budget: Budget, *, resumed_tokenizer: Path | None, d
     else:
         path = cache_dir() / "tokenizers" / f"bpe{setup.vocab}-{content_hash(train_docs, str(setup.vocab))}.json"
         if not path.exists():
-            check_setup_fits(budget_s, setup, predict)
+            check_setup_fits(budget_s, setup, predict, spent)
         tokenizer = _trained_tokenizer(path, lambda: train_docs, setup.vocab)
     train_tokens = cached_tokens(train_docs, tokenizer, "train")
     val_tokens = cached_tokens(val_docs, tokenizer, "val")
@@ -219,7 +226,7 @@ def _trained_tokenizer(path: Path, texts: Callable[[], list[str]], vocab: int):
     return tok
 
 
-def _prepare_chunked(corpus: ChunkedCorpus, cfg: RunConfig, budget_s, fixed, peak, device, precision,
+def _prepare_chunked(corpus: ChunkedCorpus, cfg: RunConfig, budget_s, spent, fixed, peak, device, precision,
                      vocab_asked, resumed_tokenizer) -> TrainingData:
     d, t = cfg.data, cfg.train
     order = corpus.order()
@@ -241,7 +248,7 @@ def _prepare_chunked(corpus: ChunkedCorpus, cfg: RunConfig, budget_s, fixed, pea
         tokenizer = load_tokenizer(resumed_tokenizer or d.tokenizer)
     else:
         if not tokenizer_path(setup).exists():
-            check_setup_fits(budget_s, setup, predict)
+            check_setup_fits(budget_s, setup, predict, spent)
         chunks = max(1, math.ceil(setup.tokenizer_bytes / CHUNK_BYTES))
         tokenizer = _trained_tokenizer(
             tokenizer_path(setup),
