@@ -36,7 +36,7 @@ from budgetlm.train.runtime import precision_dtype
 
 SMALL_CORPUS_BYTES = 16 << 20    # read whole up to this (the default corpus, tinyshakespeare, WikiText-2)
 TOKENIZER_SAMPLE_MIN = 4 << 20   # a large corpus' tokenizer trains on this much text, or on as much as the run
-TOKENIZER_SAMPLE_MAX = 16 << 20  # encodes (a power of two of megabytes, so similar budgets share it), up to this
+TOKENIZER_SAMPLE_MAX = 8 << 20   # encodes (a power of two of megabytes, so similar budgets share it), up to this
 TOKEN_MARGIN = 3.0   # tokens encoded per token the first plan expects: runs read 2–4× what it expects (tinyshakespeare 5 min: 1.1M expected, 4.1M read)
 BYTES_PER_TOKEN = 3.5            # before a tokenizer exists (byte-level BPE of 4k–16k on English: 3.3–4)
 # A vocabulary entry needs examples to train its embedding: at most one entry per this many tokens the first plan
@@ -58,6 +58,7 @@ class TrainingData:
     val_bytes: int
     unique_tokens: int                  # tokens of the whole training text (estimated when only a part is encoded)
     train_texts: Callable[[], list[str]]  # the encoded training text (for BPE-dropout's re-segmentation)
+    peak_flops: float | None = None     # the device's matmul peak the first plan used (measured once per run)
 
 
 def vocab_for(n_bytes: int, tokens_read: float | None) -> int:
@@ -70,8 +71,9 @@ def vocab_for(n_bytes: int, tokens_read: float | None) -> int:
 
 
 def sample_bytes(encode_bytes: float) -> int:
-    """Bytes of a large corpus the tokenizer trains on: a power of two of megabytes in [MIN, MAX]."""
-    mb = 2 ** max(0, math.ceil(math.log2(max(encode_bytes / (1 << 20), 1))))
+    """Bytes of a large corpus the tokenizer trains on: a power of two of megabytes in [MIN, MAX], at most what
+    the run encodes beyond the minimum."""
+    mb = 2 ** int(math.log2(max(encode_bytes / (1 << 20), 1)))
     return min(max(mb << 20, TOKENIZER_SAMPLE_MIN), TOKENIZER_SAMPLE_MAX)
 
 
@@ -208,7 +210,7 @@ def prepare(cfg: RunConfig, budget: Budget, *, resumed_tokenizer: Path | None, d
         tokenizer = _trained_tokenizer(path, lambda: train_docs, setup.vocab)
     train_tokens = cached_tokens(train_docs, tokenizer, "train")
     val_tokens = cached_tokens(val_docs, tokenizer, "val")
-    return TrainingData(tokenizer, train_tokens, val_tokens, val_bytes, len(train_tokens), lambda: train_docs)
+    return TrainingData(tokenizer, train_tokens, val_tokens, val_bytes, len(train_tokens), lambda: train_docs, peak)
 
 
 def _trained_tokenizer(path: Path, texts: Callable[[], list[str]], vocab: int):
@@ -268,4 +270,4 @@ def _prepare_chunked(corpus: ChunkedCorpus, cfg: RunConfig, budget_s, spent, fix
     def texts() -> list[str]:
         return [text for text, _ in corpus.read_many([corpus.train[int(i)] for i in sorted(order[: cache.chunks])])]
 
-    return TrainingData(tokenizer, train_tokens, val_tokens, val_read, unique, texts)
+    return TrainingData(tokenizer, train_tokens, val_tokens, val_read, unique, texts, peak)

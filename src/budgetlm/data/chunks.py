@@ -286,7 +286,8 @@ class TokenCache:
         self.dtype = token_dtype(tok)
         folder = cache_dir() / "tokens" / f"chunked-{corpus.identity}-{tok_key}"
         folder.mkdir(parents=True, exist_ok=True)
-        self.data, self.index = folder / f"train.{np.dtype(self.dtype).name}", folder / "train.json"
+        # named after the corpus and tokenizer: a resumed run checks it is reading the same data by this name
+        self.data, self.index = folder / f"train-{folder.name}.{np.dtype(self.dtype).name}", folder / "train.json"
         self.val_path = folder / f"val.{np.dtype(self.dtype).name}"
         try:
             meta = json.loads(self.index.read_text())

@@ -94,7 +94,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
         if planned is None:
             planned = plan(budget.seconds - budget.elapsed(), train_tokens=data.unique_tokens,
                            vocab=tokenizer.get_vocab_size(), device=device, precision=precision,
-                           micro_batch=t.micro_batch)
+                           micro_batch=t.micro_batch, peak_flops=data.peak_flops)
         say(planned.describe())
     mc = model_for(cfg.model, tokenizer.get_vocab_size(), planned)
     if mc.d_model % mc.n_head:
