@@ -248,12 +248,13 @@ def _cut_at(f, offset: int, size: int) -> int:
     BOUNDARY_SEARCH without one, after any newline or space; the file's end if none."""
     if offset <= 0 or offset >= size:
         return min(max(offset, 0), size)
-    f.seek(offset - 1)
-    data = f.read(BOUNDARY_SEARCH + 2)
-    i = 0
-    while (i := data.find(b"\n", i + 1)) != -1 and i + 1 < len(data):
-        if not data[i - 1 : i].isspace() and not data[i + 1 : i + 2].isspace():
-            return offset + i
+    for window in (1 << 16, BOUNDARY_SEARCH):  # nearly always found in the first, small read
+        f.seek(offset - 1)
+        data = f.read(window + 2)
+        i = 0
+        while (i := data.find(b"\n", i + 1)) != -1 and i + 1 < len(data):
+            if not data[i - 1 : i].isspace() and not data[i + 1 : i + 2].isspace():
+                return offset + i
     loose = [j for j in (data.find(b"\n", 1), data.find(b" ", 1)) if j != -1]
     return offset + min(loose) if loose else size
 
