@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from budgetlm.budget import parse_duration
-from budgetlm.config import DataConfig
-from budgetlm.data.prepare import prepare_text
+from budgetlm.budget import Budget, parse_duration
+from budgetlm.config import DataConfig, RunConfig
 from budgetlm.plan import plan_on_device
+from budgetlm.prepare import prepare
 from budgetlm.train.runtime import device_name, pick_device, pick_precision, set_threads
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -44,7 +44,7 @@ def scaled_shape(n_layer: int, d_model: int, scale: float) -> tuple[int, int, in
 
 def settings_for(shape: tuple[int, int, int], budget_s: float, text, device, precision: str) -> list[str]:
     """The pretrain flags that give `shape` the settings the plan's rules give it at this budget."""
-    p = plan_on_device(budget_s, train_tokens=len(text.train_tokens), vocab=text.tokenizer.get_vocab_size(),
+    p = plan_on_device(budget_s, train_tokens=text.unique_tokens, vocab=text.tokenizer.get_vocab_size(),
                        device=device, precision=precision, ladder=[shape])
     return ["--n-layer", str(p.n_layer), "--d-model", str(p.d_model), "--n-head", str(p.n_head),
             "--context", str(p.context), "--batch-tokens", str(p.batch_tokens), "--micro-batch", str(p.micro_batch),
@@ -68,7 +68,8 @@ def sweep(spec: str, out: Path, device, precision: str) -> list[dict]:
     corpus, budget, scales_text = (spec.split(":") + [""])[:3]
     scales = [float(x) for x in scales_text.split(",")] if scales_text else list(SCALES)
     budget_s = parse_duration(budget)
-    text = prepare_text(DataConfig(data=[corpus]))
+    text = prepare(RunConfig(data=DataConfig(data=[corpus])), Budget(seconds=budget_s), resumed_tokenizer=None,
+                   device=device, precision=precision)
     name = Path(corpus).parent.name or Path(corpus).stem
     rows = []
     planned = pretrain(corpus, budget, [], out / f"{name}-{budget}-planned")

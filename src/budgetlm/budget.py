@@ -5,6 +5,7 @@ on it reaches its end exactly when the first limit is hit (as Cramming does for 
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,19 @@ def parse_duration(text: str | float | int) -> float:
     if seconds <= 0:
         raise UserError(f"duration {text!r} must be positive")
     return seconds
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux; 0 elsewhere): what a command's start-up (interpreter, imports)
+    took before a workflow's clock began, which its user's wall clock counts."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time after boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
 
 
 HIGHER_IS_BETTER = {"val_accuracy", "val_macro_f1"}

@@ -43,7 +43,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         print(to_toml(cfg))
         return 0
     out = Path(args.out) if args.out else _default_out()
-    return _exit_code(pretrain.run(cfg, out, quiet=args.quiet))
+    return _exit_code(pretrain.run(cfg, out, quiet=args.quiet, count_startup=args.from_command_line))
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -319,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.from_command_line = argv is None  # this process is the command: its start-up counts in the budget
     from budgetlm.train.runtime import keep_freed_memory
 
     if args.command in KEEPS_FREED_MEMORY:  # process-wide: the command line's own process, not an importer's

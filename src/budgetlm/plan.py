@@ -473,14 +473,15 @@ def _write_json(path, data: dict) -> None:
 
 def plan_on_device(budget_s: float | None, *, train_tokens: int, vocab: int, device: torch.device, precision: str,
                    micro_batch: int | None = None, budget_flops: float | None = None, optim: str = "muon",
-                   probe: bool = True, clock=None, ladder: list | None = None) -> Plan:
+                   probe: bool = True, clock=None, ladder: list | None = None,
+                   peak_flops: float | None = None) -> Plan:
     """The plan for this device: its free memory caps the shapes, and with a time budget the best-ranked
     shapes' speed is probed here (cached) before the final ranking. `clock()` gives the seconds of the
     budget left after the probe (default: `budget_s` less the probe's time)."""
     limit = available_memory(device)
     kwargs = dict(train_tokens=train_tokens, vocab=vocab, device=device, precision=precision, micro_batch=micro_batch,
                   budget_flops=budget_flops, memory_limit=limit, optim=optim, ladder=ladder)
-    first = plan(budget_s, **kwargs)
+    first = plan(budget_s, peak_flops=peak_flops, **kwargs)
     if not (probe and budget_s):
         return first
     started = time.monotonic()
@@ -642,8 +643,9 @@ def budget_fields(t) -> dict:
     return {"seconds": t.budget, "flops": t.budget_flops, "max_steps": t.max_steps, "max_tokens": t.max_tokens}
 
 
-def data_fields(text, bpe_rate: float, passes: int) -> dict:
-    """The prepared text (data/prepare.py), as the plan record lists it."""
-    return {"train_tokens": len(text.train_tokens), "val_tokens": len(text.val_tokens),
-            "train_documents": len(text.train_docs), "vocab_size": text.tokenizer.get_vocab_size(),
+def data_fields(data, bpe_rate: float, passes: int) -> dict:
+    """The prepared data (prepare.py), as the plan record lists it: the tokens encoded for this run and
+    the whole training text's (estimated where only a part of a large corpus is encoded)."""
+    return {"train_tokens": len(data.train_tokens), "corpus_train_tokens": data.unique_tokens,
+            "val_tokens": len(data.val_tokens), "vocab_size": data.tokenizer.get_vocab_size(),
             "bpe_dropout": bpe_rate, "bpe_passes": passes}

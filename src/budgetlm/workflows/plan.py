@@ -11,7 +11,6 @@ import torch
 
 from budgetlm.budget import Budget
 from budgetlm.config import RunConfig
-from budgetlm.data.prepare import prepare_text
 from budgetlm.models.gpt import GPT
 from budgetlm.plan import (
     batch_settings,
@@ -25,6 +24,7 @@ from budgetlm.plan import (
     planned_lr,
     shape_given,
 )
+from budgetlm.prepare import prepare
 from budgetlm.report import say
 from budgetlm.train.runtime import (
     device_name,
@@ -42,13 +42,13 @@ def run(cfg: RunConfig, *, as_json: bool = False) -> dict:
     set_threads(t.threads)
     device = pick_device(t.device)
     precision = pick_precision(t.precision, device)
-    text = prepare_text(cfg.data)
+    text = prepare(cfg, budget, resumed_tokenizer=None, device=device, precision=precision)
     vocab = text.tokenizer.get_vocab_size()
     planned = None
     if (budget.seconds or budget.max_flops) and not shape_given(cfg.model):
-        planned = plan_on_device(budget.remaining(), train_tokens=len(text.train_tokens), vocab=vocab, device=device,
+        planned = plan_on_device(budget.remaining(), train_tokens=text.unique_tokens, vocab=vocab, device=device,
                                  precision=precision, micro_batch=t.micro_batch, budget_flops=t.budget_flops,
-                                 optim=t.optim, clock=budget.remaining)
+                                 optim=t.optim, clock=budget.remaining, peak_flops=text.peak_flops)
     mc = model_for(cfg.model, vocab, planned)
     with torch.device("meta"):  # counts only: no memory for the weights
         model = GPT(mc)

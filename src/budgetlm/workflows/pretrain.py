@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 
 from budgetlm import tracking
-from budgetlm.budget import Budget, format_duration
+from budgetlm.budget import Budget, format_duration, process_age
 from budgetlm.config import Every, RunConfig
-from budgetlm.data.prepare import prepare_text
 from budgetlm.data.tokens import bpe_dropout_tokens
 from budgetlm.errors import UserError
 from budgetlm.models.gpt import GPT
+from budgetlm.prepare import prepare
 from budgetlm.report import prepare_out, say, say_done
 from budgetlm.plan import (
     Plan,
@@ -59,11 +59,13 @@ from budgetlm.train.signals import GracefulStop
 CALIBRATION_EVALS = 1.5
 
 
-def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict:
+def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_startup: bool = False) -> dict:
     """Train, save the best weights and the run's files in `out`; return the summary.
-    `on_eval(entry) -> bool` sees each periodic evaluation and may stop the run (see loop.fit)."""
+    `on_eval(entry) -> bool` sees each periodic evaluation and may stop the run (see loop.fit).
+    `count_startup`: the budget also counts the process' start-up (the command line: its user's wall clock)."""
     t = cfg.train
     tracking.require(t.report_to)  # a missing tracker package stops the run before anything else
+    startup_s = process_age() if count_startup else 0.0
     budget = Budget(seconds=t.budget, max_steps=t.max_steps, max_tokens=t.max_tokens,
                     max_flops=t.budget_flops)  # the clock starts now: data preparation counts
     prepare_out(out)
@@ -71,16 +73,16 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     snapshot = find_resume(t.resume, out, needs=("tokenizer.json",), warn=say)
     if snapshot is not None:
         budget.spent_s = snapshot.meta["spent_s"]
+    budget.spent_s += startup_s
     threads = set_threads(t.threads)
     torch.manual_seed(t.seed)
     device = pick_device(t.device)
     precision = pick_precision(t.precision, device)
 
-    # Data: documents → train/validation split → tokenizer → cached token streams; a resumed run keeps the
-    # tokenizer it started with
-    text = prepare_text(cfg.data, out / "tokenizer.json" if snapshot is not None else None)
-    train_docs, tokenizer = text.train_docs, text.tokenizer
-    train_tokens, val_tokens, val_bytes = text.train_tokens, text.val_tokens, text.val_bytes
+    # Data: split, tokenizer and token streams, sized by what the budget will read (prepare.py)
+    data = prepare(cfg, budget, resumed_tokenizer=out / "tokenizer.json" if snapshot is not None else None,
+                   device=device, precision=precision)
+    tokenizer, train_tokens, val_tokens, val_bytes = data.tokenizer, data.train_tokens, data.val_tokens, data.val_bytes
 
     planned = None
     if (budget.seconds or budget.max_flops) and not shape_given(cfg.model):
@@ -88,10 +90,10 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         # for the time left could pick another shape, which the checkpoint cannot continue
         planned = Plan.from_dict(snapshot.meta.get("plan")) if snapshot is not None else None
         if planned is None:
-            planned = plan_on_device(budget.remaining(), train_tokens=len(train_tokens),
+            planned = plan_on_device(budget.remaining(), train_tokens=data.unique_tokens,
                                      vocab=tokenizer.get_vocab_size(), device=device, precision=precision,
                                      micro_batch=t.micro_batch, budget_flops=t.budget_flops, optim=t.optim,
-                                     clock=budget.remaining)
+                                     clock=budget.remaining, peak_flops=data.peak_flops)
         say(planned.describe())
     mc = model_for(cfg.model, tokenizer.get_vocab_size(), planned)
     if mc.d_model % mc.n_head:
@@ -113,7 +115,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     text_tokens = len(train_tokens)
     if bpe_rate:
         started = time.monotonic()
-        train_tokens, drawn = bpe_dropout_tokens(train_docs, tokenizer, train_tokens, bpe_rate, passes, t.seed)
+        train_tokens, drawn = bpe_dropout_tokens(data.train_texts(), tokenizer, train_tokens, bpe_rate, passes, t.seed)
         if drawn:
             if snapshot is not None:
                 say("the BPE-dropout segmentations this run started with are no longer cached: drew new ones, so "
@@ -141,7 +143,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
                         step_size=t.step_size, patience=t.plateau_patience)
     record = plan_record(planned, mc, n_params=model.num_params(), n_params_without_embedding=model.num_params(False),
                          flops_per_token_=model.flops_per_token(), device=device_name(device), precision=precision,
-                         compiled=compiled, budget=budget_fields(t), data=data_fields(text, bpe_rate, passes),
+                         compiled=compiled, budget=budget_fields(t), data=data_fields(data, bpe_rate, passes),
                          batch_tokens=micro_steps * micro_batch * mc.context, micro_batch=micro_batch,
                          micro_steps=micro_steps, lr=lr, warmup=t.warmup, optim=t.optim, schedule=t.schedule)
     planned_steps = record["training"]["steps"]
