@@ -26,6 +26,7 @@ from budgetlm.report import prepare_out, say, say_done
 from budgetlm.plan import Plan, bpe_passes, given_or_planned, model_for, plan
 from budgetlm.train.batching import largest_micro_batch
 from budgetlm.train.checkpoint import atomic_write_bytes, save_model
+from budgetlm.train.compile import compile_language_model, decide as decide_compile
 from budgetlm.train.kernels import apply_kernels
 from budgetlm.train.lm import LanguageModelTask
 from budgetlm.train.loop import FitConfig, fit
@@ -37,7 +38,6 @@ from budgetlm.train.runtime import (
     pick_device,
     pick_precision,
     set_threads,
-    should_compile,
 )
 from budgetlm.train.schedule import Schedule
 from budgetlm.train.signals import GracefulStop
@@ -157,20 +157,25 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         batch_tokens = planned.batch_tokens
     else:
         batch_tokens = (t.micro_batch or 8) * mc.context
-    compiled = should_compile(t.compile, device, budget.seconds)
-    apply_kernels(model, device, compiled=compiled)
-    forward = torch.compile(model) if compiled else model
-    runtime = Runtime(device, precision, compiled)
+    apply_kernels(model, device)
+    runtime = Runtime(device, precision, compiled=False)
     if t.micro_batch:
         micro_batch = t.micro_batch
     elif t.batch_tokens == "auto":
-        micro_batch = largest_micro_batch(model, forward, mc.context, mc.vocab_size, batch_tokens, device,
+        micro_batch = largest_micro_batch(model, model, mc.context, mc.vocab_size, batch_tokens, device,
                                           runtime.autocast)
     else:
         micro_batch = planned.micro_batch if planned else 8
         if asked_tokens is not None:  # a batch smaller than one planned micro-batch: fewer sequences per pass
             micro_batch = max(1, min(micro_batch, asked_tokens // mc.context))
     micro_steps = max(1, round(batch_tokens / (micro_batch * mc.context)))
+    compiling = decide_compile(t.compile, mc, micro_batch, device, precision,
+                               budget.seconds - budget.elapsed() if budget.seconds else None)
+    say(compiling.reason)
+    runtime.compiled = compiling.compile
+    if compiling.compile:
+        seconds = compile_language_model(model, compiling.cache, micro_batch, mc.context, runtime.autocast)
+        say(f"  compiled the Transformer block in {seconds:.1f}s")
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     lr = t.lr or default_lr(mc.d_model, t.optim)
@@ -203,7 +208,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     say(f"budgetlm pretrain: {model.num_params() / 1e6:.2f}M parameters ({mc.n_layer} layers, d_model {mc.d_model}, "
         f"{mc.n_head} heads, context {mc.context}), vocab {tokenizer.get_vocab_size()}, "
         f"{text_tokens:,} training / {len(val_tokens):,} validation tokens")
-    say(f"  device {device} ({threads} threads), {precision}, {'compiled' if compiled else 'eager'}, "
+    say(f"  device {device} ({threads} threads), {precision}, {'compiled' if runtime.compiled else 'eager'}, "
         f"batch {micro_steps * micro_batch * mc.context} tokens (micro-batch {micro_batch} × {micro_steps}), "
         f"{t.optim} lr {lr:.2e} {t.schedule}, budget {budget.describe()}")
 
@@ -212,9 +217,11 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     log = RunLog(out / "metrics.jsonl", quiet=quiet,
                  resume_step=snapshot.meta["loop"]["step"] if snapshot is not None else None, tracker=tracker)
     with GracefulStop() as stop:  # a signal after training, too, waits until the model is saved
-        result = fit(model, forward, task, optimizer, fit_cfg, budget, runtime, log, checkpoints=checkpoints,
+        result = fit(model, model, task, optimizer, fit_cfg, budget, runtime, log, checkpoints=checkpoints,
                      resume=snapshot, stop=stop, scaler=scaler,
                      run_meta=identity, on_eval=on_eval)
+        if compiling.cache is not None:
+            compiling.cache.note_speed(runtime.compiled, result.per_s)  # what the next run's decision weighs
         raw = {"val_bpb": result.final["val_bpb"], "val_loss": result.final["val_loss"]}
         best = raw
         if t.calibrate and result.stop_reason != "interrupted":
@@ -250,7 +257,8 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         "model_flops_per_s": round(result.per_s * model.flops_per_token(), 1),
         "device": _device_name(device),
         "precision": precision,
-        "compiled": compiled,
+        "compiled": runtime.compiled,
+        "compile_decision": compiling.reason,
         "ema": fit_cfg.ema,
         "stop_reason": result.stop_reason,
         "skipped_steps": result.state.skipped_steps,
