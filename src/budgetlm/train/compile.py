@@ -148,19 +148,19 @@ def tokens_ratio(budget_s: float, compile_s: float, speedup: float) -> float:
 class CompileDecision:
     compile: bool
     reason: str  # one line for the run's log and the plan's output
-    cache: CompileCache | None = None
+    cache: CompileCache
 
 
 def decide(mode: str, config: ModelConfig, micro_batch: int, device: torch.device, precision: str,
            budget_s: float | None) -> CompileDecision:
     """Whether to compile this shape for a run of `budget_s` seconds (None: no time budget). `mode` is --compile:
     off, on, or auto (compile where the tokens gained exceed the tokens the compile costs)."""
+    cache = compile_cache(config, micro_batch, device, precision)  # an eager run records its speed there too
     if mode == "off":
-        return CompileDecision(False, "eager (--compile off)")
+        return CompileDecision(False, "eager (--compile off)", cache)
     reason = can_compile()
     if reason:
-        return CompileDecision(False, f"eager: {reason}")
-    cache = compile_cache(config, micro_batch, device, precision)
+        return CompileDecision(False, f"eager: {reason}", cache)
     if mode == "on":
         return CompileDecision(True, "compiled (--compile on)", cache)
     compile_s, cost_source = expected_compile_s(cache, device)

@@ -220,8 +220,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         result = fit(model, model, task, optimizer, fit_cfg, budget, runtime, log, checkpoints=checkpoints,
                      resume=snapshot, stop=stop, scaler=scaler,
                      run_meta=identity, on_eval=on_eval)
-        if compiling.cache is not None:
-            compiling.cache.note_speed(runtime.compiled, result.per_s)  # what the next run's decision weighs
+        compiling.cache.note_speed(runtime.compiled, result.per_s)  # what the next run's decision weighs
         raw = {"val_bpb": result.final["val_bpb"], "val_loss": result.final["val_loss"]}
         best = raw
         if t.calibrate and result.stop_reason != "interrupted":
