@@ -34,9 +34,10 @@ from budgetlm.train.runtime import can_compile
 # EPYC and Xeon machines (1.12-1.55, docs/performance.md), so an unmeasured shape compiles only where it clearly pays.
 DEFAULT_COMPILE_S = {"cpu": {"cold": 25.0, "warm": 5.0}, "cuda": {"cold": 40.0, "warm": 8.0}}
 DEFAULT_SPEEDUP = {"cpu": 1.2, "cuda": 1.3}
-# A cold compile fills the cache for every later run of the shape: where it would pay with the cache filled, it is
-# worth up to this share of the tokens of the run that fills it (a first short run then warms the cache).
-INVESTMENT = 0.1
+# A cold compile fills the cache for every later run of the shape (seeds, re-runs, the same plan): where it would
+# pay with the cache filled, it is worth up to this share of the tokens of the run that fills it, so a first short
+# run of a shape warms the cache for the ones after it. 0 makes the rule strictly this run's tokens.
+INVESTMENT = 0.25
 RECORD = "record.json"
 
 
