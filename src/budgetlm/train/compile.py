@@ -39,6 +39,7 @@ DEFAULT_SPEEDUP = {"cpu": 1.2, "cuda": 1.3}
 # run of a shape warms the cache for the ones after it. 0 makes the rule strictly this run's tokens.
 INVESTMENT = 0.25
 RECORD = "record.json"
+KEEP_COMPILE_TIMES = 9  # the latest compile times kept per shape and cache state (their median is expected)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ class CompileCache:
 
     def note_compile(self, seconds: float, warm: bool) -> None:
         def add(record):
-            record.setdefault("compile_s", {}).setdefault("warm" if warm else "cold", []).append(round(seconds, 2))
+            times = record.setdefault("compile_s", {}).setdefault("warm" if warm else "cold", [])
+            times[:] = (times + [round(seconds, 2)])[-KEEP_COMPILE_TIMES:]
         self._update(add)
 
     def note_speed(self, compiled: bool, tokens_per_s: float) -> None:
