@@ -62,7 +62,8 @@ def worker(which: str, steps: int, precision: str, compile_mode: str) -> dict:
     from budgetlm.models.gpt import GPT
     from budgetlm.train.kernels import apply_kernels
     from budgetlm.train.optim import build_optimizer
-    from budgetlm.train.runtime import keep_freed_memory, pick_device, pick_precision, set_threads, should_compile
+    from budgetlm.train.compile import compile_language_model, decide
+    from budgetlm.train.runtime import autocast, keep_freed_memory, pick_device, pick_precision, set_threads
     from common import training_step
 
     set_threads(None)
@@ -73,12 +74,16 @@ def worker(which: str, steps: int, precision: str, compile_mode: str) -> dict:
     s = SHAPE
     torch.manual_seed(0)
     if which == "budgetlm":
-        model = GPT(ModelConfig(vocab_size=s["vocab_size"], context=s["context"], n_layer=s["n_layer"], n_head=s["n_head"],
-                              d_model=s["d_model"], mlp="swiglu", mlp_ratio=4.0)).to(device)
-        compiled = should_compile(compile_mode, device)
-        apply_kernels(model, device, compiled=compiled)
-        forward = torch.compile(model) if compiled else model
-        step_loss = lambda x, y: forward(x, y)
+        config = ModelConfig(vocab_size=s["vocab_size"], context=s["context"], n_layer=s["n_layer"], n_head=s["n_head"],
+                             d_model=s["d_model"], mlp="swiglu", mlp_ratio=4.0)
+        model = GPT(config).to(device)
+        apply_kernels(model, device)
+        decision = decide(compile_mode, model.config, s["micro_batch"], device, precision, None)
+        compiled = decision.compile
+        if compiled:  # the Transformer block, as pretrain compiles it (train/compile.py)
+            compile_language_model(model, decision.cache, s["micro_batch"], s["context"],
+                                   lambda: autocast(device, precision))
+        step_loss = lambda x, y: model(x, y)
         flops_per_token = model.flops_per_token()
     else:
         from transformers import LlamaConfig, LlamaForCausalLM

@@ -109,7 +109,8 @@ class TrainConfig(TrainingSettings):
     l1: float = opt(0.0, low=0, help="L1 penalty on weight matrices, added to the loss")
     calibrate: bool = opt(True, help="after training, fit a temperature for the logits on the validation text "
                           "(kept where it predicts held-out text better; the reported figure is cross-fitted)")
-    compile: str = opt("auto", help="torch.compile the model (auto: on CUDA, and on CPU for budgets of 10m or more)",
+    compile: str = opt("auto", help="torch.compile the Transformer block (auto: where the tokens a faster step "
+                       "gains in the budget exceed those the compile costs, as measured on this machine)",
                        choices=("auto", "on", "off"))
     eval_tokens: int | None = opt(None, low=1, help="validation tokens per periodic evaluation (default: fit ~0.5%% of "
                                   "the budget); the final evaluation always uses all")

@@ -498,7 +498,7 @@ PLAN_FORMAT = 1  # bumped when a field of plan_record changes meaning or goes aw
 
 def plan_record(planned: Plan | None, mc: ModelConfig, *, n_params: int, n_params_without_embedding: int,
                 flops_per_token_: float, device: str, precision: str, compiled: bool, budget: dict,
-                data: dict, batch_tokens: int, micro_batch: int | None, micro_steps: int | None,
+                data: dict, compile_reason: str | None = None, batch_tokens: int, micro_batch: int | None, micro_steps: int | None,
                 lr: float, warmup: float, optim: str, schedule: str) -> dict:
     """The plan as plain data: what `budgetlm plan --json` prints and pretrain writes to plan.json
     (fields listed in docs/planner.md)."""
@@ -525,6 +525,7 @@ def plan_record(planned: Plan | None, mc: ModelConfig, *, n_params: int, n_param
         "device": device,
         "precision": precision,
         "compiled": compiled,
+        "compile_reason": compile_reason,
         "matmul_peak_flops": p.peak_flops if p else None,
         "budget": budget,
         "data": data,
@@ -555,6 +556,7 @@ def plan_text(r: dict) -> str:
     peak = f", matmul peak {r['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s" if r["matmul_peak_flops"] else ""
     lines = [f"plan ({'chosen by the planner' if r['planned'] else 'no plan: the shape was given'}), budget: {limits}",
              f"  device {r['device']}, {r['precision']}, {'compiled' if r['compiled'] else 'eager'}{peak}",
+             *([f"  {r['compile_reason']}"] if r.get("compile_reason") else []),
              f"  model {m['n_layer']}x{m['d_model']}, {m['n_head']} heads, context {m['context']}, vocabulary "
              f"{d['vocab_size']:,} (head {m['vocab_size']:,}): {m['params'] / 1e6:.2f}M parameters, "
              f"{m['params_without_embedding'] / 1e6:.2f}M without the embedding"]

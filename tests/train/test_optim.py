@@ -304,6 +304,25 @@ def test_muon_step_follows_its_rule_and_matches_torch():
     assert torch.allclose(ours.detach(), theirs.detach(), atol=2e-3)  # theirs iterates in bf16
 
 
+def test_muon_in_bf16_steps_as_the_stacked_and_converted_update_did():
+    from budgetlm.train.muon import Muon, orthogonalize, stacked
+
+    torch.manual_seed(0)
+    w0, grads = [torch.randn(24, 40) for _ in range(3)], [torch.randn(24, 40) for _ in range(3)]
+    assert torch.equal(stacked(grads, torch.bfloat16), torch.stack(grads).to(torch.bfloat16))
+    params = [nn.Parameter(w.clone()) for w in w0]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    Muon(params, lr=0.02, weight_decay=0.1, momentum=0.9, ns_dtype=torch.bfloat16).step()
+    updates = torch.stack([g.lerp(0.1 * g, 0.9) for g in grads])  # Nesterov, momentum from zero
+    # the code before: the batch stacked in fp32, converted, orthogonalized, converted back, scaled, added
+    ortho = orthogonalize(updates, dtype=torch.bfloat16).float()
+    for p, w, o in zip(params, w0, ortho):
+        expected = w * (1 - 0.02 * 0.1) - 0.02 * 0.2 * 40**0.5 * o
+        assert torch.allclose(p.detach(), expected, atol=1e-6)
+        assert not torch.allclose(p.detach(), w, atol=1e-3)
+
+
 # --- skipping a step on the device (GradScaler's found_inf) ------------------------------------------
 
 @pytest.mark.parametrize("name", ["adamw", "sgd", "muon"])

