@@ -96,7 +96,8 @@ class Plan:
         regularized = f", {' and '.join(against)} against memorizing" if against else ""
         return (f"planned {self.n_layer}×{self.d_model} at context {self.context}, batch {self.batch_tokens} tokens, "
                 f"about {self.expected_tokens / 1e6:.1f}M training tokens ({self.expected_epochs:.1f} epochs) in the "
-                f"budget{regularized} (matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s)")
+                f"budget{regularized}, lr {self.lr:.2e} (matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s, "
+                f"speed {self.speed})")
 
 
 def device_peak(device: torch.device, dtype: torch.dtype) -> float:
