@@ -96,7 +96,8 @@ class Plan:
         regularized = f", {' and '.join(against)} against memorizing" if against else ""
         return (f"planned {self.n_layer}×{self.d_model} at context {self.context}, batch {self.batch_tokens} tokens, "
                 f"about {self.expected_tokens / 1e6:.1f}M training tokens ({self.expected_epochs:.1f} epochs) in the "
-                f"budget{regularized} (matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s)")
+                f"budget{regularized}, lr {self.lr:.2e} (matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s, "
+                f"speed {self.speed})")
 
 
 def device_peak(device: torch.device, dtype: torch.dtype) -> float:
@@ -256,13 +257,12 @@ def candidates(budget_s: float | None, *, train_tokens: int, vocab: int, device:
             micro //= 2  # a smaller micro-batch, more accumulation: the same batch in less memory
             need = memory_estimate(n_layer, d_model, n_head, context, vocab, micro, precision)
         fits = not memory_limit or need <= MEMORY_SHARE * memory_limit
-        weighed.append(dict(n_layer=n_layer, d_model=d_model, n_head=n_head, context=context, micro_batch=micro,
-                            params=n_params, params_without_embedding=body_params, flops_per_token=per_token,
-                            tokens=int(tokens), epochs=tokens / max(train_tokens, 1),
-                            predicted_loss=predicted_loss(n_params, tokens, train_tokens),
-                            tokens_per_s=per_s,
-                            speed="measured" if measured else "scaled" if speeds else "assumed",
-                            efficiency=per_s * per_token / peak, memory_bytes=need, fits=fits))
+        weighed.append({"n_layer": n_layer, "d_model": d_model, "n_head": n_head, "context": context,
+                        "micro_batch": micro, "params": n_params, "params_without_embedding": body_params,
+                        "flops_per_token": per_token, "tokens": int(tokens), "epochs": tokens / max(train_tokens, 1),
+                        "predicted_loss": predicted_loss(n_params, tokens, train_tokens), "tokens_per_s": per_s,
+                        "speed": "measured" if measured else "scaled" if speeds else "assumed",
+                        "efficiency": per_s * per_token / peak, "memory_bytes": need, "fits": fits})
         if not fits:
             break  # a larger shape needs more memory still
     if not any(c["fits"] for c in weighed):
@@ -479,8 +479,9 @@ def plan_on_device(budget_s: float | None, *, train_tokens: int, vocab: int, dev
     shapes' speed is probed here (cached) before the final ranking. `clock()` gives the seconds of the
     budget left after the probe (default: `budget_s` less the probe's time)."""
     limit = available_memory(device)
-    kwargs = dict(train_tokens=train_tokens, vocab=vocab, device=device, precision=precision, micro_batch=micro_batch,
-                  budget_flops=budget_flops, memory_limit=limit, optim=optim, ladder=ladder)
+    kwargs = {"train_tokens": train_tokens, "vocab": vocab, "device": device, "precision": precision,
+              "micro_batch": micro_batch, "budget_flops": budget_flops, "memory_limit": limit, "optim": optim,
+              "ladder": ladder}
     first = plan(budget_s, peak_flops=peak_flops, **kwargs)
     if not (probe and budget_s):
         return first
@@ -557,9 +558,9 @@ def plan_text(r: dict) -> str:
     lines = [f"plan ({'chosen by the planner' if r['planned'] else 'no plan: the shape was given'}), budget: {limits}",
              f"  device {r['device']}, {r['precision']}, {'compiled' if r['compiled'] else 'eager'}{peak}",
              *([f"  {r['compile_reason']}"] if r.get("compile_reason") else []),
-             f"  model {m['n_layer']}x{m['d_model']}, {m['n_head']} heads, context {m['context']}, vocabulary "
-             f"{d['vocab_size']:,} (head {m['vocab_size']:,}): {m['params'] / 1e6:.2f}M parameters, "
-             f"{m['params_without_embedding'] / 1e6:.2f}M without the embedding"]
+             (f"  model {m['n_layer']}x{m['d_model']}, {m['n_head']} heads, context {m['context']}, vocabulary "
+              f"{d['vocab_size']:,} (head {m['vocab_size']:,}): {m['params'] / 1e6:.2f}M parameters, "
+              f"{m['params_without_embedding'] / 1e6:.2f}M without the embedding")]
     if t["tokens"]:
         epochs = f" = {t['epochs']:.1f} epochs of {d['train_tokens']:,}" if t["epochs"] else ""
         lines.append(f"  tokens {t['tokens']:,}{epochs}, {t['flops']:.3g} model FLOPs")
