@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from budgetlm.models.config import SIZES, ModelConfig
+from budgetlm.models.t5 import encoder_decoder_flops
 from budgetlm.train.runtime import precision_dtype
 
 # (n_layer, d_model, n_head): width grows faster than depth at small scale, as in the GPT-2/Pythia families
@@ -160,9 +161,22 @@ def context_for(d_model: int) -> int:
     return 128 if d_model < 128 else 256 if d_model < 768 else 512 if d_model < 1536 else 1024
 
 
-def flops_per_token(n_layer: int, d_model: int, vocab: int, context: int, mlp_ratio: float = 4.0) -> float:
-    params = n_layer * (4 + 2 * mlp_ratio) * d_model**2 + vocab * d_model
-    return 6 * params + 12 * n_layer * d_model * context
+def flops_per_token(n_layer: int, d_model: int, vocab: int, context: int, mlp_ratio: float = 4.0,
+                    arch: str = "gpt", mask_rate: float = 0.15) -> float:
+    """Training FLOPs per token of text. A GPT: 6 per parameter and PaLM's attention term (which counts the whole
+    window: no causal saving in either). A BERT: the same body, but the tied head only for the masked share. A T5:
+    encoder, decoder with cross-attention and head over the lengths span corruption gives them (models/t5.py)."""
+    body = n_layer * (4 + 2 * mlp_ratio) * d_model**2
+    if arch == "t5":
+        return encoder_decoder_flops(n_layer, d_model, vocab, context, mlp_ratio)
+    head_share = mask_rate if arch == "bert" else 1.0
+    return 6 * (body + head_share * vocab * d_model) + 12 * n_layer * d_model * context
+
+
+def body_params(n_layer: int, d_model: int, arch: str = "gpt") -> int:
+    """Non-embedding parameters: a T5 has two stacks, the decoder's with cross-attention (4·d_model² a layer)."""
+    layer = 12 * d_model**2
+    return n_layer * (2 * layer + 4 * d_model**2) if arch == "t5" else n_layer * layer
 
 
 def predicted_loss(n_params: float, tokens: float, unique_tokens: float) -> float:
@@ -173,17 +187,20 @@ def predicted_loss(n_params: float, tokens: float, unique_tokens: float) -> floa
 
 
 def plan(budget_s: float, *, train_tokens: int, vocab: int, device: torch.device, precision: str,
-         micro_batch: int | None = None, peak_flops: float | None = None) -> Plan:
-    """The ladder shape with the lowest predicted loss after `budget_s` seconds of training."""
+         micro_batch: int | None = None, peak_flops: float | None = None, arch: str = "gpt",
+         mask_rate: float = 0.15) -> Plan:
+    """The ladder shape with the lowest predicted loss after `budget_s` seconds of training; every architecture
+    by the same rule, with its own parameter count and FLOPs per token."""
     peak = peak_flops or device_peak(device, precision_dtype(precision))
     best = None
     for n_layer, d_model, n_head in LADDER:
-        body_params = 12 * n_layer * d_model**2
-        n_params = body_params + vocab * d_model  # every parameter, as Chinchilla counts them
-        if best is not None and body_params > MAX_PARAMS_PER_TOKEN * train_tokens:
+        body = body_params(n_layer, d_model, arch)
+        n_params = body + vocab * d_model  # every parameter, as Chinchilla counts them
+        if best is not None and body > MAX_PARAMS_PER_TOKEN * train_tokens:
             break
         context = context_for(d_model)
-        tokens = efficiency(d_model, device, precision) * peak * budget_s * OVERHEAD / flops_per_token(n_layer, d_model, vocab, context)
+        tokens = (efficiency(d_model, device, precision) * peak * budget_s * OVERHEAD
+                  / flops_per_token(n_layer, d_model, vocab, context, arch=arch, mask_rate=mask_rate))
         loss = predicted_loss(n_params, tokens, train_tokens)
         if best is None or loss < best[0]:
             best = (loss, n_layer, d_model, n_head, context, tokens)

@@ -1,4 +1,4 @@
-"""`budgetlm pretrain`: train a GPT on a text corpus within a budget and keep the best weights.
+"""`budgetlm pretrain`: train a GPT (or a BERT, a T5: --arch) on a text corpus within a budget and keep the best weights.
 
 setup (budget clock, device, data, tokenizer, model) → fit → save → report, top to bottom."""
 
@@ -18,16 +18,16 @@ from budgetlm.budget import Budget, format_duration
 from budgetlm.config import Every, RunConfig
 from budgetlm.data.default_corpus import default_corpus_files
 from budgetlm.data.sources import load_corpus, split_validation
-from budgetlm.data.tokenizer import default_vocab_size, load_tokenizer, train_tokenizer
+from budgetlm.data.tokenizer import default_vocab_size, load_tokenizer, train_tokenizer, with_special_tokens
 from budgetlm.data.tokens import bpe_dropout_tokens, cache_dir, cached_tokens, content_hash, supports_bpe_dropout
 from budgetlm.errors import UserError
-from budgetlm.models.gpt import GPT
+from budgetlm.models.registry import ARCHS
 from budgetlm.report import prepare_out, say, say_done
 from budgetlm.plan import Plan, bpe_passes, given_or_planned, model_for, plan
 from budgetlm.train.batching import largest_micro_batch
 from budgetlm.train.checkpoint import atomic_write_bytes, save_model
 from budgetlm.train.kernels import apply_kernels
-from budgetlm.train.lm import LanguageModelTask
+from budgetlm.train.objectives import VALIDATION_METRICS, objective, pretraining_task
 from budgetlm.train.loop import FitConfig, fit
 from budgetlm.train.metrics import RunLog, plot_losses
 from budgetlm.train.optim import build_optimizer, default_lr, parse_optim_args
@@ -107,6 +107,8 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         train_docs, val_docs = split_validation(corpus.documents, cfg.data.val_fraction)
     # a resumed run keeps the tokenizer it started with
     tokenizer = load_tokenizer(out / "tokenizer.json") if snapshot is not None else tokenizer_for(train_docs, cfg)
+    tokenizer = with_special_tokens(tokenizer, cfg.model.arch)
+    goal = objective(cfg.model.arch)
     train_tokens = cached_tokens(train_docs, tokenizer, "train")
     val_tokens = cached_tokens(val_docs, tokenizer, "val")
     val_bytes = sum(len(d.encode("utf-8")) for d in val_docs)
@@ -119,7 +121,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         if planned is None:
             planned = plan(budget.seconds - budget.elapsed(), train_tokens=len(train_tokens),
                            vocab=tokenizer.get_vocab_size(), device=device, precision=precision,
-                           micro_batch=t.micro_batch)
+                           micro_batch=t.micro_batch, arch=cfg.model.arch, mask_rate=t.mask_rate)
         say(planned.describe())
     mc = model_for(cfg.model, tokenizer.get_vocab_size(), planned)
     if mc.d_model % mc.n_head:
@@ -149,7 +151,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
             say(f"re-segmented the training text {passes} times with BPE-dropout {bpe_rate:g} in "
                 f"{time.monotonic() - started:.1f}s")
 
-    model = GPT(mc).to(device)
+    model = ARCHS[mc.arch][0](mc).to(device)
     asked_tokens = t.batch_tokens if isinstance(t.batch_tokens, int) else None
     if asked_tokens is not None:
         batch_tokens = asked_tokens
@@ -182,17 +184,19 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
                                   else Every(steps=max(1, (t.max_steps or 1200) // 12)))
     stopping = t.stopping
     eval_batches = None if t.eval_tokens is None else max(1, math.ceil(t.eval_tokens / (micro_batch * mc.context)))
+    calibrate = t.calibrate and goal == "causal_lm"  # the temperature is fitted on next-token predictions
     fit_cfg = FitConfig(lr=lr, schedule=schedule, micro_steps=micro_steps, grad_clip=t.grad_clip,
                         schedule_clock=t.schedule_clock, eval_every=eval_every, eval_batches=eval_batches,
                         stopping=stopping, save_every=t.save_every, l1=t.l1,
                         ema=t.ema or 0.0,
-                        final_eval=not t.calibrate, reserve_evals=CALIBRATION_EVALS if t.calibrate else 1)
+                        final_eval=not calibrate, reserve_evals=CALIBRATION_EVALS if calibrate else 1)
 
-    task = LanguageModelTask(train_tokens, val_tokens, val_bytes, mc.context, micro_batch, device, t.seed,
-                             label_smoothing=t.label_smoothing)
+    task = pretraining_task(mc, tokenizer, train_tokens, val_tokens, val_bytes, micro_batch, device, seed=t.seed,
+                            label_smoothing=t.label_smoothing, mask_rate=t.mask_rate)
     task.micro_steps = micro_steps
-    if stopping.metric not in ("val_loss", "val_bpb", "val_ppl"):
-        raise UserError(f"--early-stop: pretraining measures val_loss, val_bpb and val_ppl, not {stopping.metric!r}")
+    if stopping.metric not in VALIDATION_METRICS[goal]:
+        raise UserError(f"--early-stop: pretraining --arch {mc.arch} measures {', '.join(VALIDATION_METRICS[goal])}, "
+                        f"not {stopping.metric!r}")
     if snapshot is not None:
         say(f"resuming from {snapshot.path} (step {snapshot.meta['loop']['step']}, "
             f"{format_duration(snapshot.meta['spent_s'])} of the budget spent)")
@@ -215,9 +219,9 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         result = fit(model, forward, task, optimizer, fit_cfg, budget, runtime, log, checkpoints=checkpoints,
                      resume=snapshot, stop=stop, scaler=scaler,
                      run_meta=identity, on_eval=on_eval)
-        raw = {"val_bpb": result.final["val_bpb"], "val_loss": result.final["val_loss"]}
+        raw = {"val_bpb": result.final.get("val_bpb"), "val_loss": result.final["val_loss"]}
         best = raw
-        if t.calibrate and result.stop_reason != "interrupted":
+        if calibrate and result.stop_reason != "interrupted":
             model.eval()
             with torch.no_grad(), runtime.autocast():
                 calibration = task.calibrate(model)  # also the final evaluation at temperature 1
@@ -231,6 +235,9 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
                        uncalibrated_val_bpb=raw["val_bpb"], temperature=mc.temperature)
         save_model(out, model, mc.to_dict(), tokenizer)
     summary = {
+        "objective": goal,
+        "val_loss": best["val_loss"],
+        **{k: v for k, v in result.final.items() if k in VALIDATION_METRICS[goal] and k not in ("val_loss", "val_bpb")},
         "best_val_bpb": best["val_bpb"],
         "best_val_loss": best["val_loss"],
         "temperature": mc.temperature,
@@ -261,14 +268,18 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         "model": mc.to_dict(),
         "plan": identity["plan"],
     }
-    plot_losses(log.records, out / "loss.png", title=f"{mc.n_layer}×{mc.d_model} GPT, {summary['tokens_seen']:,} tokens")
+    if goal != "causal_lm":  # bits per byte and a temperature are defined for next-token predictions only
+        for key in ("best_val_bpb", "uncalibrated_val_bpb", "temperature"):
+            summary.pop(key)
+    plot_losses(log.records, out / "loss.png", title=f"{mc.n_layer}×{mc.d_model} {mc.arch.upper()}, {summary['tokens_seen']:,} tokens")
     summary["wall_s"] = round(budget.elapsed(), 2)
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
     tracking.finish(tracker, summary, [out / "loss.png"])
     calibrated = (f", at temperature {mc.temperature:.3f}; {summary['uncalibrated_val_bpb']:.4f} at 1"
                   if mc.temperature != 1 else "")
-    say_done(result, out, f"best validation {summary['best_val_bpb']:.4f} bits/byte (loss "
-             f"{summary['best_val_loss']:.4f}{calibrated}), {summary['tokens_per_s']:,.0f} tokens/s", summary["wall_s"])
+    figure = (f"{summary['best_val_bpb']:.4f} bits/byte (loss {summary['best_val_loss']:.4f}{calibrated})"
+              if goal == "causal_lm" else f"{goal.replace('_', ' ')} loss {summary['best_val_loss']:.4f}")
+    say_done(result, out, f"best validation {figure}, {summary['tokens_per_s']:,.0f} tokens/s", summary["wall_s"])
     return summary
 
 
