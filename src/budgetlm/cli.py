@@ -55,6 +55,13 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fill(args: argparse.Namespace) -> int:
+    from budgetlm.workflows import fill
+
+    fill.run(args.model, args.text, top_k=args.top_k, device=args.device)
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from budgetlm.workflows import evaluate
 
@@ -152,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"budgetlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("pretrain", help="train a GPT on a text corpus within a budget",
-                       description="Train a GPT on text within a budget; keeps the best weights.")
+    p = sub.add_parser("pretrain", help="train a GPT (or BERT, T5: --arch) on a text corpus within a budget",
+                       description="Train a GPT, BERT or T5 on text within a budget; keeps the best weights.")
     p.add_argument("--config", help="TOML file with [data], [model] and [train] tables; flags override it")
     p.add_argument("--out", help="run folder (default: runs/<timestamp>)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
@@ -162,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_section_flags(p, cls, name)
     p.set_defaults(func=_pretrain)
 
-    g = sub.add_parser("generate", help="sample text from a trained model")
+    g = sub.add_parser("generate", help="sample text from a trained model (a T5: fill the prompt's <extra_id_N> "
+                                         "sentinels)")
     g.add_argument("--model", required=True, help="a run folder (model.safetensors, config.json, tokenizer.json)")
     g.add_argument("--prompt", default="", help="text to continue")
     g.add_argument("--max-new-tokens", type=int, default=200)
@@ -174,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="weights' precision while decoding; auto: bf16 where the device multiplies it in hardware")
     g.set_defaults(func=_generate)
+
+    f = sub.add_parser("fill", help="the likeliest tokens for each [MASK] of a text, from a --arch bert model")
+    f.add_argument("--model", required=True, help="a run folder of pretrain --arch bert")
+    f.add_argument("--text", required=True, help='text with [MASK] where tokens are to be predicted, e.g. '
+                   '"the [MASK] sat"')
+    f.add_argument("--top-k", type=int, default=5, help="predictions shown for each mask")
+    f.add_argument("--device", default="auto")
+    f.set_defaults(func=_fill)
 
     e = sub.add_parser("eval", help="loss, bits per byte and perplexity of a model on text")
     e.add_argument("--model", required=True, help="a run folder")
