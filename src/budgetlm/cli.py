@@ -113,7 +113,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     cfg = resolve(RunConfig, SECTIONS, args.config, vars(args))
     variants = compare.variants(cfg, vary=args.vary, sweep=args.sweep)
-    compare.run(cfg, variants, Path(args.out) if args.out else _default_out())
+    compare.run(cfg, variants, Path(args.out) if args.out else _default_out(), metric=args.metric)
     return 0
 
 
@@ -267,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="TOML file with [data], [model] and [train] tables: the base of every variant; "
                    "flags override it")
     c.add_argument("--out", help="folder for the variants' runs and the reports (default: runs/<timestamp>)")
+    c.add_argument("--metric", choices=("val_loss", "val_bpb"), default=None,
+                   help="rank by this validation figure (default: val_bpb, or val_loss where no variant predicts the "
+                   "next token); needed to rank variants of different --arch objectives together")
     for name, cls in SECTIONS.items():
         add_section_flags(c, cls, name)
     c.set_defaults(func=_compare)
