@@ -15,10 +15,11 @@ from budgetlm.train.checkpoint import load_language_model
 from budgetlm.train.runtime import pick_device, set_threads
 
 
-def run(model_dir: str, text: str, *, top_k: int = 5, device: str = "auto", out=sys.stdout) -> list[list[tuple[str, float]]]:
+def run(model_dir: str, text: str, *, top_k: int = 5, device: str = "auto", out=None) -> list[list[tuple[str, float]]]:
     """For each [MASK] in `text`, its `top_k` (token, probability) pairs, best first."""
     if top_k < 1:
         raise UserError("--top-k must be 1 or more")
+    out = out or sys.stdout
     set_threads()
     dev = pick_device(device)
     model, _, tokenizer = load_language_model(model_dir, dev, "fill masks (a gpt or t5 generates: budgetlm generate)",
