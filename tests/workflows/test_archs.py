@@ -90,3 +90,12 @@ def test_finetune_starts_from_a_pretrained_encoder(runs, tmp_path, arch):
     preds = [json.loads(line)["label"] for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
     truth = [label for _, label in toy_rows(60, 1)]
     assert sum(p == t for p, t in zip(preds, truth)) / len(truth) == summary["best_val_accuracy"]
+
+
+@pytest.mark.parametrize("arch, why", [("bert", "ModernBERT"), ("t5", "relative-position buckets")])
+def test_export_refuses_an_architecture_no_transformers_family_computes(runs, tmp_path, arch, why):
+    from budgetlm.workflows import export
+
+    with pytest.raises(UserError, match=why):
+        export.run(str(runs / arch), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
