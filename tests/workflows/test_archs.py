@@ -99,3 +99,12 @@ def test_export_refuses_an_architecture_no_transformers_family_computes(runs, tm
     with pytest.raises(UserError, match=why):
         export.run(str(runs / arch), tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_tune_refuses_an_objective_without_bits_per_byte(tmp_path):
+    from budgetlm.workflows import tune
+
+    base = resolve(RunConfig, SECTIONS, None, vars(build_parser().parse_args(["pretrain", "--arch", "t5", *TINY])))
+    with pytest.raises(UserError, match="--arch t5"):
+        tune.run(base, tune.parse_space(tune.DEFAULT_SPACE, base), tmp_path / "tune", trials=1, trial_budget="10s")
+    assert not (tmp_path / "tune").exists()

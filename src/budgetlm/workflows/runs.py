@@ -26,8 +26,8 @@ def _read(path: Path) -> dict | None:
 
 def _architecture(config: dict, summary: dict) -> str:
     arch = config.get("arch") or "?"
-    if arch == "gpt":
-        return f"gpt {config.get('n_layer')}×{config.get('d_model')}"
+    if arch in ("gpt", "bert", "t5"):
+        return f"{arch} {config.get('n_layer')}×{config.get('d_model')}"
     if arch == "classifier":
         members = config.get("members", 1)
         return f"{config.get('body')} classifier" + (f" ×{members}" if members > 1 else "")

@@ -215,6 +215,9 @@ def run(base: RunConfig, space: list[Param], out: Path, *, total_budget: str | N
         pruner: optuna.pruners.BasePruner | None = None) -> dict:
     """Search until `trials` trials ran or the total budget cannot hold another; write best.toml,
     trials.json, trials.md and tune.png to `out`. Returns {best_trial, best_val_bpb, trials}."""
+    if base.model.arch != "gpt":
+        raise UserError(f"tune ranks trials by validation bits per byte, which --arch {base.model.arch} does not "
+                        "measure; compare its settings with budgetlm compare --vary instead")
     started = time.monotonic()
     total_s = parse_duration(total_budget) if total_budget else None
     if trial_budget:
