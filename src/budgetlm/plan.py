@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from budgetlm.models.config import SIZES, ModelConfig
+from budgetlm.models.bert import MASK_RATE
 from budgetlm.models.t5 import encoder_decoder_flops
 from budgetlm.train.runtime import precision_dtype
 
@@ -162,7 +163,7 @@ def context_for(d_model: int) -> int:
 
 
 def flops_per_token(n_layer: int, d_model: int, vocab: int, context: int, mlp_ratio: float = 4.0,
-                    arch: str = "gpt", mask_rate: float = 0.15) -> float:
+                    arch: str = "gpt", mask_rate: float = MASK_RATE) -> float:
     """Training FLOPs per token of text. A GPT: 6 per parameter and PaLM's attention term (which counts the whole
     window: no causal saving in either). A BERT: the same body, but the tied head only for the masked share. A T5:
     encoder, decoder with cross-attention and head over the lengths span corruption gives them (models/t5.py)."""
@@ -188,7 +189,7 @@ def predicted_loss(n_params: float, tokens: float, unique_tokens: float) -> floa
 
 def plan(budget_s: float, *, train_tokens: int, vocab: int, device: torch.device, precision: str,
          micro_batch: int | None = None, peak_flops: float | None = None, arch: str = "gpt",
-         mask_rate: float = 0.15) -> Plan:
+         mask_rate: float = MASK_RATE) -> Plan:
     """The ladder shape with the lowest predicted loss after `budget_s` seconds of training; every architecture
     by the same rule, with its own parameter count and FLOPs per token."""
     peak = peak_flops or device_peak(device, precision_dtype(precision))
