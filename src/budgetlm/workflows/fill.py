@@ -1,7 +1,7 @@
 """`budgetlm fill`: the likeliest tokens for each [MASK] of a text, from a masked language model (--arch bert).
 
 Prints one line per mask with its top predictions and probabilities, then the text with each mask replaced by
-its top prediction."""
+its top prediction (quoted where that is only whitespace, as a newline)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def run(model_dir: str, text: str, *, top_k: int = 5, device: str = "auto", out=
         out.write(f"{MASK} {n}: " + "  ".join(f"{token!r} {p:.3f}" for token, p in options) + "\n")
     filled = text
     for options in predictions:
-        filled = filled.replace(MASK, options[0][0].strip() if filled.split(MASK, 1)[0].endswith(" ") else options[0][0], 1)
+        # the text around a mask keeps its own spaces; a prediction that is only whitespace is shown quoted
+        filled = filled.replace(MASK, options[0][0].strip() or repr(options[0][0]), 1)
     out.write(filled + "\n")
     out.flush()
     return predictions
