@@ -18,9 +18,9 @@ import torch
 
 from budgetlm.data.sources import load_corpus, split_validation
 from budgetlm.data.tokenizer import MASK, eot_id, special_tokens
+from budgetlm.data.tokens import encode_to_memmap
 from budgetlm.train.checkpoint import load_model
 from budgetlm.train.mlm import MaskedLMTask
-from budgetlm.data.tokens import encode_to_memmap
 
 TS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare" / "input.txt"
 

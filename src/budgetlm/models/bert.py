@@ -12,7 +12,6 @@ from torch import nn
 from budgetlm.models.blocks import Block, RMSNorm, Rotary, compute_dtype, init_weights
 from budgetlm.models.config import ModelConfig
 
-
 # The default share of masked tokens. Cramming (Geiping & Goldstein 2023) found about 0.25 better than BERT's 0.15
 # under a small budget; on tinyshakespeare at 90 s (one seed, a loaded 2-core CPU) 0.25 scored 6.308 nats against
 # 0.15's 6.345 on the same validation masks at 0.15 (docs/architectures.md)
@@ -85,7 +84,7 @@ class BERT(nn.Module):
         logits = self.logits(h[picked])  # only the masked positions reach the vocabulary projection
         return F.cross_entropy(logits.float(), targets[picked], reduction=reduction, label_smoothing=label_smoothing)
 
-    def cast_weights(self, dtype: torch.dtype) -> "BERT":
+    def cast_weights(self, dtype: torch.dtype) -> BERT:
         for p in self.parameters():
             p.data = p.data.to(dtype)
         return self

@@ -12,9 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from budgetlm.models.bert import key_padding_mask
-from budgetlm.models.blocks import Block, KVCache, RMSNorm, Rotary, compute_dtype, init_weights
+from budgetlm.models.blocks import (
+    Block,
+    KVCache,
+    RMSNorm,
+    Rotary,
+    compute_dtype,
+    init_weights,
+)
 from budgetlm.models.config import ModelConfig
-
 
 # T5's span corruption (Raffel et al. 2020, as nanoT5): 15% of the tokens dropped, in spans of 3 on average
 NOISE_DENSITY = 0.15
@@ -116,7 +122,7 @@ class T5(nn.Module):
         dtype = dtype or self.embed.weight.dtype
         return [KVCache(batch, c.n_head, c.context, c.head_dim, device, dtype) for _ in range(c.n_layer)]
 
-    def cast_weights(self, dtype: torch.dtype) -> "T5":
+    def cast_weights(self, dtype: torch.dtype) -> T5:
         for p in self.parameters():
             p.data = p.data.to(dtype)
         return self

@@ -6,7 +6,7 @@ not defined for this objective, so none are reported."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

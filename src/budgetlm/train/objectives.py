@@ -7,7 +7,14 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from budgetlm.data.tokenizer import MASK, PAD, SENTINELS, eot_id, sentinel, special_tokens
+from budgetlm.data.tokenizer import (
+    MASK,
+    PAD,
+    SENTINELS,
+    eot_id,
+    sentinel,
+    special_tokens,
+)
 from budgetlm.models.config import ModelConfig
 from budgetlm.models.registry import OBJECTIVES
 from budgetlm.train.lm import LanguageModelTask

@@ -6,7 +6,7 @@ of a length gets the same number of dropped tokens and spans, so inputs and targ
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
