@@ -107,4 +107,8 @@ def test_tune_refuses_an_objective_without_bits_per_byte(tmp_path):
     base = resolve(RunConfig, SECTIONS, None, vars(build_parser().parse_args(["pretrain", "--arch", "t5", *TINY])))
     with pytest.raises(UserError, match="--arch t5"):
         tune.run(base, tune.parse_space(tune.DEFAULT_SPACE, base), tmp_path / "tune", trials=1, trial_budget="10s")
+    gpt = resolve(RunConfig, SECTIONS, None, vars(build_parser().parse_args(["pretrain", *TINY])))
+    with pytest.raises(UserError, match="varies arch"):
+        tune.run(gpt, tune.parse_space({"arch": ["gpt", "bert"]}, gpt), tmp_path / "tune", trials=1,
+                 trial_budget="10s")
     assert not (tmp_path / "tune").exists()

@@ -218,6 +218,9 @@ def run(base: RunConfig, space: list[Param], out: Path, *, total_budget: str | N
     if base.model.arch != "gpt":
         raise UserError(f"tune ranks trials by validation bits per byte, which --arch {base.model.arch} does not "
                         "measure; compare its settings with budgetlm compare --vary instead")
+    if any(p.name == "arch" for p in space):
+        raise UserError("the search space varies arch, whose objectives' losses are not comparable; tune one "
+                        "architecture, or compare them with budgetlm compare --vary arch=... --metric val_loss")
     started = time.monotonic()
     total_s = parse_duration(total_budget) if total_budget else None
     if trial_budget:
