@@ -112,3 +112,26 @@ def test_tune_refuses_an_objective_without_bits_per_byte(tmp_path):
         tune.run(gpt, tune.parse_space({"arch": ["gpt", "bert"]}, gpt), tmp_path / "tune", trials=1,
                  trial_budget="10s")
     assert not (tmp_path / "tune").exists()
+
+
+@pytest.mark.parametrize("arch", ["bert", "t5"])
+def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(play_file, tmp_path, arch, capfd):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    flags = ["pretrain", "--arch", arch, "--data", str(play_file), "--max-steps", "8", "--save-every", "4",
+             "--keep-checkpoints", "3", "--dropout", "0.1", *[f for f in TINY if f != "--quiet"]]
+    assert main([*flags, "--out", str(tmp_path / "ref")]) == 0
+    # the run as it stood after its checkpoint at step 4: the later checkpoint and the final files gone
+    shutil.copytree(tmp_path / "ref", tmp_path / "resumed")
+    for later in (tmp_path / "resumed" / "checkpoints").glob("step-*"):
+        if later.name != "step-00000004":
+            shutil.rmtree(later)
+    for name in ("model.safetensors", "summary.json"):
+        (tmp_path / "resumed" / name).unlink()
+    capfd.readouterr()
+    assert main([*flags, "--out", str(tmp_path / "resumed"), "--resume", "auto"]) == 0
+    assert "step-00000004 (step 4" in capfd.readouterr().err
+    ref, resumed = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("ref", "resumed"))
+    assert ref.keys() == resumed.keys() and all(ref[k].equal(resumed[k]) for k in ref)
