@@ -101,17 +101,21 @@ def test_export_refuses_an_architecture_no_transformers_family_computes(runs, tm
     assert not (tmp_path / "hf").exists()
 
 
-def test_tune_refuses_an_objective_without_bits_per_byte(tmp_path):
+def test_tune_ranks_a_t5_by_its_loss_and_refuses_to_vary_arch(play_file, tmp_path):
     from budgetlm.workflows import tune
 
-    base = resolve(RunConfig, SECTIONS, None, vars(build_parser().parse_args(["pretrain", "--arch", "t5", *TINY])))
-    with pytest.raises(UserError, match="--arch t5"):
-        tune.run(base, tune.parse_space(tune.DEFAULT_SPACE, base), tmp_path / "tune", trials=1, trial_budget="10s")
+    flags = ["pretrain", "--arch", "t5", "--data", str(play_file), "--max-steps", "4", *TINY]
+    base = resolve(RunConfig, SECTIONS, None, vars(build_parser().parse_args(flags)))
+    found = tune.run(base, tune.parse_space({"lr": [1e-4, 1e-2]}, base), tmp_path / "tune", trials=2)
+    losses = [t["best_val_loss"] for t in found["trials"]]
+    assert all(t["best_val_bpb"] is None and t["state"] == "complete" for t in found["trials"])
+    assert found["best_val_loss"] == min(losses) and found["trials"][found["best_trial"]]["best_val_loss"] == min(losses)
+    assert "| best val_loss |" in (tmp_path / "tune" / "trials.md").read_text()
     gpt = resolve(RunConfig, SECTIONS, None, vars(build_parser().parse_args(["pretrain", *TINY])))
     with pytest.raises(UserError, match="varies arch"):
-        tune.run(gpt, tune.parse_space({"arch": ["gpt", "bert"]}, gpt), tmp_path / "tune", trials=1,
+        tune.run(gpt, tune.parse_space({"arch": ["gpt", "bert"]}, gpt), tmp_path / "tune2", trials=1,
                  trial_budget="10s")
-    assert not (tmp_path / "tune").exists()
+    assert not (tmp_path / "tune2").exists()
 
 
 @pytest.mark.parametrize("arch", ["bert", "t5"])
