@@ -139,3 +139,13 @@ def test_a_resumed_run_ends_with_the_uninterrupted_runs_weights(play_file, tmp_p
     assert "step-00000004 (step 4" in capfd.readouterr().err
     ref, resumed = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("ref", "resumed"))
     assert ref.keys() == resumed.keys() and all(ref[k].equal(resumed[k]) for k in ref)
+
+
+def test_runs_lists_each_objectives_loss_apart(runs, capsys):
+    from budgetlm.workflows import runs as listing
+
+    rows = listing.run(runs)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["bert"]["metric"] == "masked_lm val_loss" and by_name["t5"]["metric"] == "span_corruption val_loss"
+    assert by_name["bert"]["arch"] == "bert 1×32"
+    assert "masked_lm val_loss" in capsys.readouterr().out
