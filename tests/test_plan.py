@@ -247,3 +247,31 @@ def test_a_speed_probed_on_a_busy_machine_is_used_but_not_remembered(tmp_path, m
     ranked = sorted(first.candidates, key=lambda c: c["predicted_loss"])
     assert set(planner.probe_speeds(ranked, 600, vocab=4096, device=CPU, precision="fp32").values()) == {1000.0}
     assert not (tmp_path / "speed_probes.json").exists()
+
+
+def test_each_architecture_has_its_own_flops_per_token_and_the_models_agree():
+    from budgetlm.models.bert import BERT
+    from budgetlm.models.config import ModelConfig
+    from budgetlm.models.gpt import GPT
+    from budgetlm.models.t5 import T5
+
+    shape = dict(n_layer=2, d_model=64, vocab=1024, context=128)
+    gpt, bert, t5 = (flops_per_token(**shape, arch=a) for a in ("gpt", "bert", "t5"))
+    # the encoder skips the vocabulary projection for the 75% of positions that are not masked
+    assert gpt - bert == pytest.approx(6 * 1024 * 64 * 0.75)
+    # two stacks and cross-attention cost more than one stack where the body outweighs the head; the head reads
+    # only the targets, so where it dominates (small width, large vocabulary) the T5 costs less
+    wide = dict(shape, d_model=512)
+    assert flops_per_token(**wide, arch="t5") > flops_per_token(**wide, arch="gpt")
+    assert t5 < gpt
+    config = ModelConfig(vocab_size=1024, context=128, n_layer=2, d_model=64, n_head=2)
+    for arch, model, planned in (("gpt", GPT, gpt), ("bert", BERT, bert), ("t5", T5, t5)):
+        built = model(ModelConfig(**{**config.__dict__, "arch": arch}))
+        assert built.flops_per_token() == pytest.approx(planned, rel=0.02), arch  # the planner counts what is built
+
+
+def test_an_encoder_decoder_plans_no_larger_than_a_decoder():
+    common = dict(train_tokens=300_000, vocab=4096, device=CPU, precision="fp32", peak_flops=PEAK)
+    for budget_s in (60, 180, 600):
+        t5, gpt = plan(budget_s, arch="t5", **common), plan(budget_s, **common)
+        assert shape(t5) <= shape(gpt)  # twice the body's parameters for a shape: the guard stops it sooner

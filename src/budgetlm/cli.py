@@ -63,6 +63,13 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fill(args: argparse.Namespace) -> int:
+    from budgetlm.workflows import fill
+
+    fill.run(args.model, args.text, top_k=args.top_k, device=args.device)
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from budgetlm.workflows import evaluate
 
@@ -114,7 +121,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     cfg = resolve(RunConfig, SECTIONS, args.config, vars(args))
     variants = compare.variants(cfg, vary=args.vary, sweep=args.sweep)
-    compare.run(cfg, variants, Path(args.out) if args.out else _default_out())
+    compare.run(cfg, variants, Path(args.out) if args.out else _default_out(), metric=args.metric)
     return 0
 
 
@@ -160,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"budgetlm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("pretrain", help="train a GPT on a text corpus within a budget",
-                       description="Train a GPT on text within a budget; keeps the best weights.")
+    p = sub.add_parser("pretrain", help="train a GPT (or BERT, T5: --arch) on a text corpus within a budget",
+                       description="Train a GPT, BERT or T5 on text within a budget; keeps the best weights.")
     p.add_argument("--config", help="TOML file with [data], [model] and [train] tables; flags override it")
     p.add_argument("--out", help="run folder (default: runs/<timestamp>)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
@@ -178,11 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the plan as JSON (fields: docs/planner.md)")
     for name, cls in SECTIONS.items():
         add_section_flags(pl, cls, name)
-    if "--arch" not in pl._option_string_actions:  # the model section may not expose it as a flag
-        pl.add_argument("--arch", choices=("gpt",), default=argparse.SUPPRESS, help="architecture (gpt)")
     pl.set_defaults(func=_plan)
 
-    g = sub.add_parser("generate", help="sample text from a trained model")
+    g = sub.add_parser("generate", help="sample text from a trained model (a T5: fill the prompt's <extra_id_N> "
+                                         "sentinels)")
     g.add_argument("--model", required=True, help="a run folder (model.safetensors, config.json, tokenizer.json)")
     g.add_argument("--prompt", default="", help="text to continue")
     g.add_argument("--max-new-tokens", type=int, default=200)
@@ -194,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="weights' precision while decoding; auto: bf16 where the device multiplies it in hardware")
     g.set_defaults(func=_generate)
+
+    f = sub.add_parser("fill", help="the likeliest tokens for each [MASK] of a text, from a --arch bert model")
+    f.add_argument("--model", required=True, help="a run folder of pretrain --arch bert")
+    f.add_argument("--text", required=True, help='text with [MASK] where tokens are to be predicted, e.g. '
+                   '"the [MASK] sat"')
+    f.add_argument("--top-k", type=int, default=5, help="predictions shown for each mask")
+    f.add_argument("--device", default="auto")
+    f.set_defaults(func=_fill)
 
     e = sub.add_parser("eval", help="loss, bits per byte and perplexity of a model on text")
     e.add_argument("--model", required=True, help="a run folder")
@@ -271,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="TOML file with [data], [model] and [train] tables: the base of every variant; "
                    "flags override it")
     c.add_argument("--out", help="folder for the variants' runs and the reports (default: runs/<timestamp>)")
+    c.add_argument("--metric", choices=("val_loss", "val_bpb"), default=None,
+                   help="rank by this validation figure (default: val_bpb, or val_loss where no variant predicts the "
+                   "next token); needed to rank variants of different --arch objectives together")
     for name, cls in SECTIONS.items():
         add_section_flags(c, cls, name)
     c.set_defaults(func=_compare)

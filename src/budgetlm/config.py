@@ -114,6 +114,8 @@ class TrainConfig(TrainingSettings):
                        choices=("auto", "on", "off"))
     eval_tokens: int | None = opt(None, low=1, help="validation tokens per periodic evaluation (default: fit ~0.5%% of "
                                   "the budget); the final evaluation always uses all")
+    mask_rate: float = opt(0.25, above=0, high=0.9, help="--arch bert: share of the tokens masked for the "
+                           "masked-LM loss (80%% [MASK], 10%% random, 10%% kept; 0.25 as Cramming, docs/architectures.md)")
     patience: int = opt(0, low=0, help="stop after this many evaluations without improvement in val_loss (0: never)")
     min_delta: float = opt(0.0, low=0, help="smallest improvement of the monitored metric that counts")
 

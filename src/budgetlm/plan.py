@@ -20,7 +20,9 @@ import torch
 
 from budgetlm.errors import UserError
 from budgetlm.models.config import SIZES, ModelConfig
+from budgetlm.models.bert import MASK_RATE
 from budgetlm.models.gpt import GPT
+from budgetlm.models.t5 import encoder_decoder_flops
 from budgetlm.train.kernels import apply_kernels
 from budgetlm.train.optim import build_optimizer, default_lr
 from budgetlm.train.runtime import autocast, precision_dtype
@@ -173,9 +175,22 @@ def context_for(d_model: int) -> int:
     return 128 if d_model < 128 else 256 if d_model < 768 else 512 if d_model < 1536 else 1024
 
 
-def flops_per_token(n_layer: int, d_model: int, vocab: int, context: int, mlp_ratio: float = 4.0) -> float:
-    params = n_layer * (4 + 2 * mlp_ratio) * d_model**2 + vocab * d_model
-    return 6 * params + 12 * n_layer * d_model * context
+def flops_per_token(n_layer: int, d_model: int, vocab: int, context: int, mlp_ratio: float = 4.0,
+                    arch: str = "gpt", mask_rate: float = MASK_RATE) -> float:
+    """Training FLOPs per token of text. A GPT: 6 per parameter and PaLM's attention term (which counts the whole
+    window: no causal saving in either). A BERT: the same body, but the tied head only for the masked share. A T5:
+    encoder, decoder with cross-attention and head over the lengths span corruption gives them (models/t5.py)."""
+    body = n_layer * (4 + 2 * mlp_ratio) * d_model**2
+    if arch == "t5":
+        return encoder_decoder_flops(n_layer, d_model, vocab, context, mlp_ratio)
+    head_share = mask_rate if arch == "bert" else 1.0
+    return 6 * (body + head_share * vocab * d_model) + 12 * n_layer * d_model * context
+
+
+def body_params(n_layer: int, d_model: int, arch: str = "gpt") -> int:
+    """Non-embedding parameters: a T5 has two stacks, the decoder's with cross-attention (4·d_model² a layer)."""
+    layer = 12 * d_model**2
+    return n_layer * (2 * layer + 4 * d_model**2) if arch == "t5" else n_layer * layer
 
 
 def predicted_loss(n_params: float, tokens: float, unique_tokens: float) -> float:
@@ -188,18 +203,20 @@ def predicted_loss(n_params: float, tokens: float, unique_tokens: float) -> floa
 def plan(budget_s: float | None, *, train_tokens: int, vocab: int, device: torch.device, precision: str,
          micro_batch: int | None = None, peak_flops: float | None = None, budget_flops: float | None = None,
          speeds: dict | None = None, memory_limit: int | None = None, optim: str = "muon",
-         ladder: list | None = None) -> Plan:
+         ladder: list | None = None, arch: str = "gpt", mask_rate: float = MASK_RATE) -> Plan:
     """The ladder shape with the lowest predicted loss after `budget_s` seconds of training and/or
     `budget_flops` model FLOPs, among the shapes that fit `memory_limit` bytes. `speeds` maps
     (n_layer, d_model) to training tokens/s measured on this device (probe_speeds); other shapes'
     speed comes from the efficiency table. `ladder`: other shapes to weigh (a single one: the plan's
-    rules applied to that shape, as bench/planner_regret.py does)."""
+    rules applied to that shape, as bench/planner_regret.py does). Every architecture by the same rule, with
+    its own parameter count and FLOPs per token."""
     if not budget_s and not budget_flops:
         raise ValueError("plan needs a time or a FLOP budget")
     peak = peak_flops or device_peak(device, precision_dtype(precision))
     weighed = candidates(budget_s, train_tokens=train_tokens, vocab=vocab, device=device, precision=precision,
                          micro_batch=micro_batch, peak=peak, budget_flops=budget_flops, speeds=speeds or {},
-                         memory_limit=memory_limit, ladder=ladder or LADDER)
+                         memory_limit=memory_limit, ladder=ladder or LADDER, arch=arch,
+                         mask_rate=mask_rate)
     best = min((c for c in weighed if c["fits"]), key=lambda c: c["predicted_loss"])
     n_layer, d_model, n_head, context, tokens = (best[k] for k in ("n_layer", "d_model", "n_head", "context", "tokens"))
     micro = best["micro_batch"]
@@ -231,18 +248,19 @@ def default_micro_batch(device: torch.device, context: int) -> int:
 
 def candidates(budget_s: float | None, *, train_tokens: int, vocab: int, device: torch.device, precision: str,
                micro_batch: int | None, peak: float, budget_flops: float | None, speeds: dict,
-               memory_limit: int | None, ladder: list = LADDER) -> list[dict]:
+               memory_limit: int | None, ladder: list = LADDER, arch: str = "gpt",
+               mask_rate: float = MASK_RATE) -> list[dict]:
     """Each ladder shape the plan weighs: the tokens its budget affords, its predicted loss, its speed
     (measured or assumed) and whether it fits memory, smallest first, up to the memorization guard."""
     weighed: list[dict] = []
     scale = probe_scale(speeds, vocab, device, precision, peak)
     for n_layer, d_model, n_head in ladder:
-        body_params = 12 * n_layer * d_model**2
-        n_params = body_params + vocab * d_model  # every parameter, as Chinchilla counts them
-        if weighed and body_params > MAX_PARAMS_PER_TOKEN * train_tokens:
+        body = body_params(n_layer, d_model, arch)
+        n_params = body + vocab * d_model  # every parameter, as Chinchilla counts them
+        if weighed and body > MAX_PARAMS_PER_TOKEN * train_tokens:
             break
         context = context_for(d_model)
-        per_token = flops_per_token(n_layer, d_model, vocab, context)
+        per_token = flops_per_token(n_layer, d_model, vocab, context, arch=arch, mask_rate=mask_rate)
         measured = speeds.get((n_layer, d_model))
         per_s = measured or scale * efficiency(d_model, device, precision) * peak / per_token
         limits = []
@@ -258,7 +276,7 @@ def candidates(budget_s: float | None, *, train_tokens: int, vocab: int, device:
             need = memory_estimate(n_layer, d_model, n_head, context, vocab, micro, precision)
         fits = not memory_limit or need <= MEMORY_SHARE * memory_limit
         weighed.append({"n_layer": n_layer, "d_model": d_model, "n_head": n_head, "context": context,
-                        "micro_batch": micro, "params": n_params, "params_without_embedding": body_params,
+                        "micro_batch": micro, "params": n_params, "params_without_embedding": body,
                         "flops_per_token": per_token, "tokens": int(tokens), "epochs": tokens / max(train_tokens, 1),
                         "predicted_loss": predicted_loss(n_params, tokens, train_tokens), "tokens_per_s": per_s,
                         "speed": "measured" if measured else "scaled" if speeds else "assumed",
@@ -474,16 +492,17 @@ def _write_json(path, data: dict) -> None:
 def plan_on_device(budget_s: float | None, *, train_tokens: int, vocab: int, device: torch.device, precision: str,
                    micro_batch: int | None = None, budget_flops: float | None = None, optim: str = "muon",
                    probe: bool = True, clock=None, ladder: list | None = None,
-                   peak_flops: float | None = None) -> Plan:
+                   peak_flops: float | None = None, arch: str = "gpt", mask_rate: float = MASK_RATE) -> Plan:
     """The plan for this device: its free memory caps the shapes, and with a time budget the best-ranked
-    shapes' speed is probed here (cached) before the final ranking. `clock()` gives the seconds of the
-    budget left after the probe (default: `budget_s` less the probe's time)."""
+    shapes' speed is probed here (cached) before the final ranking (a GPT's step is what the probe times, so
+    other architectures keep the table's speeds). `clock()` gives the seconds of the budget left after the
+    probe (default: `budget_s` less the probe's time)."""
     limit = available_memory(device)
     kwargs = {"train_tokens": train_tokens, "vocab": vocab, "device": device, "precision": precision,
               "micro_batch": micro_batch, "budget_flops": budget_flops, "memory_limit": limit, "optim": optim,
-              "ladder": ladder}
+              "ladder": ladder, "arch": arch, "mask_rate": mask_rate}
     first = plan(budget_s, peak_flops=peak_flops, **kwargs)
-    if not (probe and budget_s):
+    if not (probe and budget_s and arch == "gpt"):
         return first
     started = time.monotonic()
     ranked = sorted(first.candidates, key=lambda c: c["predicted_loss"])

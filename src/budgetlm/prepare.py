@@ -27,7 +27,7 @@ from budgetlm.data.chunks import (CHUNK_BYTES, ChunkedCorpus, TokenCache, chunke
                                   streamed, text_files)
 from budgetlm.data.default_corpus import default_corpus_files
 from budgetlm.data.sources import load_corpus, split_validation, warn_skipped
-from budgetlm.data.tokenizer import default_vocab_size, load_tokenizer, train_tokenizer
+from budgetlm.data.tokenizer import default_vocab_size, load_tokenizer, train_tokenizer, with_special_tokens
 from budgetlm.data.tokens import cache_dir, cached_tokens, content_hash
 from budgetlm.errors import UserError
 from budgetlm.plan import device_peak, plan
@@ -208,6 +208,7 @@ def prepare(cfg: RunConfig, budget: Budget, *, resumed_tokenizer: Path | None, d
         if not path.exists():
             check_setup_fits(budget_s, setup, predict, spent)
         tokenizer = _trained_tokenizer(path, lambda: train_docs, setup.vocab)
+    tokenizer = with_special_tokens(tokenizer, cfg.model.arch)
     train_tokens = cached_tokens(train_docs, tokenizer, "train")
     val_tokens = cached_tokens(val_docs, tokenizer, "val")
     return TrainingData(tokenizer, train_tokens, val_tokens, val_bytes, len(train_tokens), lambda: train_docs, peak)
@@ -256,6 +257,7 @@ def _prepare_chunked(corpus: ChunkedCorpus, cfg: RunConfig, budget_s, spent, fix
             tokenizer_path(setup),
             lambda: [text for text, _ in corpus.read_many([corpus.train[int(i)] for i in sorted(order[:chunks])])],
             setup.vocab)
+    tokenizer = with_special_tokens(tokenizer, cfg.model.arch)
     key = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
     cache = TokenCache(corpus, tokenizer, key)
     started, before, bytes_before = time.monotonic(), cache.tokens, cache.bytes

@@ -10,6 +10,31 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from budgetlm.errors import UserError
 
 EOT = "<|endoftext|>"  # separates documents; id 0
+# BERT's special tokens and T5's sentinels (which stand for the dropped spans, in order)
+MASK, CLS, SEP, PAD = "[MASK]", "[CLS]", "[SEP]", "[PAD]"
+SENTINELS = 100  # as T5's vocabulary: more than the spans of the longest planned window (1024 tokens: 51)
+
+
+def sentinel(i: int) -> str:
+    return f"<extra_id_{i}>"
+
+
+def special_tokens(arch: str) -> list[str]:
+    """The special tokens an architecture's objective needs beyond the document separator."""
+    if arch == "bert":
+        return [MASK, CLS, SEP, PAD]
+    if arch == "t5":
+        return [PAD, *(sentinel(i) for i in range(SENTINELS))]
+    return []
+
+
+def with_special_tokens(tok: Tokenizer, arch: str) -> Tokenizer:
+    """`tok` with `arch`'s special tokens added after its vocabulary (those it lacks), so the BPE merges and the
+    ids of ordinary text stay those of the plain tokenizer; they are saved with it in tokenizer.json."""
+    missing = [t for t in special_tokens(arch) if tok.token_to_id(t) is None]
+    if missing:
+        tok.add_special_tokens(missing)
+    return tok
 
 
 def default_vocab_size(n_bytes: int) -> int:

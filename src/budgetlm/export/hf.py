@@ -36,6 +36,14 @@ class Family(Protocol):
 
 # budgetlm arch → the function picking its family (or refusing); transformers model_type → family
 EXPORTERS = {"gpt": gpt.family_for}
+# architectures whose body no transformers family computes exactly (checked against transformers 5.25)
+NO_FAMILY = {
+    "bert": "no transformers masked-LM family computes its body: the closest, ModernBERT (rotary, no biases, "
+            "gated MLP), normalizes with LayerNorm, has no per-head q/k norm and puts a dense layer and a norm "
+            "before its output head",
+    "t5": "transformers' T5 family places positions by learned relative-position buckets, not rotary angles, and "
+          "has no per-head q/k norm",
+}
 IMPORTERS: dict[str, Family] = {f.model_type: f for f in gpt.FAMILIES}
 
 
@@ -43,6 +51,8 @@ def family_for_export(config: dict) -> Family:
     arch = config.get("arch")
     if arch is None:
         raise UserError("config.json names no budgetlm arch: give the --out folder of a budgetlm run")
+    if arch in NO_FAMILY:
+        raise UserError(f"a {arch} model cannot be exported to transformers: {NO_FAMILY[arch]}")
     if arch not in EXPORTERS:
         raise UserError(f"a {arch} model cannot be exported to transformers yet; exportable: {', '.join(EXPORTERS)}")
     return EXPORTERS[arch](config)

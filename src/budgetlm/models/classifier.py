@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from budgetlm.models.bert import BERT
 from budgetlm.models.gpt import GPT
+from budgetlm.models.t5 import T5
 from budgetlm.models.config import ModelConfig
 
 POOLINGS = ("mean", "last", "first")
@@ -86,11 +88,47 @@ class GPTBody(nn.Module):
         return [list(self.gpt.embed.parameters()), *blocks]
 
 
+class EncoderBody(nn.Module):
+    """A budgetlm BERT, or a T5's encoder (its decoder left out), without the language-model head: it reads each
+    right-padded row both ways, so the mask hides the padding from the real tokens."""
+
+    def __init__(self, model: BERT | T5, pad_id: int):
+        super().__init__()
+        self.kind = model.config.arch
+        if isinstance(model, T5):  # classification reads the encoder only
+            model.decoder, model.norm = nn.ModuleList(), nn.Identity()
+        self.model = model
+        self.width = model.config.d_model
+        self.max_length = model.config.context
+        self.pad_id = pad_id
+
+    @classmethod
+    def from_config(cls, config: dict) -> EncoderBody:
+        model = {"bert": BERT, "t5": T5}[config["arch"]](ModelConfig.from_dict(config))
+        return cls(model, config.get("pad_id", 0))
+
+    def config_dict(self) -> dict:
+        return {**self.model.config.to_dict(), "pad_id": self.pad_id}
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model.hidden(ids, mask)
+
+    def token_embedding(self) -> nn.Module:
+        return self.model.embed
+
+    def layers(self) -> list[list[nn.Parameter]]:
+        stack, norm = ((self.model.encoder, self.model.encoder_norm) if self.kind == "t5"
+                       else (self.model.blocks, self.model.norm))
+        blocks = [list(b.parameters()) for b in stack]
+        blocks[-1] += list(norm.parameters())
+        return [list(self.model.embed.parameters()), *blocks]
+
+
 def body_class(kind: str) -> type[nn.Module]:
     from budgetlm.models.hf_encoder import HFEncoder
     from budgetlm.models.lstm import LSTMEncoder
 
-    bodies = {"gpt": GPTBody, "hf": HFEncoder, "lstm": LSTMEncoder}
+    bodies = {"gpt": GPTBody, "bert": EncoderBody, "t5": EncoderBody, "hf": HFEncoder, "lstm": LSTMEncoder}
     if kind not in bodies:
         raise ValueError(f"unknown classifier body {kind!r}; known: {', '.join(bodies)}")
     return bodies[kind]
@@ -98,7 +136,7 @@ def body_class(kind: str) -> type[nn.Module]:
 
 @dataclass
 class ClassifierConfig:
-    body: str                            # gpt | hf | lstm
+    body: str                            # gpt | bert | t5 | hf | lstm
     body_config: dict                    # the body's own config, enough to rebuild it offline
     labels: list[str]                    # class index → label as text (as written, for a text label)
     pooling: str = "mean"

@@ -17,12 +17,14 @@ SIZES = {
     "medium": (8, 512, 8),
     "large": (12, 768, 12),
 }
+ARCHS = ("gpt", "bert", "t5")
 SHAPE = ("vocab_size", "context", "n_layer", "n_head", "d_model")  # what a built model needs
 
 
 @dataclass
 class ModelConfig(Section):
-    arch: str = opt("gpt", flag=False, help="architecture", choices=("gpt",))
+    arch: str = opt("gpt", help="architecture: gpt (decoder, next-token), bert (encoder, masked tokens) or t5 "
+                    "(encoder-decoder, corrupted spans); docs/architectures.md", choices=ARCHS)
     size: str | None = opt(None, help="preset size", choices=tuple(SIZES))
     vocab_size: int | None = opt(None, low=2, flag=False, help="token vocabulary (the tokenizer's, rounded up to a "
                                  "multiple of 64 for the head's matmul)")

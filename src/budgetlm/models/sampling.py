@@ -55,3 +55,22 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: f
         seq = torch.cat([seq, token[:, None]], dim=1)[:, -context:]
         if use_cache and caches[0].length < context:
             logits = _last_logits(model, token[:, None], caches)
+
+
+@torch.inference_mode()
+def generate_seq2seq(model, src: torch.Tensor, start_id: int, max_new_tokens: int, *, temperature: float = 1.0,
+                     top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+                     use_cache: bool = True, cache_dtype: torch.dtype | None = None) -> Iterator[torch.Tensor]:
+    """Yield the decoder's tokens (batch,) one per step for the encoder input `src` (batch, time), starting from
+    `start_id`. The encoder runs once; with the cache each step decodes one token, and the decoder's view of the
+    encoder's output is projected at the first step only."""
+    memory = model.encode(src)
+    seq = torch.full((src.shape[0], 1), start_id, dtype=torch.long, device=src.device)
+    caches = model.new_caches(src.shape[0], src.device, cache_dtype) if use_cache else None
+    step_input = seq
+    for _ in range(min(max_new_tokens, model.config.context - 1)):
+        h = model.decode(step_input, memory, caches=caches) if use_cache else model.decode(seq, memory)
+        token = _pick(model.logits(h[:, -1]), temperature, top_k, top_p, generator)
+        yield token
+        seq = torch.cat([seq, token[:, None]], dim=1)
+        step_input = token[:, None]

@@ -89,10 +89,11 @@ def load_model(folder: str | Path, device: torch.device | str = "cpu") -> tuple[
     return model.to(device).eval(), config, tokenizer
 
 
-def load_language_model(folder: str | Path, device: torch.device, purpose: str) -> tuple[nn.Module, dict, Tokenizer]:
-    """A pretrained GPT and its tokenizer; `purpose` completes "a <arch> model cannot ..." errors."""
+def load_language_model(folder: str | Path, device: torch.device, purpose: str,
+                        archs: tuple[str, ...] = ("gpt",)) -> tuple[nn.Module, dict, Tokenizer]:
+    """A pretrained model of one of `archs` and its tokenizer; `purpose` completes "a <arch> model cannot ..." errors."""
     model, config, tokenizer = load_model(folder, device)
-    if config.get("arch") != "gpt":
+    if config.get("arch") not in archs:
         raise UserError(f"{folder}: a {config.get('arch')} model cannot {purpose}; give a budgetlm pretrain folder")
     if tokenizer is None:
         raise UserError(f"{folder}: no tokenizer.json beside the model")

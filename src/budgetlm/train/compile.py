@@ -161,6 +161,9 @@ def decide(mode: str, config: ModelConfig, micro_batch: int, device: torch.devic
     cache = compile_cache(config, micro_batch, device, precision)  # an eager run records its speed there too
     if mode == "off":
         return CompileDecision(False, "eager (--compile off)", cache)
+    if config.arch != "gpt":
+        return CompileDecision(False, f"eager: regional compilation is built for the GPT's training step, not --arch "
+                               f"{config.arch}'s", cache)
     reason = can_compile()
     if reason:
         return CompileDecision(False, f"eager: {reason}", cache)

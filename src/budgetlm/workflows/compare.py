@@ -14,7 +14,11 @@ tables:
 
 Each variant runs with `pretrain.run` in OUT/<name>/ (its log in pretrain.log there), after an
 untimed warm-up that keeps one-time costs (tokenizer training, imports) out of the first variant's
-budget; OUT gets compare.json, compare.md and compare.png."""
+budget; OUT gets compare.json, compare.md and compare.png.
+
+Variants rank by validation bits per byte, or by val_loss where none predicts the next token (a BERT's masked
+tokens, a T5's spans: bits per byte are not defined there); variants of different objectives rank only by a
+metric named with --metric, since their losses measure different things."""
 
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from budgetlm.config import (
     with_overrides,
 )
 from budgetlm.errors import UserError
+from budgetlm.models.registry import OBJECTIVES
 from budgetlm.eval.validation import final_record, validation_label
 from budgetlm.train.checkpoint import atomic_write_bytes
 from budgetlm.workflows import pretrain
@@ -161,9 +166,25 @@ def _text(value) -> str:
 
 # ---------------------------------------------------------------- running
 
-def run(base: RunConfig, found: list[Variant], out: Path) -> list[dict]:
+def ranking_metric(found: list[Variant], metric: str | None) -> str:
+    """The validation figure the variants rank by: `metric` where given, else val_bpb for next-token models and
+    val_loss for the others; refused where the variants' objectives differ and no metric was named."""
+    objectives = sorted({OBJECTIVES[v.config.model.arch] for v in found})
+    if metric is None:
+        if len(objectives) > 1:
+            raise UserError(f"the variants train different objectives ({', '.join(objectives)}), whose validation "
+                            "figures measure different things; give --metric val_loss to rank them by it anyway")
+        return "val_bpb" if objectives == ["causal_lm"] else "val_loss"
+    if metric == "val_bpb" and objectives != ["causal_lm"]:
+        raise UserError("--metric val_bpb: bits per byte are defined for next-token models (--arch gpt) only; "
+                        "use --metric val_loss")
+    return metric
+
+
+def run(base: RunConfig, found: list[Variant], out: Path, metric: str | None = None) -> list[dict]:
     """Run every variant in turn; write compare.json after each, then compare.md and compare.png.
     Raises UserError (after writing the files) only when every variant failed."""
+    metric = ranking_metric(found, metric)
     tracking.require(base.train.report_to)  # before the warm-up and every variant
     prepare_out(out)
     say("warming up (imports, tokenizer, token cache) outside the budgets")
@@ -173,14 +194,14 @@ def run(base: RunConfig, found: list[Variant], out: Path) -> list[dict]:
         say(f"[{i}/{len(found)}] {variant.name}: running in {out / variant.folder}")
         record = run_variant(variant, out / variant.folder)
         records.append(record)
-        say(f"[{i}/{len(found)}] {variant.name}: {_outcome(record)}")
+        say(f"[{i}/{len(found)}] {variant.name}: {_outcome(record, metric)}")
         atomic_write_bytes(out / "compare.json", json.dumps(records, indent=2).encode())
         if record["stop_reason"] == "interrupted":
             say(f"interrupted: {len(found) - i} variant(s) not run")
             break
-    report = markdown(base, records)
+    report = markdown(base, records, metric)
     atomic_write_bytes(out / "compare.md", report.encode())
-    plot(records, out / "compare.png")
+    plot(records, out / "compare.png", metric)
     print(report, flush=True)
     say(f"files in {out}: compare.json, compare.md, compare.png")
     if all(r["error"] for r in records):
@@ -206,9 +227,9 @@ def run_variant(variant: Variant, folder: Path) -> dict:
     except Exception as e:  # unforeseen: keep it with the variant so the others still run
         record.update(error=f"{type(e).__name__}: {e}", wall_s=round(time.monotonic() - started, 2))
         return record
-    evals = eval_records(folder / "metrics.jsonl")
+    evals = eval_records(folder / "metrics.jsonl", metric="val_loss")
     start = next((e for e in evals if e.get("step") == 0), None)
-    record.update({key: summary[key] for key in ("best_val_bpb", "best_val_loss", "tokens_seen", "tokens_per_s",
+    record.update({key: summary.get(key) for key in ("best_val_bpb", "best_val_loss", "tokens_seen", "tokens_per_s",
                                                   "wall_s", "steps", "params", "stop_reason", "device")})
     record["start_val_loss"] = start["val_loss"] if start else None
     m = summary["model"]
@@ -216,9 +237,9 @@ def run_variant(variant: Variant, folder: Path) -> dict:
     return record
 
 
-def eval_records(path: Path, kind: str = "eval") -> list[dict]:
+def eval_records(path: Path, kind: str = "eval", metric: str = "val_bpb") -> list[dict]:
     """The `kind: eval` records (or those of another kind: "final") of a run's metrics.jsonl with a
-    val_bpb (lines cut short by a kill are skipped)."""
+    `metric` (lines cut short by a kill are skipped)."""
     if not path.is_file():
         return []
     records = []
@@ -227,27 +248,32 @@ def eval_records(path: Path, kind: str = "eval") -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if record.get("kind") == kind and record.get("val_bpb") is not None:
+        if record.get("kind") == kind and record.get(metric) is not None:
             records.append(record)
     return records
 
 
-def _outcome(record: dict) -> str:
+def _outcome(record: dict, metric: str = "val_bpb") -> str:
     if record["error"]:
         return f"failed: {record['error']}"
-    return (f"best val bpb {record['best_val_bpb']:.4f} (loss {record['start_val_loss'] or math.nan:.3f} → "
+    return (f"best {_label(metric)} {record['best_' + metric]:.4f} (loss {record['start_val_loss'] or math.nan:.3f} → "
             f"{record['best_val_loss']:.3f}), {record['tokens_seen']:,} tokens at {record['tokens_per_s']:,.0f}/s, "
             f"{format_duration(record['wall_s'])}, {record['stop_reason']}")
 
 
 # ---------------------------------------------------------------- reports
 
-def ranked(records: list[dict]) -> list[dict]:
-    """Best validation bpb first; failed variants last, in their order."""
-    return sorted(records, key=lambda r: (r["best_val_bpb"] is None, r["best_val_bpb"] or 0.0))
+def _label(metric: str) -> str:
+    return metric.replace("_", " ")
 
 
-def markdown(base: RunConfig, records: list[dict]) -> str:
+def ranked(records: list[dict], metric: str = "val_bpb") -> list[dict]:
+    """Best validation `metric` first; failed variants last, in their order."""
+    key = f"best_{metric}"
+    return sorted(records, key=lambda r: (r.get(key) is None, r.get(key) or 0.0))
+
+
+def markdown(base: RunConfig, records: list[dict], metric: str = "val_bpb") -> str:
     t = base.train
     limit = " / ".join(f"{name.replace('_', ' ')} {_limit(getattr(t, name))}" for name in LIMITS if getattr(t, name))
     varied = sorted({k for r in records for k in r["settings"] if k in LIMITS})
@@ -263,13 +289,13 @@ def markdown(base: RunConfig, records: list[dict]) -> str:
          "| model |"),
         "|---:|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
-    for rank, r in enumerate(ranked(records), 1):
+    for rank, r in enumerate(ranked(records, metric), 1):
         name = r["name"].replace("|", "\\|")
         if r["error"]:
             error = r["error"].replace("|", "\\|")
             lines.append(f"| – | {name} | | | | | | | failed: {error} | |")
             continue
-        lines.append(f"| {rank} | {name} | {r['best_val_bpb']:.4f} | {r['best_val_loss']:.4f} | "
+        lines.append(f"| {rank} | {name} | {_number(r['best_val_bpb'], '.4f')} | {r['best_val_loss']:.4f} | "
                      f"{_number(r['start_val_loss'], '.4f')} | {r['tokens_seen']:,} | {r['tokens_per_s']:,.0f} | "
                      f"{r['wall_s']:.1f}s | {r['stop_reason']} | {r['model']} |")
     return "\n".join(lines) + "\n"
@@ -283,8 +309,8 @@ def _number(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
-def plot(records: list[dict], path: Path) -> None:
-    """Validation bpb against wall-clock seconds, one line per variant (from its metrics.jsonl)."""
+def plot(records: list[dict], path: Path, metric: str = "val_bpb") -> None:
+    """Validation `metric` against wall-clock seconds, one line per variant (from its metrics.jsonl)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -293,18 +319,18 @@ def plot(records: list[dict], path: Path) -> None:
     later = []  # evaluations after the first, to keep the untrained start from flattening the curves
     drawn = False
     periodic = []  # every variant's evaluations during training
-    for r in ranked(records):
-        evals = eval_records(Path(r["run"]) / "metrics.jsonl")
+    for r in ranked(records, metric):
+        evals = eval_records(Path(r["run"]) / "metrics.jsonl", metric=metric)
         if r["error"] or not evals:
             continue
-        line, = ax.plot([e["elapsed_s"] for e in evals], [e["val_bpb"] for e in evals], "o-", ms=3, lw=1.2,
-                        label=f"{r['name']} ({r['best_val_bpb']:.3f})")
-        later += [e["val_bpb"] for e in evals[1:]]
+        line, = ax.plot([e["elapsed_s"] for e in evals], [e[metric] for e in evals], "o-", ms=3, lw=1.2,
+                        label=f"{r['name']} ({r['best_' + metric]:.3f})")
+        later += [e[metric] for e in evals[1:]]
         periodic += evals
-        final = final_record(eval_records(Path(r["run"]) / "metrics.jsonl", kind="final"))
+        final = final_record(eval_records(Path(r["run"]) / "metrics.jsonl", kind="final", metric=metric))
         if final is not None:  # the reported figure: the kept weights on the whole validation split
-            ax.plot([final["elapsed_s"]], [final["val_bpb"]], "*", ms=12, color=line.get_color())
-            later.append(final["val_bpb"])
+            ax.plot([final["elapsed_s"]], [final[metric]], "*", ms=12, color=line.get_color())
+            later.append(final[metric])
         drawn = True
     if later:
         low, high = min(later), max(later)
@@ -312,9 +338,9 @@ def plot(records: list[dict], path: Path) -> None:
     if drawn:
         ax.plot([], [], "*", ms=10, color="gray", label="final: whole validation split (as reported)")
         ax.plot([], [], "o-", ms=3, lw=1.2, color="gray", label=validation_label(periodic))
-        ax.legend(title="variant (best val bpb, the ★)", fontsize=8)
+        ax.legend(title=f"variant (best {_label(metric)}, the ★)", fontsize=8)
     ax.set_xlabel("wall-clock seconds")
-    ax.set_ylabel("validation bits per byte")
+    ax.set_ylabel("validation bits per byte" if metric == "val_bpb" else f"validation {_label(metric)}")
     ax.set_title("budgetlm compare")
     ax.grid(alpha=0.3)
     fig.tight_layout()

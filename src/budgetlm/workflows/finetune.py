@@ -1,8 +1,8 @@
 """`budgetlm finetune`: train a text classifier within a budget and keep the best weights.
 
 setup (budget clock, labelled data, body + tokenizer, head) → fit → full validation → save → report,
-top to bottom. The body is a budgetlm GPT from `pretrain`, a Hugging Face encoder (`hf:PATH`), or a
-new GPT or LSTM (`scratch`)."""
+top to bottom. The body is a budgetlm GPT, BERT or T5 encoder from `pretrain`, a Hugging Face encoder
+(`hf:PATH`), or a new GPT or LSTM (`scratch`)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from budgetlm.config import SIZES, FinetuneConfig, plain
 from budgetlm.data.labelled import LabelMap, labelled_columns, load_split
 from budgetlm.data.tokenizer import (
     EOT,
+    PAD,
     default_vocab_size,
     load_tokenizer,
     train_tokenizer,
@@ -28,7 +29,7 @@ from budgetlm.data.tokenizer import (
 from budgetlm.data.tokens import content_hash
 from budgetlm.errors import UserError
 from budgetlm.eval.classification import load_plotting, log_loss, plot_confusion, plot_training, report
-from budgetlm.models.classifier import Classifier, ClassifierConfig, GPTBody
+from budgetlm.models.classifier import Classifier, ClassifierConfig, EncoderBody, GPTBody
 from budgetlm.models.gpt import GPT
 from budgetlm.models.config import ModelConfig
 from budgetlm.models.lstm import LSTMConfig, LSTMEncoder, word_tokenizer
@@ -118,9 +119,9 @@ def build_body(c: FinetuneConfig, train_texts: list[str]) -> tuple[torch.nn.Modu
         raise UserError(f"--model {source}: no such folder; give a budgetlm pretrain folder, hf:PATH for a Hugging "
                         "Face encoder, or scratch")
     arch = read_config(folder).get("arch")
-    if arch != "gpt":
-        raise UserError(f"--model {source}: finetune starts from a pretrained GPT (config.json arch 'gpt'), "
-                        f"not arch {arch!r}")
+    if arch not in ("gpt", "bert", "t5"):
+        raise UserError(f"--model {source}: finetune starts from a pretrained GPT, BERT or T5 (config.json arch "
+                        f"'gpt', 'bert' or 't5'), not arch {arch!r}")
     pretrained, _, tok = load_model(folder)
     if tok is None:
         raise UserError(f"--model {source}: no tokenizer.json; give the --out folder of budgetlm pretrain")
@@ -130,6 +131,10 @@ def build_body(c: FinetuneConfig, train_texts: list[str]) -> tuple[torch.nn.Modu
     # many epochs overfits a body that pretraining left without any
     config = ModelConfig.from_dict({**pretrained.config.to_dict(),
                                   "dropout": max(pretrained.config.dropout, c.dropout if c.dropout is not None else 0.1)})
+    if arch != "gpt":  # an encoder: both ways over the text, the padding masked
+        encoder = type(pretrained)(config)
+        encoder.load_state_dict(pretrained.state_dict())
+        return EncoderBody(encoder, tok.token_to_id(PAD) or 0), tok, EOT
     gpt = GPT(config)
     gpt.load_state_dict(pretrained.state_dict())
     return GPTBody(gpt), tok, EOT

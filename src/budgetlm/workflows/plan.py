@@ -11,7 +11,7 @@ import torch
 
 from budgetlm.budget import Budget
 from budgetlm.config import RunConfig
-from budgetlm.models.gpt import GPT
+from budgetlm.models.registry import ARCHS
 from budgetlm.plan import (
     batch_settings,
     bpe_dropout_setting,
@@ -48,10 +48,11 @@ def run(cfg: RunConfig, *, as_json: bool = False) -> dict:
     if (budget.seconds or budget.max_flops) and not shape_given(cfg.model):
         planned = plan_on_device(budget.remaining(), train_tokens=text.unique_tokens, vocab=vocab, device=device,
                                  precision=precision, micro_batch=t.micro_batch, budget_flops=t.budget_flops,
-                                 optim=t.optim, clock=budget.remaining, peak_flops=text.peak_flops)
+                                 optim=t.optim, clock=budget.remaining, peak_flops=text.peak_flops,
+                                 arch=cfg.model.arch, mask_rate=t.mask_rate)
     mc = model_for(cfg.model, vocab, planned)
     with torch.device("meta"):  # counts only: no memory for the weights
-        model = GPT(mc)
+        model = ARCHS[mc.arch][0](mc)
     bpe_rate, passes = bpe_dropout_setting(cfg.data, text.tokenizer, planned)
     batch_tokens, micro_batch = batch_settings(t.batch_tokens, t.micro_batch, mc.context, planned)
     micro_steps = max(1, round(batch_tokens / (micro_batch * mc.context))) if micro_batch else None

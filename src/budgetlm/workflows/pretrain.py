@@ -1,4 +1,4 @@
-"""`budgetlm pretrain`: train a GPT on a text corpus within a budget and keep the best weights.
+"""`budgetlm pretrain`: train a GPT (or a BERT, a T5: --arch) on a text corpus within a budget and keep the best weights.
 
 setup (budget clock, device, data, tokenizer, model) → fit → save → report, top to bottom."""
 
@@ -17,7 +17,7 @@ from budgetlm.budget import Budget, format_duration, process_age
 from budgetlm.config import Every, RunConfig
 from budgetlm.data.tokens import bpe_dropout_tokens
 from budgetlm.errors import UserError
-from budgetlm.models.gpt import GPT
+from budgetlm.models.registry import ARCHS
 from budgetlm.prepare import prepare
 from budgetlm.report import prepare_out, say, say_done
 from budgetlm.plan import (
@@ -37,7 +37,7 @@ from budgetlm.train.batching import largest_micro_batch
 from budgetlm.train.checkpoint import atomic_write_bytes, save_model
 from budgetlm.train.compile import compile_language_model, decide as decide_compile
 from budgetlm.train.kernels import apply_kernels
-from budgetlm.train.lm import LanguageModelTask
+from budgetlm.train.objectives import VALIDATION_METRICS, objective, pretraining_task
 from budgetlm.train.loop import FitConfig, fit
 from budgetlm.train.metrics import RunLog, plot_losses
 from budgetlm.train.optim import build_optimizer, parse_optim_args
@@ -83,6 +83,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
     data = prepare(cfg, budget, resumed_tokenizer=out / "tokenizer.json" if snapshot is not None else None,
                    device=device, precision=precision)
     tokenizer, train_tokens, val_tokens, val_bytes = data.tokenizer, data.train_tokens, data.val_tokens, data.val_bytes
+    goal = objective(cfg.model.arch)
 
     planned = None
     if (budget.seconds or budget.max_flops) and not shape_given(cfg.model):
@@ -93,7 +94,8 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
             planned = plan_on_device(budget.remaining(), train_tokens=data.unique_tokens,
                                      vocab=tokenizer.get_vocab_size(), device=device, precision=precision,
                                      micro_batch=t.micro_batch, budget_flops=t.budget_flops, optim=t.optim,
-                                     clock=budget.remaining, peak_flops=data.peak_flops)
+                                     clock=budget.remaining, peak_flops=data.peak_flops,
+                                     arch=cfg.model.arch, mask_rate=t.mask_rate)
         say(planned.describe())
     mc = model_for(cfg.model, tokenizer.get_vocab_size(), planned)
     if mc.d_model % mc.n_head:
@@ -123,7 +125,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
             say(f"re-segmented the training text {passes} times with BPE-dropout {bpe_rate:g} in "
                 f"{time.monotonic() - started:.1f}s")
 
-    model = GPT(mc).to(device)
+    model = ARCHS[mc.arch][0](mc).to(device)
     budget.flops_per_token = model.flops_per_token()
     batch_tokens, micro_batch = batch_settings(t.batch_tokens, t.micro_batch, mc.context, planned)
     apply_kernels(model, device)
@@ -157,17 +159,19 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
                                   else Every(steps=max(1, (t.max_steps or planned_steps or 1200) // 12)))
     stopping = t.stopping
     eval_batches = None if t.eval_tokens is None else max(1, math.ceil(t.eval_tokens / (micro_batch * mc.context)))
+    calibrate = t.calibrate and goal == "causal_lm"  # the temperature is fitted on next-token predictions
     fit_cfg = FitConfig(lr=lr, schedule=schedule, micro_steps=micro_steps, grad_clip=t.grad_clip,
                         schedule_clock=t.schedule_clock, eval_every=eval_every, eval_batches=eval_batches,
                         stopping=stopping, save_every=t.save_every, l1=t.l1,
                         ema=t.ema or 0.0,
-                        final_eval=not t.calibrate, reserve_evals=CALIBRATION_EVALS if t.calibrate else 1)
+                        final_eval=not calibrate, reserve_evals=CALIBRATION_EVALS if calibrate else 1)
 
-    task = LanguageModelTask(train_tokens, val_tokens, val_bytes, mc.context, micro_batch, device, t.seed,
-                             label_smoothing=t.label_smoothing)
+    task = pretraining_task(mc, tokenizer, train_tokens, val_tokens, val_bytes, micro_batch, device, seed=t.seed,
+                            label_smoothing=t.label_smoothing, mask_rate=t.mask_rate)
     task.micro_steps = micro_steps
-    if stopping.metric not in ("val_loss", "val_bpb", "val_ppl"):
-        raise UserError(f"--early-stop: pretraining measures val_loss, val_bpb and val_ppl, not {stopping.metric!r}")
+    if stopping.metric not in VALIDATION_METRICS[goal]:
+        raise UserError(f"--early-stop: pretraining --arch {mc.arch} measures {', '.join(VALIDATION_METRICS[goal])}, "
+                        f"not {stopping.metric!r}")
     if snapshot is not None:
         say(f"resuming from {snapshot.path} (step {snapshot.meta['loop']['step']}, "
             f"{format_duration(snapshot.meta['spent_s'])} of the budget spent)")
@@ -194,9 +198,9 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
                      resume=snapshot, stop=stop, scaler=scaler,
                      run_meta=identity, on_eval=on_eval)
         compiling.cache.note_speed(runtime.compiled, result.per_s)  # what the next run's decision weighs
-        raw = {"val_bpb": result.final["val_bpb"], "val_loss": result.final["val_loss"]}
+        raw = {"val_bpb": result.final.get("val_bpb"), "val_loss": result.final["val_loss"]}
         best = raw
-        if t.calibrate and result.stop_reason != "interrupted":
+        if calibrate and result.stop_reason != "interrupted":
             model.eval()
             with torch.no_grad(), runtime.autocast():
                 calibration = task.calibrate(model)  # also the final evaluation at temperature 1
@@ -210,6 +214,9 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
                        uncalibrated_val_bpb=raw["val_bpb"], temperature=mc.temperature)
         save_model(out, model, mc.to_dict(), tokenizer)
     summary = {
+        "objective": goal,
+        "val_loss": best["val_loss"],
+        **{k: v for k, v in result.final.items() if k in VALIDATION_METRICS[goal] and k not in ("val_loss", "val_bpb")},
         "best_val_bpb": best["val_bpb"],
         "best_val_loss": best["val_loss"],
         "temperature": mc.temperature,
@@ -243,14 +250,18 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
         "model": mc.to_dict(),
         "plan": identity["plan"],
     }
-    plot_losses(log.records, out / "loss.png", title=f"{mc.n_layer}×{mc.d_model} GPT, {summary['tokens_seen']:,} tokens")
+    if goal != "causal_lm":  # bits per byte and a temperature are defined for next-token predictions only
+        for key in ("best_val_bpb", "uncalibrated_val_bpb", "temperature"):
+            summary.pop(key)
+    plot_losses(log.records, out / "loss.png", title=f"{mc.n_layer}×{mc.d_model} {mc.arch.upper()}, {summary['tokens_seen']:,} tokens")
     summary["wall_s"] = round(budget.elapsed(), 2)
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
     tracking.finish(tracker, summary, [out / "loss.png"])
     calibrated = (f", at temperature {mc.temperature:.3f}; {summary['uncalibrated_val_bpb']:.4f} at 1"
                   if mc.temperature != 1 else "")
-    say_done(result, out, f"best validation {summary['best_val_bpb']:.4f} bits/byte (loss "
-             f"{summary['best_val_loss']:.4f}{calibrated}), {summary['tokens_per_s']:,.0f} tokens/s", summary["wall_s"])
+    figure = (f"{summary['best_val_bpb']:.4f} bits/byte (loss {summary['best_val_loss']:.4f}{calibrated})"
+              if goal == "causal_lm" else f"{goal.replace('_', ' ')} loss {summary['best_val_loss']:.4f}")
+    say_done(result, out, f"best validation {figure}, {summary['tokens_per_s']:,.0f} tokens/s", summary["wall_s"])
     return summary
 
 

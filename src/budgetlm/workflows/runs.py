@@ -26,8 +26,8 @@ def _read(path: Path) -> dict | None:
 
 def _architecture(config: dict, summary: dict) -> str:
     arch = config.get("arch") or "?"
-    if arch == "gpt":
-        return f"gpt {config.get('n_layer')}×{config.get('d_model')}"
+    if arch in ("gpt", "bert", "t5"):
+        return f"{arch} {config.get('n_layer')}×{config.get('d_model')}"
     if arch == "classifier":
         members = config.get("members", 1)
         return f"{config.get('body')} classifier" + (f" ×{members}" if members > 1 else "")
@@ -53,28 +53,35 @@ def describe(folder: Path, root: Path) -> dict | None:
         return None
     config = _read(folder / "config.json") or {}
     metric = next((m for m in METRICS if isinstance(summary.get(m), (int, float))), None)
+    label, value = (metric[len("best_"):], summary.get(metric)) if metric else ("", None)
+    if metric is None and isinstance(summary.get("best_val_loss"), (int, float)) and summary.get("objective"):
+        # a BERT's or T5's loss, named by its objective: ranked only among runs of that objective
+        label, value = f"{summary['objective']} val_loss", summary["best_val_loss"]
     return {
         "name": str(folder.relative_to(root)) if folder != root else folder.name,
         "date": time.strftime("%Y-%m-%d %H:%M", time.localtime((folder / "summary.json").stat().st_mtime)),
         "arch": _architecture(config, summary),
         "size": _size(summary.get("params")),
         "budget": _budget(summary),
-        "metric": metric[len("best_"):] if metric else "",
-        "value": summary.get(metric) if metric else None,
+        "metric": label,
+        "value": value,
         "stop": summary.get("stop_reason") or "",
         "path": str(folder),
     }
 
 
 def ranked(rows: list[dict]) -> list[dict]:
-    """Grouped by metric (bits per byte first), best first within each; runs without a metric last."""
+    """Grouped by metric (bits per byte first, then accuracy, then each other objective's loss), best first within
+    each; runs without a metric last."""
     order = list(METRICS)
 
     def key(row):
         metric = "best_" + row["metric"] if row["metric"] else None
         if metric is None:
-            return (len(order), 0.0)
-        return (order.index(metric), -row["value"] if METRICS[metric] else row["value"])
+            return (len(order) + 1, "", 0.0)
+        if metric not in METRICS:  # an objective's loss: lower is better
+            return (len(order), metric, row["value"])
+        return (order.index(metric), "", -row["value"] if METRICS[metric] else row["value"])
 
     return sorted(rows, key=key)
 

@@ -209,12 +209,29 @@ class TrialResult:
     def to_json(self) -> dict:
         return asdict(self)
 
+    @property
+    def score(self) -> float | None:
+        """What trials are ranked by: bits per byte, or the loss where the objective has none (--arch bert, t5)."""
+        return self.best_val_bpb if self.best_val_bpb is not None else self.best_val_loss
+
+
+def _metric(base: RunConfig) -> str:
+    return "val_bpb" if base.model.arch == "gpt" else "val_loss"
+
+
+def _label(metric: str) -> str:
+    return "bits/byte" if metric == "val_bpb" else "val_loss"
+
 
 def run(base: RunConfig, space: list[Param], out: Path, *, total_budget: str | None = None,
         trial_budget: str | None = None, trials: int | None = None,
         pruner: optuna.pruners.BasePruner | None = None) -> dict:
     """Search until `trials` trials ran or the total budget cannot hold another; write best.toml,
-    trials.json, trials.md and tune.png to `out`. Returns {best_trial, best_val_bpb, trials}."""
+    trials.json, trials.md and tune.png to `out`. Returns {best_trial, best_val_bpb (or best_val_loss for an
+    objective without bits per byte), trials}."""
+    if any(p.name == "arch" for p in space):
+        raise UserError("the search space varies arch, whose objectives' losses are not comparable; tune one "
+                        "architecture, or compare them with budgetlm compare --vary arch=... --metric val_loss")
     started = time.monotonic()
     total_s = parse_duration(total_budget) if total_budget else None
     if trial_budget:
@@ -254,13 +271,13 @@ def run(base: RunConfig, space: list[Param], out: Path, *, total_budget: str | N
             trial = study.ask()
             params = {p.name: p.suggest(trial) for p in space}
             say(f"trial {trial.number}: {_params_text(params)}")
-            result, cfg, summary = _run_trial(trial, params, base, out, planned_width)
+            result, cfg, summary = _run_trial(trial, params, base, out, planned_width, _metric(base))
             if summary is not None and _planner_chose(cfg):  # a summary comes with its config
                 planned_width = summary["model"]["d_model"]
             configs[trial.number] = cfg
             results.append(result)
             if result.state == "complete":
-                study.tell(trial, result.best_val_bpb)
+                study.tell(trial, result.score)
             else:
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED if result.state == "pruned"
                            else optuna.trial.TrialState.FAIL)
@@ -273,13 +290,14 @@ def run(base: RunConfig, space: list[Param], out: Path, *, total_budget: str | N
     complete = [r for r in results if r.state == "complete"]
     if not complete:
         raise UserError(f"no trial completed; see {out / 'trials.md'} and each trial's pretrain.log")
-    best = min(complete, key=lambda r: r.best_val_bpb)
+    best = min(complete, key=lambda r: r.score)
+    unit = _label(_metric(base))
     header = (f"# budgetlm tune: the best of {len(results)} trials: trial {best.number}, validation "
-              f"{best.best_val_bpb:.4f} bits/byte\n# re-run: budgetlm pretrain --config {out / 'best.toml'}\n")
+              f"{best.score:.4f} {unit}\n# re-run: budgetlm pretrain --config {out / 'best.toml'}\n")
     atomic_write_bytes(out / "best.toml", (header + to_toml(configs[best.number])).encode())
     print((out / "trials.md").read_text(), flush=True)
-    say(f"best: trial {best.number} ({best.best_val_bpb:.4f} bits/byte); its config is {out / 'best.toml'}")
-    return {"best_trial": best.number, "best_val_bpb": best.best_val_bpb, "trials": [r.to_json() for r in results]}
+    say(f"best: trial {best.number} ({best.score:.4f} {unit}); its config is {out / 'best.toml'}")
+    return {"best_trial": best.number, f"best_{_metric(base)}": best.score, "trials": [r.to_json() for r in results]}
 
 
 def trial_config(base: RunConfig, params: dict, planned_width: int | None) -> tuple[RunConfig, dict]:
@@ -306,14 +324,15 @@ def _width(cfg: RunConfig, planned_width: int | None) -> int:
     return model_for(cfg.model, vocab_size=64, planned=None).d_model
 
 
-def _run_trial(trial: optuna.Trial, params: dict, base: RunConfig, out: Path, planned_width: int | None):
+def _run_trial(trial: optuna.Trial, params: dict, base: RunConfig, out: Path, planned_width: int | None,
+               metric: str = "val_bpb"):
     folder = out / f"trial-{trial.number:03d}"
     evals = 0
 
     def on_eval(entry: dict) -> bool:
         nonlocal evals
         evals += 1
-        trial.report(entry["val_bpb"], step=evals)
+        trial.report(entry[metric], step=evals)
         return trial.should_prune()
 
     started = time.monotonic()
@@ -331,13 +350,13 @@ def _run_trial(trial: optuna.Trial, params: dict, base: RunConfig, out: Path, pl
         result.error = f"{type(e).__name__}: {e}"
     result.wall_s = round(time.monotonic() - started, 2)
     if summary is not None:
-        result.best_val_bpb, result.best_val_loss = summary["best_val_bpb"], summary["best_val_loss"]
+        result.best_val_bpb, result.best_val_loss = summary.get("best_val_bpb"), summary["best_val_loss"]
         result.stop_reason = summary["stop_reason"]
         if result.stop_reason == "pruned":
             result.state = "pruned"
         elif result.stop_reason == "interrupted":
             result.error = "interrupted"
-        elif math.isfinite(result.best_val_bpb):
+        elif math.isfinite(result.score):
             result.state = "complete"
         else:
             result.error = "validation loss is not finite"
@@ -366,7 +385,8 @@ def _value(v) -> str:
 def _outcome(r: TrialResult) -> str:
     if r.state == "failed":
         return f"failed after {format_duration(r.wall_s)}: {r.error}"
-    return f"{r.state}, best val bpb {r.best_val_bpb:.4f} in {format_duration(r.wall_s)} ({r.stop_reason})"
+    figure = f"val bpb {r.best_val_bpb:.4f}" if r.best_val_bpb is not None else f"val_loss {r.best_val_loss:.4f}"
+    return f"{r.state}, best {figure} in {format_duration(r.wall_s)} ({r.stop_reason})"
 
 
 # ---------------------------------------------------------------- reports
@@ -375,7 +395,7 @@ def _write_reports(out: Path, results: list[TrialResult], space: list[Param], ba
                    total_s: float | None) -> None:
     atomic_write_bytes(out / "trials.json", json.dumps([r.to_json() for r in results], indent=2).encode())
     atomic_write_bytes(out / "trials.md", markdown(results, space, base, total_s).encode())
-    plot(results, out / "tune.png")
+    plot(results, out / "tune.png", _metric(base))
 
 
 def markdown(results: list[TrialResult], space: list[Param], base: RunConfig, total_s: float | None) -> str:
@@ -383,7 +403,8 @@ def markdown(results: list[TrialResult], space: list[Param], base: RunConfig, to
     limit = " / ".join(f"{k.replace('_', ' ')} {getattr(t, k)}" for k in ("budget", "max_steps", "max_tokens")
                        if getattr(t, k))
     complete = [r for r in results if r.state == "complete"]
-    best = min(complete, key=lambda r: r.best_val_bpb).number if complete else None
+    best = min(complete, key=lambda r: r.score).number if complete else None
+    column = "best val bpb" if _metric(base) == "val_bpb" else "best val_loss"
     names = [p.name for p in space]
     lines = [
         "# budgetlm tune",
@@ -392,20 +413,20 @@ def markdown(results: list[TrialResult], space: list[Param], base: RunConfig, to
          f"data: {', '.join(base.data.data) or 'default corpus'}; seed {t.seed}; {time.strftime('%Y-%m-%d %H:%M')}."),
         f"Search space: {'; '.join(p.describe() for p in space)}.",
         "",
-        "| trial | state | best val bpb | wall | " + " | ".join(names) + " |",
+        f"| trial | state | {column} | wall | " + " | ".join(names) + " |",
         "|---:|---|---:|---:|" + "---|" * len(names),
     ]
     for r in results:
         mark = " ★" if r.number == best else ""
-        bpb = "" if r.best_val_bpb is None else f"{r.best_val_bpb:.4f}{mark}"
+        bpb = "" if r.score is None else f"{r.score:.4f}{mark}"
         state = r.state if not r.error else f"{r.state}: {r.error}".replace("|", "\\|")
         values = " | ".join(_value(r.params[n]) if n in r.params else "" for n in names)
         lines.append(f"| {r.number} | {state} | {bpb} | {r.wall_s:.1f}s | {values} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[TrialResult], path: Path) -> None:
-    """Each trial's best validation bpb (pruned ones marked) and the best so far."""
+def plot(results: list[TrialResult], path: Path, metric: str = "val_bpb") -> None:
+    """Each trial's best validation bpb (or loss: `metric`; pruned ones marked) and the best so far."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -416,11 +437,11 @@ def plot(results: list[TrialResult], path: Path) -> None:
                          ("pruned", {"marker": "x", "color": "tab:gray"})):
         shown = [r for r in results if r.state == state]
         if shown:
-            ax.scatter([r.number for r in shown], [r.best_val_bpb for r in shown], label=state, zorder=3, **style)
+            ax.scatter([r.number for r in shown], [r.score for r in shown], label=state, zorder=3, **style)
     best, xs, ys = math.inf, [], []
     for r in results:
         if r.state == "complete":
-            best = min(best, r.best_val_bpb)
+            best = min(best, r.score)
         if math.isfinite(best):
             xs.append(r.number)
             ys.append(best)
@@ -428,7 +449,7 @@ def plot(results: list[TrialResult], path: Path) -> None:
         ax.step(xs, ys, where="post", color="tab:orange", label="best so far")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("trial")
-    ax.set_ylabel("best validation bits per byte")
+    ax.set_ylabel("best validation bits per byte" if metric == "val_bpb" else "best validation loss (nats)")
     ax.set_title("budgetlm tune")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
