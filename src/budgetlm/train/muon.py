@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from budgetlm.train.parallel import like, whole_matrix
+
 # A Linear under a module of one of these names is an output head, not a hidden layer.
 HEAD_NAMES = ("head", "lm_head", "classifier", "output")
 
@@ -132,13 +134,15 @@ class Muon(torch.optim.Optimizer):
                 per_batch = max(1, BATCH_ELEMENTS // (rows * cols))
                 for start in range(0, len(items), per_batch):
                     chunk = items[start : start + per_batch]
-                    ortho = orthogonalize(torch.stack([u for _, u in chunk]), group["ns_steps"], group["eps"],
-                                          self.ns_dtype)
+                    # under FSDP each matrix is gathered whole: Newton–Schulz on a shard would be wrong
+                    ortho = orthogonalize(torch.stack([whole_matrix(u) for _, u in chunk]), group["ns_steps"],
+                                          group["eps"], self.ns_dtype)
                     weights, step_size = [p for p, _ in chunk], -group["lr"] * scale
                     if keep is not None:
                         step_size = torch.where(keep, step_size, 0.0)
                     torch._foreach_mul_(weights, decay)
-                    torch._foreach_add_(weights, torch._foreach_mul(ortho.unbind(), step_size))
+                    torch._foreach_add_(weights, torch._foreach_mul([like(o, p) for o, p in zip(ortho.unbind(), weights)],
+                                                                    step_size))
         return loss
 
 

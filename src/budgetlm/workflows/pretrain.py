@@ -4,6 +4,7 @@ setup (budget clock, device, data, tokenizer, model) → fit → save → report
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,6 +32,7 @@ from budgetlm.train.lm import LanguageModelTask
 from budgetlm.train.loop import FitConfig, fit
 from budgetlm.train.metrics import RunLog, plot_losses
 from budgetlm.train.optim import build_optimizer, default_lr, parse_optim_args
+from budgetlm.train.parallel import Parallel, launched
 from budgetlm.train.resume import Checkpoints, find_resume
 from budgetlm.train.runtime import (
     Runtime,
@@ -87,14 +89,16 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     tracking.require(t.report_to)  # a missing tracker package stops the run before anything else
     budget = Budget(seconds=t.budget, max_steps=t.max_steps,
                     max_tokens=t.max_tokens)  # the clock starts now: data preparation counts
-    prepare_out(out)
+    parallel = start_parallel(t)  # None outside torchrun
+    with main_first(parallel):
+        prepare_out(out)
     checkpoints = Checkpoints(out / "checkpoints", keep=t.keep_checkpoints)
     snapshot = find_resume(t.resume, out, needs=("tokenizer.json",), warn=say)
     if snapshot is not None:
         budget.spent_s = snapshot.meta["spent_s"]
     threads = set_threads(t.threads)
     torch.manual_seed(t.seed)
-    device = pick_device(t.device)
+    device = parallel.device if parallel is not None else pick_device(t.device)
     precision = pick_precision(t.precision, device)
 
     # Data: documents → train/validation split → tokenizer → cached token streams.
@@ -105,10 +109,11 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         val_docs = load_corpus(cfg.data.val, text_field=cfg.data.text_field, text_column=cfg.data.text_column).documents
     else:
         train_docs, val_docs = split_validation(corpus.documents, cfg.data.val_fraction)
-    # a resumed run keeps the tokenizer it started with
-    tokenizer = load_tokenizer(out / "tokenizer.json") if snapshot is not None else tokenizer_for(train_docs, cfg)
-    train_tokens = cached_tokens(train_docs, tokenizer, "train")
-    val_tokens = cached_tokens(val_docs, tokenizer, "val")
+    with main_first(parallel):  # the other processes read what the first tokenized into the cache
+        # a resumed run keeps the tokenizer it started with
+        tokenizer = load_tokenizer(out / "tokenizer.json") if snapshot is not None else tokenizer_for(train_docs, cfg)
+        train_tokens = cached_tokens(train_docs, tokenizer, "train")
+        val_tokens = cached_tokens(val_docs, tokenizer, "val")
     val_bytes = sum(len(d.encode("utf-8")) for d in val_docs)
 
     planned = None
@@ -120,6 +125,8 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
             planned = plan(budget.seconds - budget.elapsed(), train_tokens=len(train_tokens),
                            vocab=tokenizer.get_vocab_size(), device=device, precision=precision,
                            micro_batch=t.micro_batch)
+        if parallel is not None:
+            planned = parallel.share(planned)
         say(planned.describe())
     mc = model_for(cfg.model, tokenizer.get_vocab_size(), planned)
     if mc.d_model % mc.n_head:
@@ -141,7 +148,8 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     text_tokens = len(train_tokens)
     if bpe_rate:
         started = time.monotonic()
-        train_tokens, drawn = bpe_dropout_tokens(train_docs, tokenizer, train_tokens, bpe_rate, passes, t.seed)
+        with main_first(parallel):
+            train_tokens, drawn = bpe_dropout_tokens(train_docs, tokenizer, train_tokens, bpe_rate, passes, t.seed)
         if drawn:
             if snapshot is not None:
                 say("the BPE-dropout segmentations this run started with are no longer cached: drew new ones, so "
@@ -159,7 +167,8 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         batch_tokens = (t.micro_batch or 8) * mc.context
     compiled = should_compile(t.compile, device, budget.seconds)
     apply_kernels(model, device, compiled=compiled)
-    forward = torch.compile(model) if compiled else model
+    trained = model if parallel is None else parallel.wrap(model, t.strategy, precision)
+    forward = torch.compile(trained) if compiled else trained
     runtime = Runtime(device, precision, compiled)
     if t.micro_batch:
         micro_batch = t.micro_batch
@@ -171,6 +180,9 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         if asked_tokens is not None:  # a batch smaller than one planned micro-batch: fewer sequences per pass
             micro_batch = max(1, min(micro_batch, asked_tokens // mc.context))
     micro_steps = max(1, round(batch_tokens / (micro_batch * mc.context)))
+    sequences = micro_batch * micro_steps  # per optimizer step, over all processes
+    if parallel is not None:
+        micro_batch, micro_steps = parallel.split_batch(parallel.share(micro_batch), micro_steps)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     lr = t.lr or default_lr(mc.d_model, t.optim)
@@ -191,12 +203,15 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
     task = LanguageModelTask(train_tokens, val_tokens, val_bytes, mc.context, micro_batch, device, t.seed,
                              label_smoothing=t.label_smoothing)
     task.micro_steps = micro_steps
+    if parallel is not None:
+        task.rank, task.world = parallel.rank, parallel.world
     if stopping.metric not in ("val_loss", "val_bpb", "val_ppl"):
         raise UserError(f"--early-stop: pretraining measures val_loss, val_bpb and val_ppl, not {stopping.metric!r}")
+    main = parallel is None or parallel.main
     if snapshot is not None:
         say(f"resuming from {snapshot.path} (step {snapshot.meta['loop']['step']}, "
             f"{format_duration(snapshot.meta['spent_s'])} of the budget spent)")
-    else:
+    elif main:
         # the tokenizer and config go out first: a resume must find them whatever happens next
         atomic_write_bytes(out / "tokenizer.json", tokenizer.to_str().encode())
         atomic_write_bytes(out / "config.json", json.dumps(mc.to_dict(), indent=2).encode())
@@ -204,22 +219,23 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         f"{mc.n_head} heads, context {mc.context}), vocab {tokenizer.get_vocab_size()}, "
         f"{text_tokens:,} training / {len(val_tokens):,} validation tokens")
     say(f"  device {device} ({threads} threads), {precision}, {'compiled' if compiled else 'eager'}, "
-        f"batch {micro_steps * micro_batch * mc.context} tokens (micro-batch {micro_batch} × {micro_steps}), "
+        f"batch {sequences * mc.context} tokens (micro-batch {micro_batch} × {micro_steps}"
+        f"{f' × {parallel.world} processes, {parallel.strategy}' if parallel else ''}), "
         f"{t.optim} lr {lr:.2e} {t.schedule}, budget {budget.describe()}")
 
     tracker = tracking.start(t.report_to, t.tracking_uri, out, {**cfg.to_dict(), "plan": identity["plan"],
-                                                                  "gpt": mc.to_dict()})
-    log = RunLog(out / "metrics.jsonl", quiet=quiet,
+                                                                  "gpt": mc.to_dict()}) if main else None
+    log = RunLog(out / "metrics.jsonl" if main else None, quiet=quiet or not main,
                  resume_step=snapshot.meta["loop"]["step"] if snapshot is not None else None, tracker=tracker)
     with GracefulStop() as stop:  # a signal after training, too, waits until the model is saved
         result = fit(model, forward, task, optimizer, fit_cfg, budget, runtime, log, checkpoints=checkpoints,
                      resume=snapshot, stop=stop, scaler=scaler,
-                     run_meta=identity, on_eval=on_eval)
+                     run_meta=identity, on_eval=on_eval, parallel=parallel)
         raw = {"val_bpb": result.final["val_bpb"], "val_loss": result.final["val_loss"]}
         best = raw
         if t.calibrate and result.stop_reason != "interrupted":
             model.eval()
-            with torch.no_grad(), runtime.autocast():
+            with torch.no_grad(), runtime.autocast(), whole_model(parallel, model):
                 calibration = task.calibrate(model)  # also the final evaluation at temperature 1
             raw = best = {"val_bpb": calibration.raw_val_bpb, "val_loss": calibration.raw_val_loss}
             if calibration.val_bpb < calibration.raw_val_bpb:  # cross-fitted: on positions the fit did not see
@@ -229,7 +245,12 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
             log.record(kind="final", step=result.steps, tokens=result.seen, elapsed_s=budget.elapsed(),
                        best_step=result.best.get("step"), **best, val_tokens=len(val_tokens) - 1, val_full=True,
                        uncalibrated_val_bpb=raw["val_bpb"], temperature=mc.temperature)
-        save_model(out, model, mc.to_dict(), tokenizer)
+        if parallel is None:
+            save_model(out, model, mc.to_dict(), tokenizer)
+        else:
+            full = parallel.full_state_dict(model)  # gathered from every rank
+            if parallel.main:
+                save_model(out, model, mc.to_dict(), tokenizer, state=full)
     summary = {
         "best_val_bpb": best["val_bpb"],
         "best_val_loss": best["val_loss"],
@@ -260,7 +281,13 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         "config": cfg.to_dict(),
         "model": mc.to_dict(),
         "plan": identity["plan"],
+        # under torchrun: the processes, and the tokens/s above are the whole job's
+        "world_size": parallel.world if parallel is not None else 1,
+        "strategy": parallel.strategy if parallel is not None else None,
     }
+    if not main:
+        parallel.close()
+        return summary
     plot_losses(log.records, out / "loss.png", title=f"{mc.n_layer}×{mc.d_model} GPT, {summary['tokens_seen']:,} tokens")
     summary["wall_s"] = round(budget.elapsed(), 2)
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
@@ -269,7 +296,26 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
                   if mc.temperature != 1 else "")
     say_done(result, out, f"best validation {summary['best_val_bpb']:.4f} bits/byte (loss "
              f"{summary['best_val_loss']:.4f}{calibrated}), {summary['tokens_per_s']:,.0f} tokens/s", summary["wall_s"])
+    if parallel is not None:
+        parallel.close()
     return summary
+
+
+def start_parallel(t) -> Parallel | None:
+    """This process's place among several under torchrun, None outside it."""
+    if not launched():
+        return None
+    if t.ema:
+        raise UserError("--ema is not supported under torchrun yet; train without it or in one process")
+    return Parallel.start(pick_device(t.device))
+
+
+def main_first(parallel: Parallel | None):
+    return parallel.main_first() if parallel is not None else contextlib.nullcontext()
+
+
+def whole_model(parallel: Parallel | None, model):
+    return parallel.whole(model) if parallel is not None else contextlib.nullcontext()
 
 
 def _check_same_run(snapshot, identity: dict) -> None:
