@@ -21,7 +21,7 @@ from torch import nn
 from budgetlm.budget import Budget, EarlyStop, Every
 from budgetlm.errors import UserError
 from budgetlm.train.metrics import RunLog
-from budgetlm.train.parallel import Parallel, global_norm
+from budgetlm.train.parallel import Parallel, clip_gradients
 from budgetlm.train.resume import Checkpoints, Snapshot, is_sharded, load_sharded, load_snapshot, save_sharded
 from budgetlm.train.runtime import Runtime, to_device
 from budgetlm.train.schedule import Schedule
@@ -578,7 +578,7 @@ def _train_step(model, forward, task, optimizer, cfg: FitConfig, runtime: Runtim
     if scaler is not None:
         scaler.unscale_(optimizer)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    grad_norm = global_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    grad_norm = clip_gradients(model.parameters(), max_norm, parallel)
     if scaler is not None:
         # the scaler skips steps with inf/nan gradients itself and lowers its scale
         scaler.step(optimizer)

@@ -127,6 +127,9 @@ class Parallel:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = (MixedPrecisionPolicy(param_dtype=precision_dtype(precision), reduce_dtype=torch.float32)
               if precision in ("bf16", "fp16") else MixedPrecisionPolicy())
+        # rank 0's initial weights everywhere (DDP does the same), however the ranks' random generators went
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=0)
         for block in blocks_of(model):
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
@@ -164,10 +167,25 @@ def blocks_of(model: nn.Module) -> list[nn.Module]:
     return found
 
 
-def global_norm(norm: torch.Tensor) -> torch.Tensor:
-    """clip_grad_norm_'s total over sharded gradients comes back as a DTensor: the full value."""
-    from torch.distributed.tensor import DTensor
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+def clip_gradients(parameters, max_norm: float, parallel: Parallel | None) -> torch.Tensor:
+    """clip_grad_norm_, and under FSDP the same norm one process would compute: each gradient's norm taken
+    over the whole gradient, gathered one at a time. (clip_grad_norm_ on the shards adds fp32 sums of
+    squares in another order: off by about 2e-5 of the norm at 0.5M elements, enough for runs to drift apart.)"""
+    if parallel is None or parallel.strategy != "fsdp":
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    from torch.utils._foreach_utils import _has_foreach_support
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norms = []
+    for g in grads:
+        whole = whole_matrix(g)
+        norms.append(torch._foreach_norm([whole], 2.0)[0] if _has_foreach_support([whole], whole.device)
+                     else torch.linalg.vector_norm(whole, 2.0))
+        del whole
+    total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(float(coef))
+    return total
 
 
 def whole_matrix(t: torch.Tensor) -> torch.Tensor:
