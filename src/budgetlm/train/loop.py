@@ -303,6 +303,9 @@ class Trainer:
     def _restore(self, resume: Snapshot) -> None:
         self.state = LoopState.from_json(resume.meta["loop"])
         self.state.micro_steps = self.state.micro_steps or resume.meta.get("micro_steps") or self.cfg.micro_steps
+        if resume.meta.get("world_size", 1) != (self.parallel.world if self.parallel is not None else 1):
+            # each process's share of a step changed; processes never shrink it after running out of memory
+            self.state.micro_steps = self.cfg.micro_steps
         halvings = self.state.micro_steps // self.cfg.micro_steps  # left by out-of-memory retries before the stop
         while halvings > 1 and self.task.halve_micro_batch():
             halvings //= 2
@@ -334,6 +337,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         started = time.monotonic()
+        if self.parallel is not None:
+            self.parallel.lag()
         while True:
             try:
                 outcome = _train_step(self.model, self.forward, self.task, self.optimizer, self.cfg, self.runtime,

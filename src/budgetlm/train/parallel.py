@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 from budgetlm.errors import UserError
 from budgetlm.train.runtime import precision_dtype
 
-STRATEGIES = ("auto", "ddp", "fsdp")
+SLOW_RANK_ENV = "BUDGETLM_TEST_SLOW_RANK"
 # bytes per parameter of training state on one device under DDP: weights, gradients, two Adam moments (fp32)
 TRAINING_BYTES_PER_PARAM = 16
 # share of a device's memory the training state may take for DDP to be picked (the rest: activations)
@@ -60,6 +61,12 @@ class Parallel:
             raise UserError(f"torchrun: training on {device.type} across processes is not supported; use --device "
                             "cpu or cuda")
         return cls(rank, world, local_rank, device, _control=control)
+
+    def lag(self) -> None:
+        """For tests only: BUDGETLM_TEST_SLOW_RANK="rank:seconds" makes that rank sleep each step."""
+        rank, _, seconds = os.environ.get(SLOW_RANK_ENV, "").partition(":")
+        if rank and int(rank) == self.rank:
+            time.sleep(float(seconds))
 
     def close(self) -> None:
         if dist.is_initialized():
