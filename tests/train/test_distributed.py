@@ -43,7 +43,7 @@ def torchrun(args: list[str], *, nproc: int = 2, timeout: float = 120, env: dict
         os.killpg(proc.pid, signal.SIGKILL)
         raise
     assert proc.returncode == 0, out[-3000:]
-    return proc
+    return proc, out
 
 
 def max_diff(a: Path, b: Path) -> float:
@@ -105,7 +105,7 @@ def test_fsdp_two_processes_end_where_one_ends(runs, optim):
     assert json.loads((root / f"fsdp-{optim}" / "summary.json").read_text())["strategy"] == "fsdp"
 
 
-def test_fsdp_killed_run_resumes_in_one_and_in_two_processes(runs, tmp_path, monkeypatch):
+def test_fsdp_killed_run_resumes_in_one_and_in_two_processes(runs, tmp_path, monkeypatch, capsys):
     """SIGKILL to the whole job after its first checkpoint; the run resumed with 2 processes, and with 1,
     ends where the uninterrupted 2-process run ended."""
     root, _, common = runs
@@ -125,10 +125,12 @@ def test_fsdp_killed_run_resumes_in_one_and_in_two_processes(runs, tmp_path, mon
     one = tmp_path / "killed-one"
     subprocess.run(["cp", "-r", str(out), str(one)], check=True)
 
-    torchrun([*args, "--resume", "auto"])
+    _, said = torchrun([*args, "--resume", "auto"])
+    assert f"resuming from {out / 'checkpoints' / saved[-1]}" in said
     assert max_diff(root / "fsdp-adamw", out) <= 1e-5
     # in one process, without torchrun: the sharded checkpoint read whole
     assert main([*common, "--optim", "adamw", "--resume", "auto", "--out", str(one)]) == 0
+    assert f"resuming from {one / 'checkpoints' / saved[-1]}" in capsys.readouterr().err
     assert max_diff(root / "fsdp-adamw", one) <= 1e-5
     assert json.loads((one / "summary.json").read_text())["steps"] == STEPS
 
@@ -139,7 +141,7 @@ def test_slow_rank_stops_on_time_with_the_others(runs, tmp_path):
     _, data, _ = runs
     budget = 8
     started = time.monotonic()
-    proc = torchrun([*pretrain(data, []), "--budget", f"{budget}s", "--optim", "adamw", "--out", str(tmp_path / "timed")],
+    proc, _ = torchrun([*pretrain(data, []), "--budget", f"{budget}s", "--optim", "adamw", "--out", str(tmp_path / "timed")],
                     env={"BUDGETLM_TEST_SLOW_RANK": "1:0.05"}, timeout=60)
     took = time.monotonic() - started
     s = json.loads((tmp_path / "timed" / "summary.json").read_text())

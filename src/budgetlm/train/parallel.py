@@ -100,6 +100,17 @@ class Parallel:
         dist.all_reduce(t)
         return t
 
+    def peak_memory_mb(self) -> list[float]:
+        """Each rank's peak memory in MiB: allocated on its GPU, else its resident set (RSS, libraries included)."""
+        if self.device.type == "cuda":
+            mine = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            import resource  # not on Windows, where torchrun is not used for CPU training
+            mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        every = [None] * self.world
+        dist.all_gather_object(every, round(mine, 1), group=self._control)
+        return every
+
     def split_batch(self, micro_batch: int, micro_steps: int) -> tuple[int, int]:
         """(micro-batch, micro-steps) of one rank, so that the ranks together read each step's sequences once:
         the largest micro-batch up to the asked one that divides this rank's share."""
@@ -130,7 +141,7 @@ class Parallel:
         if self.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
             ids = [self.device.index] if self.device.type == "cuda" else None
-            return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+            return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = (MixedPrecisionPolicy(param_dtype=precision_dtype(precision), reduce_dtype=torch.float32)
               if precision in ("bf16", "fp16") else MixedPrecisionPolicy())

@@ -263,6 +263,6 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     state = {"model": model_state, "optimizer": optimizer_state}
     if has_best:
         state["best"] = {k: torch.empty_like(v) for k, v in model.state_dict().items()}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, no_dist=not (torch.distributed.is_available() and torch.distributed.is_initialized()))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return state.get("best")

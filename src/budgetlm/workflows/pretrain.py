@@ -285,6 +285,8 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         "world_size": parallel.world if parallel is not None else 1,
         "strategy": parallel.strategy if parallel is not None else None,
     }
+    if parallel is not None:
+        summary["peak_memory_mb"] = parallel.peak_memory_mb()  # per rank
     if not main:
         parallel.close()
         return summary
