@@ -149,3 +149,10 @@ def test_slow_rank_stops_on_time_with_the_others(runs, tmp_path):
     assert s["wall_s"] <= budget + 2
     assert took <= budget + 15  # torchrun and two interpreters starting, on a shared 2-core machine
     assert group_gone(proc.pid)
+
+
+def test_commands_other_than_pretrain_refuse_torchrun(monkeypatch, capsys):
+    """Under torchrun every process would run the whole command and write the same --out."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["generate", "--model", "nowhere", "--prompt", "x"]) == 2
+    assert "only pretrain runs under torchrun" in capsys.readouterr().err

@@ -121,11 +121,11 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
         # a resumed run keeps the plan its first session made for the whole budget; planning again
         # for the time left could pick another shape, which the checkpoint cannot continue
         planned = Plan.from_dict(snapshot.meta.get("plan")) if snapshot is not None else None
-        if planned is None:
+        if planned is None and (parallel is None or parallel.main):
             planned = plan(budget.seconds - budget.elapsed(), train_tokens=len(train_tokens),
                            vocab=tokenizer.get_vocab_size(), device=device, precision=precision,
                            micro_batch=t.micro_batch)
-        if parallel is not None:
+        if parallel is not None:  # the first process plans for all
             planned = parallel.share(planned)
         say(planned.describe())
     mc = model_for(cfg.model, tokenizer.get_vocab_size(), planned)
@@ -307,8 +307,9 @@ def start_parallel(t) -> Parallel | None:
     """This process's place among several under torchrun, None outside it."""
     if not launched():
         return None
-    if t.ema:
-        raise UserError("--ema is not supported under torchrun yet; train without it or in one process")
+    for flag, value in (("--ema", t.ema), ("--l1", t.l1)):
+        if value:
+            raise UserError(f"{flag} is not supported under torchrun yet; train without it or in one process")
     return Parallel.start(pick_device(t.device))
 
 
