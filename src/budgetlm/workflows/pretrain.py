@@ -306,6 +306,8 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None) -> dict
 def start_parallel(t) -> Parallel | None:
     """This process's place among several under torchrun, None outside it."""
     if not launched():
+        if t.strategy != "auto":
+            say(f"warning: --strategy {t.strategy} applies under torchrun only (docs/distributed.md); training in one process")
         return None
     for flag, value in (("--ema", t.ema), ("--l1", t.l1)):
         if value:
