@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from budgetlm.cli import main
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="no torchrun beside the Python interpreter")
+pytestmark = pytest.mark.skipif(not TORCHRUN.exists() or not Path("/proc").is_dir(),
+                                reason="needs torchrun beside the Python interpreter and Linux's /proc")
 
 STEPS = 20
 TINY = ["--n-layer", "2", "--d-model", "64", "--n-head", "2", "--context", "64", "--vocab-size", "512",
@@ -32,18 +33,17 @@ def torchrun(args: list[str], *, nproc: int = 2, timeout: float = 120, env: dict
              wait: bool = True):
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), "-m", "budgetlm", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **CACHE, **(env or {})}
-    # a session of its own, so that the test can end the whole group (torchrun and its workers) at once
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not wait:
         return proc
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        said, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in processes_of(Path(args[args.index("--out") + 1])):
+            os.kill(pid, signal.SIGKILL)
         raise
-    assert proc.returncode == 0, out[-3000:]
-    return proc, out
+    assert proc.returncode == 0, said[-3000:]
+    return proc, said
 
 
 def max_diff(a: Path, b: Path) -> float:
@@ -59,12 +59,17 @@ def first_grad_norm(run: Path) -> float:
     return next(r["grad_norm"] for r in records if r["kind"] == "train" and r["step"] == 1)
 
 
-def group_gone(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    return False
+def processes_of(out: Path) -> list[int]:
+    """The live processes with `out` among their arguments: torchrun and its workers (each in a session of
+    its own, so a process group does not hold them all)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(out).encode() in (entry / "cmdline").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:  # ended meanwhile
+            continue
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +122,11 @@ def test_fsdp_killed_run_resumes_in_one_and_in_two_processes(runs, tmp_path, mon
     while not list((out / "checkpoints").glob("step-*")):
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in processes_of(out):  # the whole job at once, as a lost machine
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
+    while processes_of(out):
+        time.sleep(0.05)
     assert not (out / "model.safetensors").exists()
     saved = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
     assert saved and saved[-1] < f"step-{STEPS:08d}"
@@ -139,16 +147,16 @@ def test_slow_rank_stops_on_time_with_the_others(runs, tmp_path):
     """A time budget with rank 1 slower each step: rank 0 decides the stop for both, both exit cleanly
     within the budget and its reserve, and torchrun leaves no process behind."""
     _, data, _ = runs
-    budget = 8
+    budget, out = 8, tmp_path / "timed"
     started = time.monotonic()
-    proc, _ = torchrun([*pretrain(data, []), "--budget", f"{budget}s", "--optim", "adamw", "--out", str(tmp_path / "timed")],
-                    env={"BUDGETLM_TEST_SLOW_RANK": "1:0.05"}, timeout=60)
+    torchrun([*pretrain(data, []), "--budget", f"{budget}s", "--optim", "adamw", "--out", str(out)],
+             env={"BUDGETLM_TEST_SLOW_RANK": "1:0.05"}, timeout=60)
     took = time.monotonic() - started
-    s = json.loads((tmp_path / "timed" / "summary.json").read_text())
+    s = json.loads((out / "summary.json").read_text())
     assert s["stop_reason"] == "budget" and s["world_size"] == 2
     assert s["wall_s"] <= budget + 2
     assert took <= budget + 15  # torchrun and two interpreters starting, on a shared 2-core machine
-    assert group_gone(proc.pid)
+    assert processes_of(out) == []
 
 
 def test_commands_other_than_pretrain_refuse_torchrun(monkeypatch, capsys):

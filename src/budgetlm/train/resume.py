@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -263,6 +264,9 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     state = {"model": model_state, "optimizer": optimizer_state}
     if has_best:
         state["best"] = {k: torch.empty_like(v) for k, v in model.state_dict().items()}
-    dcp.load(state, checkpoint_id=path, no_dist=not (torch.distributed.is_available() and torch.distributed.is_initialized()))
+    alone = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    with warnings.catch_warnings():  # read by one process without a process group: what was meant
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=alone)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return state.get("best")
