@@ -6,7 +6,7 @@ Runs the same step-limited pretraining (6 layers, d_model 384, context 256, voca
 eager, no calibration) as 1 process × 2 threads, 2 processes × 1 thread under DDP, and 2 × 1 under FSDP,
 each in a fresh subprocess, and prints a Markdown table of steady-state tokens/s for the whole job and peak
 memory per rank (the resident set on a CPU, allocated memory on a GPU; summary.json's peak_memory_mb). The
-one-process peak is read from the finished child's resource usage. Quiet machine needed: numbers from a
+one-process peak is read from the finished child's resource usage; a first one-step run fills the token cache. Quiet machine needed: numbers from a
 machine shared with other work say little."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,13 +26,19 @@ SHAPE = ["--n-layer", "6", "--d-model", "384", "--n-head", "6", "--context", "25
          "--no-calibrate", "--optim", "adamw", "--val-fraction", "0.01"]
 
 
-def run(name: str, launcher: list[str], threads: int, args: list[str], out: Path) -> dict:
+# runs a command and prints the peak resident set of its process tree's largest member, in KiB
+PEAK_OF = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+
+
+def run(name: str, launcher: list[str], threads: int, args: list[str], out: Path) -> tuple[dict, float]:
+    """(summary.json, peak resident MiB) of one run in a fresh process."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run([*launcher, *args, "--out", str(out / name), "--threads", str(threads)], env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", PEAK_OF, *launcher, *args, "--out", str(out / name),
+                           "--threads", str(threads)], env=env, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"{name} failed:\n{done.stderr[-2000:]}")
-    return json.loads((out / name / "summary.json").read_text())
+    return json.loads((out / name / "summary.json").read_text()), int(done.stdout.split()[-1]) / 1024
 
 
 def main() -> None:
@@ -48,10 +53,12 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        one = run("one", python, 2, args, out)  # first: the children's peak so far is this run's
-        rows.append(("1 process × 2 threads", one, [round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)]))
+        os.environ.setdefault("BUDGETLM_CACHE", str(out / "cache"))
+        run("warm-up", python, 2, [*args[:3], "--max-steps", "1", *args[5:]], out)  # tokenizing is not measured
+        one, peak = run("one", python, 2, args, out)
+        rows.append(("1 process × 2 threads", one, [peak]))
         for strategy in ("ddp", "fsdp"):
-            s = run(strategy, torchrun, 1, [*args, "--strategy", strategy], out)
+            s, _ = run(strategy, torchrun, 1, [*args, "--strategy", strategy], out)
             rows.append((f"2 processes × 1 thread, {strategy.upper()}", s, s["peak_memory_mb"]))
     print(f"{a.steps} steps of {2 * 8 * 256} tokens, {one['params'] / 1e6:.1f}M parameters, {one['device']}\n")
     print("| layout | tokens/s (whole job) | peak memory per rank (MiB) |")
