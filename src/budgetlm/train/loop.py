@@ -170,10 +170,15 @@ def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.
     trainer = Trainer(model, forward, task, optimizer, cfg, budget, runtime, log, checkpoints, scaler, run_meta,
                       parallel)
     trainer.start(resume)
-    decide = Decisions(cfg, budget, task) if parallel is None else AgreedDecisions(cfg, budget, task, parallel)
+
+    def requested() -> bool:
+        return stop is not None and stop.requested
+
+    decide = (Decisions(cfg, budget, task) if parallel is None
+              else AgreedDecisions(cfg, budget, task, parallel, requested))
     stop_reason = None
     while stop_reason is None:
-        now = decide.before_step(trainer.state, stop is not None and stop.requested)
+        now = decide.before_step(trainer.state, requested())
         if now.stop:
             stop_reason = now.stop
             break
@@ -236,21 +241,43 @@ STOP_REASONS = ("max_steps", "max_tokens", "budget", "interrupted")
 
 class AgreedDecisions(Decisions):
     """Decisions under several processes: rank 0 decides and broadcasts a few numbers, the others
-    follow, so every rank stops, evaluates and saves at the same step with the same learning rate."""
+    follow, so every rank stops, evaluates and saves at the same step with the same learning rate.
+    After a step with neither evaluation nor save, rank 0 decides the next step's start at once, in
+    the same broadcast: one small broadcast per step."""
 
-    def __init__(self, cfg: FitConfig, budget: Budget, task: Task, parallel: Parallel):
+    def __init__(self, cfg: FitConfig, budget: Budget, task: Task, parallel: Parallel,
+                 stop_requested: Callable[[], bool]):
         super().__init__(cfg, budget, task)
-        self.parallel = parallel
+        self.parallel, self.stop_requested = parallel, stop_requested
+        self.next: Decision | None = None  # the next step's start, decided with the last step's end
 
     def before_step(self, st: LoopState, stop_requested: bool) -> Decision:
+        if self.next is not None:
+            d, self.next = self.next, None
+            return d
         d = super().before_step(st, stop_requested) if self.parallel.main else Decision()
-        stop, lr, progress = self.parallel.agree([STOP_REASONS.index(d.stop) if d.stop else -1, d.lr, d.progress])
-        return Decision(stop=STOP_REASONS[int(stop)] if stop >= 0 else None, lr=lr, progress=progress)
+        return _start(self.parallel.agree(_start_numbers(d)))
 
     def after_step(self, st: LoopState) -> Decision:
-        d = super().after_step(st) if self.parallel.main else Decision()
-        progress, evaluate, save = self.parallel.agree([d.progress, d.evaluate, d.save])
-        return Decision(progress=progress, evaluate=bool(evaluate), save=bool(save))
+        d, ahead = Decision(), None
+        if self.parallel.main:
+            d = super().after_step(st)
+            if not (d.evaluate or d.save):  # nothing changes the state before the next step starts
+                ahead = super().before_step(st, self.stop_requested())
+        numbers = self.parallel.agree([d.progress, d.evaluate, d.save, ahead is not None,
+                                       *_start_numbers(ahead or Decision())])
+        if numbers[3]:
+            self.next = _start(numbers[4:])
+        return Decision(progress=numbers[0], evaluate=bool(numbers[1]), save=bool(numbers[2]))
+
+
+def _start_numbers(d: Decision) -> list[float]:
+    return [STOP_REASONS.index(d.stop) if d.stop else -1, d.lr, d.progress]
+
+
+def _start(numbers: list[float]) -> Decision:
+    stop, lr, progress = numbers
+    return Decision(stop=STOP_REASONS[int(stop)] if stop >= 0 else None, lr=lr, progress=progress)
 
 
 def _due(every: Every | None, steps_since: int, seconds_since: float) -> bool:
