@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -342,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in KEEPS_FREED_MEMORY:  # process-wide: the command line's own process, not an importer's
         keep_freed_memory()
     try:
+        if "WORLD_SIZE" in os.environ and args.command != "pretrain":  # torchrun: N copies would share one --out
+            raise UserError(f"`budgetlm {args.command}` runs in one process; only pretrain runs under torchrun "
+                            "(docs/distributed.md)")
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

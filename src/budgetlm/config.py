@@ -104,6 +104,9 @@ class TrainConfig(TrainingSettings):
                                          help="tokens per optimizer step (the effective batch), or auto: the "
                                          "largest micro-batch that fits memory")
     micro_batch: int | None = opt(None, low=1, help="sequences per forward pass; accumulation fills batch_tokens")
+    strategy: str = opt("auto", help="under torchrun: ddp (a replica per process), fsdp (parameters, gradients and "
+                        "optimizer state sharded) or auto (ddp where the training state fits one device)",
+                        choices=("auto", "ddp", "fsdp"))
     schedule_clock: str = opt("time", help="what schedules count: the budget's clock (time) or optimizer steps",
                               choices=("time", "steps"))
     l1: float = opt(0.0, low=0, help="L1 penalty on weight matrices, added to the loss")

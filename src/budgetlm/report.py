@@ -15,7 +15,8 @@ from budgetlm.errors import UserError
 
 
 def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process speaks
+        print(text, file=sys.stderr, flush=True)
 
 
 def default_out() -> Path:

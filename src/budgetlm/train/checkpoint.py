@@ -44,10 +44,12 @@ def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_model(out: Path, model: nn.Module, model_config: dict, tokenizer: Tokenizer | None, extra: dict | None = None) -> None:
+def save_model(out: Path, model: nn.Module, model_config: dict, tokenizer: Tokenizer | None, extra: dict | None = None,
+               *, state: dict[str, torch.Tensor] | None = None) -> None:
+    """`state`: the weights to write in place of the model's own (gathered whole from sharded processes)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        save_weights(model.state_dict(), out / "model.safetensors")
+        save_weights(state if state is not None else model.state_dict(), out / "model.safetensors")
         meta = {**model_config, **(extra or {})}
         atomic_write_bytes(out / "config.json", json.dumps(meta, indent=2).encode())
         if tokenizer is not None:

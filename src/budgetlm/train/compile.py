@@ -155,12 +155,15 @@ class CompileDecision:
 
 
 def decide(mode: str, config: ModelConfig, micro_batch: int, device: torch.device, precision: str,
-           budget_s: float | None) -> CompileDecision:
+           budget_s: float | None, processes: int = 1) -> CompileDecision:
     """Whether to compile this shape for a run of `budget_s` seconds (None: no time budget). `mode` is --compile:
     off, on, or auto (compile where the tokens gained exceed the tokens the compile costs)."""
     cache = compile_cache(config, micro_batch, device, precision)  # an eager run records its speed there too
     if mode == "off":
         return CompileDecision(False, "eager (--compile off)", cache)
+    if processes > 1:
+        return CompileDecision(False, "eager: compiling under torchrun is not built yet (each process would compile "
+                               "its own copy)", cache)
     if config.arch != "gpt":
         return CompileDecision(False, f"eager: regional compilation is built for the GPT's training step, not --arch "
                                f"{config.arch}'s", cache)

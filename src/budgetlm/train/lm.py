@@ -16,24 +16,42 @@ from budgetlm.train.selection import standard_error
 
 
 def evaluate_lm(forward: Callable, tokens: np.ndarray, n_bytes: int, context: int, batch: int,
-                device: torch.device, starts: np.ndarray | None = None) -> dict[str, float]:
+                device: torch.device, starts: np.ndarray | None = None,
+                shard: tuple[int, int] = (0, 1)) -> dict[str, float]:
     """Loss per token, bits per byte and perplexity over the whole stream, or over the windows at
     `starts` (a sample from `window_sample`): bpb then scales the bytes by the share of tokens scored,
     the record says `val_sample_tokens` instead of `val_tokens`, and `val_*_se` give each figure's
     standard error. The sums stay on the device until the end, so a GPU is not made to wait after
-    every batch."""
+    every batch. `shard` (rank, processes): this rank scores every processes-th window and the sums
+    are added up across the ranks, which all run as many batches (a sharded model's forward is collective)."""
+    n = len(tokens) - 1
+    all_starts = np.arange(0, n, context) if starts is None else np.asarray(starts)
+    rank, world = shard
+    mine = all_starts[rank::world]
+    per_rank = -(-len(all_starts) // world)
+    # padded with empty windows (at the stream's end: nothing scored) to the same count on every rank
+    mine = np.concatenate([mine, np.full(per_rank - len(mine), n, dtype=np.int64)])
     window_nats, window_tokens = [], []
-    for x, y in eval_windows(tokens, context, batch, starts):
+    for x, y in eval_windows(tokens, context, batch, mine):
         y = to_device(y, device)
         nats = forward(to_device(x, device), y, reduction="none").detach().float().view(y.shape)
         window_nats.append(nats.sum(1))
         window_tokens.append((y != -100).sum(1))
-    nats = torch.cat(window_nats).cpu().double().numpy()  # MPS has no float64
-    counts = torch.cat(window_tokens).cpu().numpy()
+    nats, counts = torch.cat(window_nats), torch.cat(window_tokens)
+    if world > 1:  # back in the order of the windows, zeros where another rank scored, then summed
+        every_nats = torch.zeros(per_rank * world, dtype=nats.dtype, device=nats.device)
+        every_counts = torch.zeros(per_rank * world, dtype=counts.dtype, device=counts.device)
+        every_nats.view(per_rank, world)[:, rank] = nats[:per_rank]
+        every_counts.view(per_rank, world)[:, rank] = counts[:per_rank]
+        torch.distributed.all_reduce(every_nats)
+        torch.distributed.all_reduce(every_counts)
+        nats, counts = every_nats, every_counts
+    nats = nats.cpu().double().numpy()  # MPS has no float64
+    counts = counts.cpu().numpy()
     scored = counts > 0  # the padding rows of the last batch
     nats, counts = nats[scored], counts[scored]
     total_tokens = int(counts.sum())
-    all_tokens = len(tokens) - 1
+    all_tokens = n
     loss = float(nats.sum()) / max(total_tokens, 1)
     per_bit = all_tokens / (n_bytes * math.log(2))  # bits per byte = nats per token × this
     metrics = {"val_loss": loss, "val_bpb": loss * per_bit, "val_ppl": math.exp(min(loss, 50.0))}
@@ -86,6 +104,7 @@ class LanguageModelTask:
         self._windows_per_batch = micro_batch  # what the loop's count of evaluation batches means, fixed so
                                                # that halving the batch after running out of memory keeps the sample
         self._samples: dict[int, np.ndarray] = {}
+        self.rank, self.world = 0, 1  # under torchrun: this process's share of each step and evaluation
 
     def halve_micro_batch(self) -> bool:
         """After running out of memory: half the sequences per forward pass, twice the micro-steps.
@@ -105,7 +124,8 @@ class LanguageModelTask:
         return True
 
     def batch(self, step: int, micro: int):
-        return self.sampler.batch_at(step, micro, self.micro_steps)
+        # the ranks' micro-batches, one after the other, are the sequences one process would read in this step
+        return self.sampler.batch_at(step, self.rank * self.micro_steps + micro, self.micro_steps * self.world)
 
     def count(self, batch) -> int:
         return batch[1].numel()
@@ -127,7 +147,7 @@ class LanguageModelTask:
                 self._samples[count] = window_sample(self.val_tokens, self.context, count)
             starts = self._samples[count]
         return evaluate_lm(forward, self.val_tokens, self.val_bytes, self.context, self._eval_micro_batch,
-                           self.device, starts)
+                           self.device, starts, shard=(self.rank, self.world))
 
     def calibrate(self, model) -> Calibration:
         """The temperature of `model` fitted on the validation stream (eval/calibration.py); under no_grad."""

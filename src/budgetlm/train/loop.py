@@ -7,6 +7,7 @@ them out. Everything the loop must carry across a resume lives in `LoopState`.""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -20,7 +21,8 @@ from torch import nn
 from budgetlm.budget import Budget, EarlyStop, Every
 from budgetlm.errors import UserError
 from budgetlm.train.metrics import RunLog
-from budgetlm.train.resume import Checkpoints, Snapshot, load_snapshot
+from budgetlm.train.parallel import Parallel, clip_gradients
+from budgetlm.train.resume import Checkpoints, Snapshot, is_sharded, load_sharded, load_snapshot, save_sharded
 from budgetlm.train.runtime import Runtime, to_device
 from budgetlm.train.schedule import Schedule
 from budgetlm.train.selection import Verdict, judge
@@ -160,16 +162,23 @@ def fit(model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.
         budget: Budget, runtime: Runtime, log: RunLog, *, checkpoints: Checkpoints | None = None,
         resume: Snapshot | None = None, stop: GracefulStop | None = None,
         scaler: torch.amp.GradScaler | None = None, run_meta: dict | None = None,
-        on_eval: Callable[[dict], bool] | None = None) -> FitResult:
+        on_eval: Callable[[dict], bool] | None = None, parallel: Parallel | None = None) -> FitResult:
     """Train until the budget, early stopping, a signal or persistent faults end it; leave the best
     weights in `model`. `on_eval(entry)` sees every periodic evaluation; returning True stops the
-    run as "pruned" (hyperparameter search)."""
-    trainer = Trainer(model, forward, task, optimizer, cfg, budget, runtime, log, checkpoints, scaler, run_meta)
+    run as "pruned" (hyperparameter search). `parallel`: one of several processes under torchrun,
+    `forward` then the wrapped model (DDP) and `task` reading this rank's share of each step."""
+    trainer = Trainer(model, forward, task, optimizer, cfg, budget, runtime, log, checkpoints, scaler, run_meta,
+                      parallel)
     trainer.start(resume)
-    decide = Decisions(cfg, budget, task)
+
+    def requested() -> bool:
+        return stop is not None and stop.requested
+
+    decide = (Decisions(cfg, budget, task) if parallel is None
+              else AgreedDecisions(cfg, budget, task, parallel, requested))
     stop_reason = None
     while stop_reason is None:
-        now = decide.before_step(trainer.state, stop is not None and stop.requested)
+        now = decide.before_step(trainer.state, requested())
         if now.stop:
             stop_reason = now.stop
             break
@@ -227,6 +236,50 @@ class Decisions:
                         save=_due(self.cfg.save_every, st.step - st.last_save_step, now - st.last_save_time))
 
 
+STOP_REASONS = ("max_steps", "max_tokens", "budget", "interrupted")
+
+
+class AgreedDecisions(Decisions):
+    """Decisions under several processes: rank 0 decides and broadcasts a few numbers, the others
+    follow, so every rank stops, evaluates and saves at the same step with the same learning rate.
+    After a step with neither evaluation nor save, rank 0 decides the next step's start at once, in
+    the same broadcast: one small broadcast per step."""
+
+    def __init__(self, cfg: FitConfig, budget: Budget, task: Task, parallel: Parallel,
+                 stop_requested: Callable[[], bool]):
+        super().__init__(cfg, budget, task)
+        self.parallel, self.stop_requested = parallel, stop_requested
+        self.next: Decision | None = None  # the next step's start, decided with the last step's end
+
+    def before_step(self, st: LoopState, stop_requested: bool) -> Decision:
+        if self.next is not None:
+            d, self.next = self.next, None
+            return d
+        d = super().before_step(st, stop_requested) if self.parallel.main else Decision()
+        return _start(self.parallel.agree(_start_numbers(d)))
+
+    def after_step(self, st: LoopState) -> Decision:
+        d, ahead = Decision(), None
+        if self.parallel.main:
+            d = super().after_step(st)
+            if not (d.evaluate or d.save):  # nothing changes the state before the next step starts
+                ahead = super().before_step(st, self.stop_requested())
+        numbers = self.parallel.agree([d.progress, d.evaluate, d.save, ahead is not None,
+                                       *_start_numbers(ahead or Decision())])
+        if numbers[3]:
+            self.next = _start(numbers[4:])
+        return Decision(progress=numbers[0], evaluate=bool(numbers[1]), save=bool(numbers[2]))
+
+
+def _start_numbers(d: Decision) -> list[float]:
+    return [STOP_REASONS.index(d.stop) if d.stop else -1, d.lr, d.progress]
+
+
+def _start(numbers: list[float]) -> Decision:
+    stop, lr, progress = numbers
+    return Decision(stop=STOP_REASONS[int(stop)] if stop >= 0 else None, lr=lr, progress=progress)
+
+
 def _due(every: Every | None, steps_since: int, seconds_since: float) -> bool:
     if every is None:
         return False
@@ -239,7 +292,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, forward: Callable, task: Task, optimizer: torch.optim.Optimizer,
                  cfg: FitConfig, budget: Budget, runtime: Runtime, log: RunLog, checkpoints: Checkpoints | None,
-                 scaler: torch.amp.GradScaler | None, run_meta: dict | None):
+                 scaler: torch.amp.GradScaler | None, run_meta: dict | None, parallel: Parallel | None = None):
+        self.parallel = parallel
         self.model, self.forward, self.task, self.optimizer, self.cfg = model, forward, task, optimizer, cfg
         self.budget, self.runtime, self.log, self.checkpoints, self.scaler = budget, runtime, log, checkpoints, scaler
         self.run_meta = run_meta or {}
@@ -267,6 +321,8 @@ class Trainer:
                 self.evaluate(2)
                 affordable = int(self.cfg.eval_share * self.budget.seconds / max(st.eval_s_per_batch, 1e-6))
                 st.eval_batches = max(1, min(self.task.eval_batch_count(), affordable))
+                if self.parallel is not None:  # every rank must run as many evaluation batches
+                    st.eval_batches = int(self.parallel.agree([st.eval_batches])[0])
         if not st.evals:
             self.record_eval(self.evaluate(st.eval_batches))
         self.model.train()
@@ -274,20 +330,29 @@ class Trainer:
     def _restore(self, resume: Snapshot) -> None:
         self.state = LoopState.from_json(resume.meta["loop"])
         self.state.micro_steps = self.state.micro_steps or resume.meta.get("micro_steps") or self.cfg.micro_steps
+        if resume.meta.get("world_size", 1) != (self.parallel.world if self.parallel is not None else 1):
+            # each process's share of a step changed; processes never shrink it after running out of memory
+            self.state.micro_steps = self.cfg.micro_steps
         halvings = self.state.micro_steps // self.cfg.micro_steps  # left by out-of-memory retries before the stop
         while halvings > 1 and self.task.halve_micro_batch():
             halvings //= 2
-        self.model.load_state_dict(resume.model)
+        if resume.sharded:
+            self.best_state = load_sharded(resume.path, self.model, self.optimizer, resume.meta.get("has_best", False))
+        else:
+            if self.parallel is not None and self.parallel.strategy == "fsdp":
+                raise UserError(f"checkpoint {resume.path} was written by one process; resume it with --strategy ddp "
+                                "or without torchrun")
+            self.model.load_state_dict(resume.model)
+            self.optimizer.load_state_dict(resume.optimizer)
+            self.best_state = resume.best
         if self.averaged is not None:
             if resume.averaged is None:
                 raise UserError(f"checkpoint {resume.path} holds no moving average of the weights; resume with the "
                                 "run's own settings (--ema 0: the raw weights) or start a new --out")
             self.averaged.load_state_dict(resume.averaged)
-        self.optimizer.load_state_dict(resume.optimizer)
         self.cfg.schedule.load_state_dict(resume.meta.get("schedule", {}))
         if self.scaler is not None and resume.meta.get("scaler"):
             self.scaler.load_state_dict(resume.meta["scaler"])
-        self.best_state = resume.best
         resume.restore_rng()
         self.last_checkpoint = str(resume.path)
 
@@ -299,12 +364,17 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         started = time.monotonic()
+        if self.parallel is not None:
+            self.parallel.lag()
         while True:
             try:
                 outcome = _train_step(self.model, self.forward, self.task, self.optimizer, self.cfg, self.runtime,
-                                      st.step, st.micro_steps, self.scaler)
+                                      st.step, st.micro_steps, self.scaler, self.parallel)
                 break
             except (RuntimeError, torch.OutOfMemoryError) as e:
+                if self.parallel is not None and is_out_of_memory(e):
+                    # a retry on one rank would leave the others in a collective: torchrun ends them all
+                    raise UserError("out of memory on one of the processes; give a smaller --micro-batch") from None
                 if is_out_of_memory(e):
                     self.optimizer.zero_grad(set_to_none=True)  # the partial gradients hold memory too
                 _shrink_after_oom(e, self.runtime.device, getattr(self.task, "halve_micro_batch", None),
@@ -391,6 +461,11 @@ class Trainer:
         st = self.state
         meta = {"loop": st.to_json(), "schedule": self.cfg.schedule.state_dict(), "spent_s": self.budget.elapsed(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None, **self.run_meta}
+        if self.parallel is not None:
+            self.last_checkpoint = str(save_sharded(self.checkpoints, self.parallel, st.step, self.model,
+                                                    self.optimizer, self.best_state, meta))
+            st.last_save_step, st.last_save_time = st.step, self.budget.elapsed()
+            return
         self.last_checkpoint = str(self.checkpoints.save(
             st.step, model=self.model.state_dict(), best=self.best_state, optimizer=self.optimizer.state_dict(),
             meta=meta, averaged=self.averaged.state_dict() if self.averaged is not None else None))
@@ -402,7 +477,9 @@ class Trainer:
         (as PaLM does after a loss spike), since replaying them could fail again."""
         st = self.state
         path = self.checkpoints.latest_valid() if self.checkpoints is not None else None
-        if path is not None:
+        if path is not None and is_sharded(path):
+            load_sharded(path, self.model, self.optimizer, has_best=False)
+        elif path is not None:
             snap = load_snapshot(path)
             self.model.load_state_dict(snap.model)
             self.optimizer.load_state_dict(snap.optimizer)
@@ -506,33 +583,40 @@ def _shrink_after_oom(error: BaseException, device: torch.device, shrink: Callab
 
 
 def _train_step(model, forward, task, optimizer, cfg: FitConfig, runtime: Runtime, step: int, micro_steps: int,
-                scaler: torch.amp.GradScaler | None) -> StepOutcome:
+                scaler: torch.amp.GradScaler | None, parallel: Parallel | None = None) -> StepOutcome:
     """One optimizer step, queued without waiting for the device where the optimizer allows it; the
-    update is skipped when the loss or gradient is not finite."""
+    update is skipped when the loss or gradient is not finite. Under several processes each reads
+    its share of the step's batches (of one size on every rank), and the loss is divided by the units
+    of the whole step times the ranks, which the gradient averaging divides out again: the gradient
+    of one process reading them all."""
     batches = [task.batch(step, m) for m in range(micro_steps)]
-    units = sum(task.count(b) for b in batches)
+    world = parallel.world if parallel is not None else 1
+    units = sum(task.count(b) for b in batches) * world
     step_loss = torch.zeros((), device=runtime.device)
     if cfg.l1 > 0:
         # added once per step, so its weight does not depend on the number of micro-batches
         penalty = cfg.l1 * sum(p.abs().sum() for p in model.parameters() if p.dim() >= 2 and p.requires_grad)
         (scaler.scale(penalty) if scaler is not None else penalty).backward()
-    for b in batches:
+    for i, b in enumerate(batches):
         b = tuple(to_device(t, runtime.device) for t in b)
-        with runtime.autocast():
-            loss_sum = task.loss(forward, b)
-        scaled = loss_sum / units
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        with parallel.accumulating(forward, last=i == len(batches) - 1) if parallel else contextlib.nullcontext():
+            with runtime.autocast():
+                loss_sum = task.loss(forward, b)
+            scaled = loss_sum * world / units
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         step_loss += loss_sum.detach().float()
+    if parallel is not None:  # the step's whole loss on every rank, so all see the same non-finite values
+        step_loss = parallel.all_sum(step_loss)
     if scaler is not None:
         scaler.unscale_(optimizer)
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    grad_norm = clip_gradients(model.parameters(), max_norm, parallel)
     if scaler is not None:
         # the scaler skips steps with inf/nan gradients itself and lowers its scale
         scaler.step(optimizer)
         scaler.update()
         grad_norm = None
-    elif decides_on_device(optimizer, runtime.device):
+    elif decides_on_device(optimizer, runtime.device) and not (parallel and parallel.strategy == "fsdp"):
         optimizer.found_inf = (~(torch.isfinite(step_loss) & torch.isfinite(grad_norm))).float()
         try:
             optimizer.step()

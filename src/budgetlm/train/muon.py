@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from budgetlm.train.parallel import like, whole_matrix
+
 # A Linear under a module of one of these names is an output head, not a hidden layer.
 HEAD_NAMES = ("head", "lm_head", "classifier", "output")
 
@@ -142,10 +144,12 @@ class Muon(torch.optim.Optimizer):
                 per_batch = max(1, BATCH_ELEMENTS // (rows * cols))
                 for start in range(0, len(items), per_batch):
                     chunk = items[start : start + per_batch]
-                    ortho = orthogonalize(stacked([u for _, u in chunk], self.ns_dtype), group["ns_steps"],
+                    # under FSDP each matrix is gathered whole: Newton–Schulz on a shard would be wrong
+                    ortho = orthogonalize(stacked([whole_matrix(u) for _, u in chunk], self.ns_dtype), group["ns_steps"],
                                           group["eps"], self.ns_dtype).unbind()
                     weights, step_size = [p for p, _ in chunk], -group["lr"] * scale
                     torch._foreach_mul_(weights, decay)
+                    ortho = [like(o, p) for o, p in zip(ortho, weights)]  # each rank's own shard, under FSDP
                     if keep is not None:  # a skipped step adds zeros
                         ortho = [torch.where(keep, o, 0) for o in ortho]
                     # added in the weights' precision, without a converted copy of the update

@@ -5,7 +5,11 @@ so far (safetensors), the optimizer state (torch.save of tensors only, read back
 weights_only=True), and everything else as JSON: loop state, schedule state, RNG states and the
 budget time spent. `manifest.json` lists every file's SHA-256 and is written last; the folder is
 assembled under a temporary name and renamed, so a kill at any moment leaves either the whole
-checkpoint or none of it. A checkpoint that fails its checksums is skipped for the previous one."""
+checkpoint or none of it. A checkpoint that fails its checksums is skipped for the previous one.
+
+Under torchrun the weights, best weights and optimizer state go through torch.distributed.checkpoint
+instead (a `.metadata` file and one shard file per rank, each rank writing its own part, readable by
+any number of processes, one included); the JSON, RNG and manifest files are the same."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import os
 import random
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -77,12 +82,13 @@ def set_rng_state(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
 class Snapshot:
     """What a checkpoint restores."""
     path: Path
-    model: dict[str, torch.Tensor]
+    model: dict[str, torch.Tensor] | None   # None, with best and optimizer, where `sharded`
     best: dict[str, torch.Tensor] | None
-    optimizer: dict
+    optimizer: dict | None
     meta: dict  # loop state, schedule state, scaler state, spent time, run identity
     rng: tuple[dict, dict[str, torch.Tensor]]
     averaged: dict[str, torch.Tensor] | None = None  # the moving average of the weights (--ema)
+    sharded: bool = False  # written by several processes: `load_sharded` restores it into the model
 
     def restore_rng(self) -> None:
         set_rng_state(*self.rng)
@@ -102,7 +108,6 @@ class Checkpoints:
 
     def save(self, step: int, *, model: dict, best: dict | None, optimizer: dict, meta: dict,
              averaged: dict | None = None) -> Path:
-        final = self.folder / f"{PREFIX}{step:08d}"
         tmp = self.folder / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
         try:
             if tmp.exists():
@@ -113,12 +118,21 @@ class Checkpoints:
                 save_weights(best, tmp / "best.safetensors")
             if averaged is not None:
                 save_weights(averaged, tmp / "averaged.safetensors")
-            rng_meta, rng_tensors = rng_state()
-            save_weights(rng_tensors, tmp / "rng.safetensors")
             with (tmp / "optimizer.pt").open("wb") as f:
                 torch.save(optimizer, f)
                 f.flush()
                 os.fsync(f.fileno())
+        except OSError as e:
+            self._failed(tmp, e)
+        return self.seal(tmp, step, meta)
+
+    def seal(self, tmp: Path, step: int, meta: dict) -> Path:
+        """Add the RNG and JSON state and the manifest to the folder `tmp`, rename it into place and
+        drop checkpoints beyond `keep`."""
+        final = self.folder / f"{PREFIX}{step:08d}"
+        try:
+            rng_meta, rng_tensors = rng_state()
+            save_weights(rng_tensors, tmp / "rng.safetensors")
             atomic_write_bytes(tmp / "state.json", json.dumps({**meta, "rng": rng_meta}).encode())
             files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
             atomic_write_bytes(tmp / "manifest.json", json.dumps({"step": step, "files": files}).encode())
@@ -128,12 +142,15 @@ class Checkpoints:
             os.replace(tmp, final)
             _fsync_dir(self.folder)
         except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"could not save a checkpoint in {self.folder} ({e.strerror or e}); free space or "
-                            "choose another --out; earlier checkpoints are intact") from None
+            self._failed(tmp, e)
         for old in self.all()[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def _failed(self, tmp: Path, e: OSError):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not save a checkpoint in {self.folder} ({e.strerror or e}); free space or "
+                        "choose another --out; earlier checkpoints are intact") from None
 
     @staticmethod
     def verify(path: Path) -> str | None:
@@ -167,6 +184,9 @@ def load_snapshot(path: Path) -> Snapshot:
     if problem:
         raise UserError(f"checkpoint {path} is not usable: {problem}")
     meta = json.loads((path / "state.json").read_text())
+    if is_sharded(path):
+        rng = (meta.pop("rng"), load_file(str(path / "rng.safetensors")))
+        return Snapshot(path=path, model=None, best=None, optimizer=None, meta=meta, rng=rng, sharded=True)
     best = load_file(str(path / "best.safetensors")) if (path / "best.safetensors").is_file() else None
     averaged = load_file(str(path / "averaged.safetensors")) if (path / "averaged.safetensors").is_file() else None
     with (path / "optimizer.pt").open("rb") as f:
@@ -198,3 +218,55 @@ def find_resume(resume: str | None, out: Path, *, needs: tuple[str, ...] = ("tok
         if not (out / name).is_file():
             raise UserError(f"cannot resume into {out}: its {name} is missing; resume with the run's own --out")
     return load_snapshot(path)
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether torch.distributed.checkpoint wrote the checkpoint's tensors (several processes did)."""
+    return (path / ".metadata").is_file()
+
+
+def save_sharded(checkpoints: Checkpoints, parallel, step: int, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, best: dict | None, meta: dict) -> Path:
+    """A checkpoint written by every rank together: each its part of the weights and optimizer state
+    (torch.distributed.checkpoint), then rank 0 the rest and the rename, after a barrier."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp = checkpoints.folder / f".tmp-{PREFIX}{step:08d}-shared"
+    if parallel.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    parallel.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    if best is not None:
+        state["best"] = best
+    try:
+        dcp.save(state, checkpoint_id=tmp)
+    except OSError as e:
+        checkpoints._failed(tmp, e)
+    parallel.barrier()
+    final = checkpoints.folder / f"{PREFIX}{step:08d}"
+    if parallel.main:
+        checkpoints.seal(tmp, step, {**meta, "has_best": best is not None, "world_size": parallel.world})
+    parallel.barrier()
+    return final
+
+
+def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 has_best: bool) -> dict | None:
+    """Restore a checkpoint of `save_sharded` into `model` and `optimizer`, however many processes
+    wrote it and however many read it (one without a process group included); returns the best weights."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    if has_best:
+        state["best"] = {k: torch.empty_like(v) for k, v in model.state_dict().items()}
+    alone = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    with warnings.catch_warnings():  # read by one process without a process group: what was meant
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=alone)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return state.get("best")

@@ -4,6 +4,7 @@ setup (budget clock, device, data, tokenizer, model) → fit → save → report
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -41,6 +42,7 @@ from budgetlm.train.objectives import VALIDATION_METRICS, objective, pretraining
 from budgetlm.train.loop import FitConfig, fit
 from budgetlm.train.metrics import RunLog, plot_losses
 from budgetlm.train.optim import build_optimizer, parse_optim_args
+from budgetlm.train.parallel import Parallel, launched
 from budgetlm.train.resume import Checkpoints, find_resume
 from budgetlm.train.runtime import (
     Runtime,
@@ -68,7 +70,13 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
     startup_s = process_age() if count_startup else 0.0
     budget = Budget(seconds=t.budget, max_steps=t.max_steps, max_tokens=t.max_tokens,
                     max_flops=t.budget_flops)  # the clock starts now: data preparation counts
-    prepare_out(out)
+    parallel = start_parallel(t)  # None outside torchrun
+    if parallel is not None and cfg.model.arch != "gpt":
+        parallel.close()
+        raise UserError(f"--arch {cfg.model.arch} trains in one process only for now (its batches are not yet split "
+                        "across processes); run it without torchrun")
+    with main_first(parallel):
+        prepare_out(out)
     checkpoints = Checkpoints(out / "checkpoints", keep=t.keep_checkpoints)
     snapshot = find_resume(t.resume, out, needs=("tokenizer.json",), warn=say)
     if snapshot is not None:
@@ -76,12 +84,14 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
     budget.spent_s += startup_s
     threads = set_threads(t.threads)
     torch.manual_seed(t.seed)
-    device = pick_device(t.device)
+    device = parallel.device if parallel is not None else pick_device(t.device)
     precision = pick_precision(t.precision, device)
 
-    # Data: split, tokenizer and token streams, sized by what the budget will read (prepare.py)
-    data = prepare(cfg, budget, resumed_tokenizer=out / "tokenizer.json" if snapshot is not None else None,
-                   device=device, precision=precision)
+    # Data: split, tokenizer and token streams, sized by what the budget will read (prepare.py); the other
+    # processes read what the first tokenized into the cache
+    with main_first(parallel):
+        data = prepare(cfg, budget, resumed_tokenizer=out / "tokenizer.json" if snapshot is not None else None,
+                       device=device, precision=precision)
     tokenizer, train_tokens, val_tokens, val_bytes = data.tokenizer, data.train_tokens, data.val_tokens, data.val_bytes
     goal = objective(cfg.model.arch)
 
@@ -90,12 +100,14 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
         # a resumed run keeps the plan its first session made for the whole budget; planning again
         # for the time left could pick another shape, which the checkpoint cannot continue
         planned = Plan.from_dict(snapshot.meta.get("plan")) if snapshot is not None else None
-        if planned is None:
+        if planned is None and (parallel is None or parallel.main):
             planned = plan_on_device(budget.remaining(), train_tokens=data.unique_tokens,
                                      vocab=tokenizer.get_vocab_size(), device=device, precision=precision,
                                      micro_batch=t.micro_batch, budget_flops=t.budget_flops, optim=t.optim,
                                      clock=budget.remaining, peak_flops=data.peak_flops,
                                      arch=cfg.model.arch, mask_rate=t.mask_rate)
+        if parallel is not None:  # the first process plans for all
+            planned = parallel.share(planned)
         say(planned.describe())
     mc = model_for(cfg.model, tokenizer.get_vocab_size(), planned)
     if mc.d_model % mc.n_head:
@@ -117,7 +129,9 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
     text_tokens = len(train_tokens)
     if bpe_rate:
         started = time.monotonic()
-        train_tokens, drawn = bpe_dropout_tokens(data.train_texts(), tokenizer, train_tokens, bpe_rate, passes, t.seed)
+        with main_first(parallel):
+            train_tokens, drawn = bpe_dropout_tokens(data.train_texts(), tokenizer, train_tokens, bpe_rate, passes,
+                                                     t.seed)
         if drawn:
             if snapshot is not None:
                 say("the BPE-dropout segmentations this run started with are no longer cached: drew new ones, so "
@@ -135,12 +149,17 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
                                           runtime.autocast)
     micro_steps = max(1, round(batch_tokens / (micro_batch * mc.context)))
     compiling = decide_compile(t.compile, mc, micro_batch, device, precision,
-                               budget.seconds - budget.elapsed() if budget.seconds else None)
+                               budget.seconds - budget.elapsed() if budget.seconds else None,
+                               processes=parallel.world if parallel is not None else 1)
     say(compiling.reason)
     runtime.compiled = compiling.compile
     if compiling.compile:
         seconds = compile_language_model(model, compiling.cache, micro_batch, mc.context, runtime.autocast)
         say(f"  compiled the Transformer block in {seconds:.1f}s")
+    trained = model if parallel is None else parallel.wrap(model, t.strategy, precision)
+    sequences = micro_batch * micro_steps  # per optimizer step, over all processes
+    if parallel is not None:
+        micro_batch, micro_steps = parallel.split_batch(parallel.share(micro_batch), micro_steps)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     lr = planned_lr(t.lr, mc.d_model, batch_tokens, t.optim, planned)
@@ -152,7 +171,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
                          flops_per_token_=model.flops_per_token(), device=device_name(device), precision=precision,
                          compiled=compiling.compile, compile_reason=compiling.reason, budget=budget_fields(t),
                          data=data_fields(data, bpe_rate, passes),
-                         batch_tokens=micro_steps * micro_batch * mc.context, micro_batch=micro_batch,
+                         batch_tokens=sequences * mc.context, micro_batch=micro_batch,
                          micro_steps=micro_steps, lr=lr, warmup=t.warmup, optim=t.optim, schedule=t.schedule)
     planned_steps = record["training"]["steps"]
     eval_every = t.eval_every or (Every(seconds=budget.seconds / 12) if budget.seconds
@@ -169,40 +188,46 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
     task = pretraining_task(mc, tokenizer, train_tokens, val_tokens, val_bytes, micro_batch, device, seed=t.seed,
                             label_smoothing=t.label_smoothing, mask_rate=t.mask_rate)
     task.micro_steps = micro_steps
+    if parallel is not None:
+        task.rank, task.world = parallel.rank, parallel.world
     if stopping.metric not in VALIDATION_METRICS[goal]:
         raise UserError(f"--early-stop: pretraining --arch {mc.arch} measures {', '.join(VALIDATION_METRICS[goal])}, "
                         f"not {stopping.metric!r}")
+    main = parallel is None or parallel.main
     if snapshot is not None:
         say(f"resuming from {snapshot.path} (step {snapshot.meta['loop']['step']}, "
             f"{format_duration(snapshot.meta['spent_s'])} of the budget spent)")
-    else:
+    elif main:
         # the tokenizer and config go out first: a resume must find them whatever happens next
         atomic_write_bytes(out / "tokenizer.json", tokenizer.to_str().encode())
         atomic_write_bytes(out / "config.json", json.dumps(mc.to_dict(), indent=2).encode())
-    atomic_write_bytes(out / "plan.json", json.dumps(record, indent=2).encode())
+    if main:
+        atomic_write_bytes(out / "plan.json", json.dumps(record, indent=2).encode())
     say(plan_text(record))
     say(f"budgetlm pretrain: {model.num_params() / 1e6:.2f}M parameters ({mc.n_layer} layers, d_model {mc.d_model}, "
         f"{mc.n_head} heads, context {mc.context}), vocab {tokenizer.get_vocab_size()}, "
         f"{text_tokens:,} training / {len(val_tokens):,} validation tokens")
     say(f"  device {device} ({threads} threads), {precision}, {'compiled' if runtime.compiled else 'eager'}, "
-        f"batch {micro_steps * micro_batch * mc.context} tokens (micro-batch {micro_batch} × {micro_steps}), "
+        f"batch {sequences * mc.context} tokens (micro-batch {micro_batch} × {micro_steps}"
+        f"{f' × {parallel.world} processes, {parallel.strategy}' if parallel else ''}), "
         f"{t.optim} lr {lr:.2e} {t.schedule}, budget {budget.describe()}")
 
     tracked_plan = {k: v for k, v in (identity["plan"] or {}).items() if k != "candidates"} or None  # plan.json has them
     tracker = tracking.start(t.report_to, t.tracking_uri, out, {**cfg.to_dict(), "plan": tracked_plan,
-                                                                  "gpt": mc.to_dict()})
-    log = RunLog(out / "metrics.jsonl", quiet=quiet,
+                                                                  "gpt": mc.to_dict()}) if main else None
+    log = RunLog(out / "metrics.jsonl" if main else None, quiet=quiet or not main,
                  resume_step=snapshot.meta["loop"]["step"] if snapshot is not None else None, tracker=tracker)
     with GracefulStop() as stop:  # a signal after training, too, waits until the model is saved
-        result = fit(model, model, task, optimizer, fit_cfg, budget, runtime, log, checkpoints=checkpoints,
+        result = fit(model, trained, task, optimizer, fit_cfg, budget, runtime, log, checkpoints=checkpoints,
                      resume=snapshot, stop=stop, scaler=scaler,
-                     run_meta=identity, on_eval=on_eval)
-        compiling.cache.note_speed(runtime.compiled, result.per_s)  # what the next run's decision weighs
+                     run_meta=identity, on_eval=on_eval, parallel=parallel)
+        if main:
+            compiling.cache.note_speed(runtime.compiled, result.per_s)  # what the next run's decision weighs
         raw = {"val_bpb": result.final.get("val_bpb"), "val_loss": result.final["val_loss"]}
         best = raw
         if calibrate and result.stop_reason != "interrupted":
             model.eval()
-            with torch.no_grad(), runtime.autocast():
+            with torch.no_grad(), runtime.autocast(), whole_model(parallel, model):
                 calibration = task.calibrate(model)  # also the final evaluation at temperature 1
             raw = best = {"val_bpb": calibration.raw_val_bpb, "val_loss": calibration.raw_val_loss}
             if calibration.val_bpb < calibration.raw_val_bpb:  # cross-fitted: on positions the fit did not see
@@ -212,7 +237,12 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
             log.record(kind="final", step=result.steps, tokens=result.seen, elapsed_s=budget.elapsed(),
                        best_step=result.best.get("step"), **best, val_tokens=len(val_tokens) - 1, val_full=True,
                        uncalibrated_val_bpb=raw["val_bpb"], temperature=mc.temperature)
-        save_model(out, model, mc.to_dict(), tokenizer)
+        if parallel is None:
+            save_model(out, model, mc.to_dict(), tokenizer)
+        else:
+            full = parallel.full_state_dict(model)  # gathered from every rank
+            if parallel.main:
+                save_model(out, model, mc.to_dict(), tokenizer, state=full)
     summary = {
         "objective": goal,
         "val_loss": best["val_loss"],
@@ -249,10 +279,18 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
         "config": cfg.to_dict(),
         "model": mc.to_dict(),
         "plan": identity["plan"],
+        # under torchrun: the processes, and the tokens/s above are the whole job's
+        "world_size": parallel.world if parallel is not None else 1,
+        "strategy": parallel.strategy if parallel is not None else None,
     }
     if goal != "causal_lm":  # bits per byte and a temperature are defined for next-token predictions only
         for key in ("best_val_bpb", "uncalibrated_val_bpb", "temperature"):
             summary.pop(key)
+    if parallel is not None:
+        summary["peak_memory_mb"] = parallel.peak_memory_mb()  # per rank
+    if not main:
+        parallel.close()
+        return summary
     plot_losses(log.records, out / "loss.png", title=f"{mc.n_layer}×{mc.d_model} {mc.arch.upper()}, {summary['tokens_seen']:,} tokens")
     summary["wall_s"] = round(budget.elapsed(), 2)
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
@@ -262,7 +300,29 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
     figure = (f"{summary['best_val_bpb']:.4f} bits/byte (loss {summary['best_val_loss']:.4f}{calibrated})"
               if goal == "causal_lm" else f"{goal.replace('_', ' ')} loss {summary['best_val_loss']:.4f}")
     say_done(result, out, f"best validation {figure}, {summary['tokens_per_s']:,.0f} tokens/s", summary["wall_s"])
+    if parallel is not None:
+        parallel.close()
     return summary
+
+
+def start_parallel(t) -> Parallel | None:
+    """This process's place among several under torchrun, None outside it."""
+    if not launched():
+        if t.strategy != "auto":
+            say(f"warning: --strategy {t.strategy} applies under torchrun only (docs/distributed.md); training in one process")
+        return None
+    for flag, value in (("--ema", t.ema), ("--l1", t.l1)):
+        if value:
+            raise UserError(f"{flag} is not supported under torchrun yet; train without it or in one process")
+    return Parallel.start(pick_device(t.device))
+
+
+def main_first(parallel: Parallel | None):
+    return parallel.main_first() if parallel is not None else contextlib.nullcontext()
+
+
+def whole_model(parallel: Parallel | None, model):
+    return parallel.whole(model) if parallel is not None else contextlib.nullcontext()
 
 
 def _check_same_run(snapshot, identity: dict) -> None:
