@@ -442,7 +442,7 @@ def _timed_steps(c: dict, vocab: int, device: torch.device, precision: str, opti
                      d_model=c["d_model"], n_head=c["n_head"], canon=0, dropout=0.0)
     model = GPT(mc).to(device)
     apply_kernels(model, device)
-    optimizer = build_optimizer(model, optim, lr=1e-4, weight_decay=0.1, device=device)
+    optimizer = build_optimizer(model, optim, lr=1e-4, weight_decay=0.1, device=device, precision=precision)
     x = torch.randint(0, vocab, (c["micro_batch"], c["context"]), device=device)
 
     def step():

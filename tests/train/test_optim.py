@@ -10,6 +10,7 @@ from budgetlm.errors import UserError
 from budgetlm.models.gpt import GPT
 from budgetlm.models.config import ModelConfig
 from budgetlm.train.lamb import Lamb
+from budgetlm.train.runtime import cpu_has_fast_bf16
 from budgetlm.train.muon import MuonWithAdamW, hidden_matrices
 from budgetlm.train.optim import (
     OPTIMIZERS,
@@ -352,3 +353,12 @@ def test_found_inf_skips_the_whole_update_and_zero_takes_it(name):
     optimizers[2].step()
     assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), flagged.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(plain.parameters(), skipped.parameters()))
+
+
+def test_a_run_asked_for_fp32_orthogonalizes_in_fp32():
+    model, cpu = tiny_gpt(), torch.device("cpu")
+    exact = build_optimizer(model, "muon", lr=1e-3, weight_decay=0.0, device=cpu, precision="fp32")
+    assert exact.muon.ns_dtype == torch.float32
+    if cpu_has_fast_bf16():  # elsewhere bf16 is never chosen
+        fast = build_optimizer(model, "muon", lr=1e-3, weight_decay=0.0, device=cpu, precision="bf16")
+        assert fast.muon.ns_dtype == torch.bfloat16

@@ -110,9 +110,10 @@ def param_groups(model: nn.Module, weight_decay: float, *, decay_embeddings: boo
 def build_optimizer(model: nn.Module, name: str = "adamw", *, lr: float, weight_decay: float,
                     betas: tuple[float, float] = (0.9, 0.95), momentum: float | None = None,
                     nesterov: bool = True, eps: float = 1e-8, extra: dict | None = None,
-                    device: torch.device) -> torch.optim.Optimizer:
+                    device: torch.device, precision: str | None = None) -> torch.optim.Optimizer:
     """The optimizer `name` over `model`'s trainable parameters. `momentum` None takes each
-    optimizer's own default (sgd 0.9, rmsprop 0, muon 0.95); keys in `extra` override the keywords."""
+    optimizer's own default (sgd 0.9, rmsprop 0, muon 0.95); keys in `extra` override the keywords.
+    `precision` "fp32" keeps Muon's orthogonalization in fp32 too (else bf16 where the device is fast at it)."""
     args = validate_optim_args(name, extra or {})
     decay_embeddings = args.pop("decay_embeddings", False)
     # Fused kernels do the whole update in one pass per parameter (CPU and CUDA).
@@ -138,12 +139,12 @@ def build_optimizer(model: nn.Module, name: str = "adamw", *, lr: float, weight_
         if name == "lamb":
             return Lamb(groups(), lr=lr, **{"betas": betas, "eps": eps, **args})
         return _muon(model, groups, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused,
-                     args={"nesterov": nesterov, **with_momentum(0.95)}, device=device)
+                     args={"nesterov": nesterov, **with_momentum(0.95)}, device=device, precision=precision)
     except ValueError as e:  # torch's own check of a hyperparameter's range
         raise UserError(f"optimizer {name}: {e}") from None
 
 
-def _muon(model, groups, *, lr, weight_decay, betas, eps, fused, args, device) -> MuonWithAdamW:
+def _muon(model, groups, *, lr, weight_decay, betas, eps, fused, args, device, precision) -> MuonWithAdamW:
     hidden = hidden_matrices(model)
     if not hidden:
         raise UserError("optimizer muon: the model has no hidden weight matrices (2-D Linear weights in its body); "
@@ -152,7 +153,9 @@ def _muon(model, groups, *, lr, weight_decay, betas, eps, fused, args, device) -
     # learning rate (and weight decay) tuned for AdamW serves both; muon_lr_scale departs from it.
     scale = args.pop("muon_lr_scale", 1.0)
     args.setdefault("adjust_lr_fn", "match_rms_adamw")
-    fast_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+    # bf16 rounds the iteration's input at 3 digits: a run asked for fp32 (exact comparisons, e.g. one process
+    # against several) keeps every digit, at about twice the iteration's cost on a CPU
+    fast_bf16 = precision != "fp32" and (device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()))
     muon = Muon([{"name": "muon", "params": hidden, "weight_decay": weight_decay, "lr_scale": scale}],
                 lr=lr * scale, ns_dtype=torch.bfloat16 if fast_bf16 else torch.float32, **args)
     adamw = torch.optim.AdamW(groups(exclude=hidden), lr=lr, betas=betas, eps=eps, fused=fused)

@@ -253,7 +253,8 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
     runtime = Runtime(device, precision, compiled=False)  # batch shapes vary, so compiling would recompile
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     optimizer = build_optimizer(model, settings["optim"], lr=settings["lr"], weight_decay=settings["weight_decay"],
-                                betas=(c.beta1, c.beta2), extra=parse_optim_args(c.optim_args or ""), device=device)
+                                betas=(c.beta1, c.beta2), extra=parse_optim_args(c.optim_args or ""), device=device,
+                                precision=precision)
     if settings["layer_lr_decay"] != 1.0:
         optimizer = layer_scaled(optimizer, model.layer_groups(), settings["layer_lr_decay"])
     schedule = Schedule(c.schedule, c.warmup, c.decay_fraction, c.min_lr_ratio, gamma=c.gamma, step_size=c.step_size,

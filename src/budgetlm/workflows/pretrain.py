@@ -164,7 +164,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
 
     lr = planned_lr(t.lr, mc.d_model, batch_tokens, t.optim, planned)
     optimizer = build_optimizer(model, t.optim, lr=lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
-                                extra=parse_optim_args(t.optim_args or ""), device=device)
+                                extra=parse_optim_args(t.optim_args or ""), device=device, precision=precision)
     schedule = Schedule(t.schedule, t.warmup, t.decay_fraction, t.min_lr_ratio, gamma=t.gamma,
                         step_size=t.step_size, patience=t.plateau_patience)
     record = plan_record(planned, mc, n_params=model.num_params(), n_params_without_embedding=model.num_params(False),
