@@ -58,7 +58,7 @@ def measure(log: Path, command: list[str], env: dict) -> dict:
 def pretrain_stages(run: Path, log: Path) -> dict:
     text = log.read_text()
     seconds = {name: float(m.group(1)) if (m := re.search(pattern, text)) else 0.0
-               for name, pattern in (("tokenizer_s", r"tokenizer in ([\d.]+)s"), ("encode_s", r"tokens .* in ([\d.]+)s"))}
+               for name, pattern in (("tokenizer_s", r"tokenizer in ([\d.]+)s"), ("encode_s", r"encoded .* in ([\d.]+)s"))}
     first_eval = None
     if (run / "metrics.jsonl").exists():
         for line in (run / "metrics.jsonl").read_text().splitlines():
