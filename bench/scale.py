@@ -118,8 +118,8 @@ def render(rows: list[dict], budget: str) -> str:
     def cell(value, fmt="{:.1f}"):
         return "" if value is None else fmt.format(value)
 
-    lines = [f"`bench/scale.py --budget {budget}` on {platform.processor() or platform.machine()}, "
-             f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}",
+    lines = [(f"`bench/scale.py --budget {budget}` on {platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"),
              "",
              "| corpus | stage | exit | wall s | wall ÷ budget | tokenizer s | encoding s | training starts at s | peak GB |",
              "|---|---|---|---|---|---|---|---|---|"]

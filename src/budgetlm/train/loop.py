@@ -347,8 +347,7 @@ class Trainer:
                                   "or --context")
                 self.log.message("warning: out of memory while evaluating; retrying with half the sequences per pass")
         n = max(max_batches or self.task.eval_batch_count(), 1)
-        # the speed over this session's evaluations after its first (warm-up): one small sample on a busy machine
-        # misjudged the final evaluation's time by 2×, ending a run 50 s early
+        # the speed over this session's evaluations after its first (warm-up): steadier than the last small sample
         seconds = time.monotonic() - start
         if self.eval_timed is None:
             self.eval_timed = (0.0, 0)
