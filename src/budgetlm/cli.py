@@ -28,7 +28,6 @@ DIVERGED_EXIT = 3
 # Commands whose steps free and reallocate the same large tensors (train/runtime.keep_freed_memory); eval and
 # predict stream text and measured a peak 2-5x higher with the setting (400 KB of text: 2.37 → 0.47 GB without it)
 KEEPS_FREED_MEMORY = {"pretrain", "finetune", "compare", "tune", "generate"}
-STREAMS = {"eval", "predict"}  # their memory must not grow with the text (runtime.return_freed_memory)
 
 
 def _exit_code(summary: dict) -> int:
@@ -301,12 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.from_command_line = argv is None  # this process is the command: its start-up counts in the budget
-    from budgetlm.train.runtime import keep_freed_memory, return_freed_memory
+    from budgetlm.train.runtime import keep_freed_memory
 
     if args.command in KEEPS_FREED_MEMORY:  # process-wide: the command line's own process, not an importer's
         keep_freed_memory()
-    elif args.command in STREAMS:
-        return_freed_memory()
     try:
         return args.func(args)
     except UserError as e:

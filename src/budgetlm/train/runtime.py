@@ -105,23 +105,6 @@ def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 <
     return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))
 
 
-def return_freed_memory(mmap_threshold: int = 256 << 10) -> bool:
-    """Tell glibc's malloc to map every block above `mmap_threshold` afresh and unmap it when freed, instead of
-    raising that threshold to the largest block freed so far (its default). Streamed evaluation frees a
-    batch's logits (16 MB at a 1k vocabulary) while small results stay alive between them; with the moving
-    threshold each batch's logits then came from the heap and the holes they left were not reused: 16 MB more
-    resident memory per batch kept, 0.35 GB at 0.5 MB of text and 0.98 GB at 4 MB. The command line sets it for
-    the commands that stream (cli.main). True where the setting took (Linux with glibc)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold))
-
-
 def can_compile() -> str | None:
     """None when torch.compile can run here, else the reason it cannot."""
     if sys.platform == "win32":
