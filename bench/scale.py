@@ -58,7 +58,7 @@ def measure(log: Path, command: list[str], env: dict) -> dict:
 def pretrain_stages(run: Path, log: Path) -> dict:
     text = log.read_text()
     seconds = {name: float(m.group(1)) if (m := re.search(pattern, text)) else 0.0
-               for name, pattern in (("tokenizer_s", r"tokenizer in ([\d.]+)s"), ("encode_s", r"tokens .* in ([\d.]+)s"))}
+               for name, pattern in (("tokenizer_s", r"tokenizer in ([\d.]+)s"), ("encode_s", r"encoded .* in ([\d.]+)s"))}
     first_eval = None
     if (run / "metrics.jsonl").exists():
         for line in (run / "metrics.jsonl").read_text().splitlines():
@@ -118,8 +118,8 @@ def render(rows: list[dict], budget: str) -> str:
     def cell(value, fmt="{:.1f}"):
         return "" if value is None else fmt.format(value)
 
-    lines = [f"`bench/scale.py --budget {budget}` on {platform.processor() or platform.machine()}, "
-             f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}",
+    lines = [(f"`bench/scale.py --budget {budget}` on {platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}"),
              "",
              "| corpus | stage | exit | wall s | wall ÷ budget | tokenizer s | encoding s | training starts at s | peak GB |",
              "|---|---|---|---|---|---|---|---|---|"]

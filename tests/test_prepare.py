@@ -111,3 +111,18 @@ def test_a_budget_already_spent_is_refused_with_a_finite_suggestion():
     with pytest.raises(UserError, match=r"give --budget \d+s") as refused:
         prep.check_setup_fits(-5.0, predict(-5.0), predict, spent_s=25.0)
     assert int(re.search(r"--budget (\d+)s", str(refused.value)).group(1)) > 25
+
+
+def test_pretrain_on_a_large_corpus_trains_on_the_part_it_encoded(large_corpus, tmp_path, capsys):
+    from budgetlm.cli import main
+
+    out = tmp_path / "run"
+    assert main(["pretrain", "--data", str(large_corpus), "--max-tokens", "4096", "--out", str(out), "--n-layer", "1",
+                 "--d-model", "32", "--n-head", "2", "--context", "32", "--micro-batch", "4", "--vocab-size", "300",
+                 "--compile", "off", "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["tokens_seen"] >= 4096 and summary["best_val_bpb"] < 8
+    err = capsys.readouterr().err
+    assert "encoded" in err and "chunks of the corpus cached" in err
+    encoded = int(re.search(r"encoded ([\d,]+) more", err).group(1).replace(",", ""))
+    assert 4096 * prep.TOKEN_MARGIN <= encoded < large_corpus.stat().st_size / 4  # a part, not the corpus

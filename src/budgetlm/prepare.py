@@ -40,8 +40,8 @@ TOKENIZER_SAMPLE_MAX = 8 << 20   # encodes (a power of two of megabytes, so simi
 TOKEN_MARGIN = 3.0   # tokens encoded per token the first plan expects: runs read 2–4× what it expects (tinyshakespeare 5 min: 1.1M expected, 4.1M read)
 BYTES_PER_TOKEN = 3.5            # before a tokenizer exists (byte-level BPE of 4k–16k on English: 3.3–4)
 # A vocabulary entry needs examples to train its embedding: at most one entry per this many tokens the first plan
-# expects the run to read. The plan expects about 1M for tinyshakespeare and WikiText-2 at 5 minutes on the
-# reference CPU: caps of 16,384, above their measured-best 4,096 and 8,192, which therefore stay.
+# expects the run to read. On the reference CPU it expects 1.1M and 0.66M for tinyshakespeare and WikiText-2 at
+# 5 minutes: caps of 16,384 and 8,192, so their measured-best 4,096 and 8,192 stay.
 TOKENS_PER_VOCAB_ENTRY = 64
 # Seconds per megabyte of text until this machine has measured its own (remembered in the cache, latest first):
 # BPE training at a 4k vocabulary and encoding, measured on this project's 2-core reference CPU under load.

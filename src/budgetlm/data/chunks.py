@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 
 from budgetlm.data.sources import TABLE_SUFFIXES, expand, iter_pieces
 from budgetlm.data.tokenizer import eot_id
-from budgetlm.data.tokens import cache_dir, token_dtype
+from budgetlm.data.tokens import cache_dir, encode_texts, token_dtype
 from budgetlm.errors import UserError
 
 CHUNK_BYTES = 1 << 18
@@ -273,8 +273,8 @@ def encode_span_texts(texts: Iterator[tuple[str, bool]], tok: Tokenizer) -> Iter
 
 
 def _encode(batch, tok: Tokenizer, sep: int, dtype) -> Iterator[np.ndarray]:
-    for (_, starts), enc in zip(batch, tok.encode_batch([t for t, _ in batch], add_special_tokens=False)):
-        yield np.asarray(([sep] if starts else []) + enc.ids, dtype=dtype)
+    for (_, starts), ids in zip(batch, encode_texts(tok, [t for t, _ in batch])):
+        yield np.asarray(([sep] if starts else []) + ids, dtype=dtype)
 
 
 class TokenCache:

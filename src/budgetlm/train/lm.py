@@ -63,25 +63,23 @@ def evaluate_lm(forward: Callable, tokens: np.ndarray, n_bytes: int, context: in
 
 
 def sum_nats(forward: Callable, batches, device: torch.device, max_batches: int | None = None) -> tuple[float, int]:
-    """(summed nats, predicted tokens) over `batches` of (x, y). The sums stay on the device and are read every
-    `HOST_READ_EVERY` batches, so a GPU is not made to wait after every batch, and memory stays bounded."""
-    batch_nats, total_nats, total_tokens = [], 0.0, 0
+    """(summed nats, predicted tokens) over `batches` of (x, y). The sum is added up on the device, in place, and
+    read every `HOST_READ_EVERY` batches, so a GPU is not made to wait after every batch; no batch's result is
+    kept (small tensors kept between the batches' freed logits made glibc's heap grow by a batch each)."""
+    running = torch.zeros((), dtype=torch.float32, device=device)
+    total_nats, total_tokens = 0.0, 0
     for i, (x, y) in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
-        batch_nats.append(forward(to_device(x, device), to_device(y, device), reduction="sum").detach().float())
+        running += forward(to_device(x, device), to_device(y, device), reduction="sum").detach().float()
         total_tokens += int((y != -100).sum())
-        if len(batch_nats) == HOST_READ_EVERY:
-            total_nats += _host_sum(batch_nats)
-            batch_nats = []
-    return total_nats + _host_sum(batch_nats), total_tokens
+        if (i + 1) % HOST_READ_EVERY == 0:
+            total_nats += float(running)
+            running.zero_()
+    return total_nats + float(running), total_tokens
 
 
 HOST_READ_EVERY = 256
-
-
-def _host_sum(values: list[torch.Tensor]) -> float:
-    return float(torch.stack(values).cpu().double().sum()) if values else 0.0  # MPS has no float64
 
 
 def lm_metrics(total_nats: float, total_tokens: int, n_bytes: float) -> dict[str, float]:

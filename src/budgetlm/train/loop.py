@@ -305,6 +305,7 @@ class Trainer:
         self.last_checkpoint: str | None = None
         self.pending: StepOutcome | None = None   # the last step, read once the next one is queued
         self.session_steps = 0
+        self.eval_timed: tuple[float, int] | None = None  # (seconds, batches) of the evaluations after the first
         self.recent_loss, self.recent_units, self.last_log = 0.0, 0, -math.inf
 
     def start(self, resume: Snapshot | None) -> None:
@@ -415,8 +416,15 @@ class Trainer:
                                   "out of memory while evaluating even one sequence at a time; use a smaller model "
                                   "or --context")
                 self.log.message("warning: out of memory while evaluating; retrying with half the sequences per pass")
-        n = max_batches or self.task.eval_batch_count()
-        self.state.eval_s_per_batch = (time.monotonic() - start) / max(n, 1)
+        n = max(max_batches or self.task.eval_batch_count(), 1)
+        # the speed over this session's evaluations after its first (warm-up): steadier than the last small sample
+        seconds = time.monotonic() - start
+        if self.eval_timed is None:
+            self.eval_timed = (0.0, 0)
+            self.state.eval_s_per_batch = seconds / n
+        else:
+            self.eval_timed = (self.eval_timed[0] + seconds, self.eval_timed[1] + n)
+            self.state.eval_s_per_batch = self.eval_timed[0] / self.eval_timed[1]
         self.model.train()
         return metrics
 
