@@ -20,13 +20,14 @@ from budgetlm.train.runtime import pick_device, pick_precision, precision_dtype,
 
 def run(model_dir: str, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
         top_k: int | None = 200, top_p: float | None = None, seed: int = 0, device: str = "auto",
-        precision: str = "auto", out=sys.stdout, stream: bool = True) -> str:
+        precision: str = "auto", out=None, stream: bool = True) -> str:
     if max_new_tokens < 0:
         raise UserError("--max-new-tokens must be 0 or more")
     if temperature < 0:
         raise UserError("--temperature must be 0 (greedy) or more")
     if top_p is not None and not 0 < top_p <= 1:
         raise UserError("--top-p must be in (0, 1]")
+    out = out or sys.stdout  # looked up per call: a default bound at import keeps whatever stdout was then
     set_threads()
     dev = pick_device(device)
     model, config, tokenizer = load_language_model(model_dir, dev, "generate text (a bert fills masks: budgetlm "
