@@ -175,61 +175,40 @@ def test_a_budget_too_small_for_one_step_is_a_clear_error():
         run(model, task, opt, cfg, budget)
 
 
-def test_early_stopping_restores_the_best_weights():
-    class Worsening(Regression):
-        calls = 0
-
+def scripted_evaluations(values: list[dict]):
+    """A model, optimizer and task whose successive evaluations return `values` (the last one repeats),
+    with a copy of the weights at each evaluation, keyed by its number from 1."""
+    class Scripted(Regression):
         def evaluate(self, forward, max_batches):
-            Worsening.calls += 1
-            return {"val_loss": [5.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0][min(Worsening.calls - 1, 6)]}
+            calls = len(snapshots) + 1
+            snapshots[calls] = [p.detach().clone() for p in model.parameters()]
+            return values[min(calls - 1, len(values) - 1)]
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
     opt = build_optimizer(model, "adamw", lr=1e-2, weight_decay=0.0, device=CPU)
-    cfg = FitConfig(lr=1e-2, schedule=Schedule("constant", warmup=0), eval_every=Every(steps=5),
-                    stopping=EarlyStop("val_loss", 2))
-    snapshots = {}
-    task = Worsening()
-    original = task.evaluate
+    snapshots: dict[int, list[torch.Tensor]] = {}
+    return model, opt, Scripted(), snapshots
 
-    def spy(forward, max_batches):
-        out = original(forward, max_batches)
-        snapshots[Worsening.calls] = [p.detach().clone() for p in model.parameters()]
-        return out
 
-    task.evaluate = spy
-    result = run(model, task, opt, cfg, Budget(max_steps=100))
+def stop_after_two_declines() -> FitConfig:
+    return FitConfig(lr=1e-2, schedule=Schedule("constant", warmup=0), eval_every=Every(steps=5),
+                     stopping=EarlyStop("val_loss", 2))
+
+
+def test_early_stopping_restores_the_best_weights():
+    model, opt, task, snapshots = scripted_evaluations(
+        [{"val_loss": v} for v in [5.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    result = run(model, task, opt, stop_after_two_declines(), Budget(max_steps=100))
     assert result.stop_reason == "early_stop" and result.steps == 15  # evals at 0, 5 (best), 10, 15
     assert result.best["step"] == 5
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), snapshots[2]))
 
 
 def test_a_change_within_the_noise_neither_counts_against_patience_nor_drops_the_newer_weights():
-    values = [5.0, 1.0, 1.05, 1.5, 0.98, 1.6, 1.7, 1.8]
-
-    class Noisy(Regression):
-        calls = 0
-
-        def evaluate(self, forward, max_batches):
-            Noisy.calls += 1
-            return {"val_loss": values[min(Noisy.calls - 1, 7)], "val_loss_se": 0.1}
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
-    opt = build_optimizer(model, "adamw", lr=1e-2, weight_decay=0.0, device=CPU)
-    cfg = FitConfig(lr=1e-2, schedule=Schedule("constant", warmup=0), eval_every=Every(steps=5),
-                    stopping=EarlyStop("val_loss", 2))
-    snapshots = {}
-    task = Noisy()
-    original = task.evaluate
-
-    def spy(forward, max_batches):
-        out = original(forward, max_batches)
-        snapshots[Noisy.calls] = [p.detach().clone() for p in model.parameters()]
-        return out
-
-    task.evaluate = spy
-    result = run(model, task, opt, cfg, Budget(max_steps=100))
+    model, opt, task, snapshots = scripted_evaluations(
+        [{"val_loss": v, "val_loss_se": 0.1} for v in [5.0, 1.0, 1.05, 1.5, 0.98, 1.6, 1.7, 1.8]])
+    result = run(model, task, opt, stop_after_two_declines(), Budget(max_steps=100))
     # 1.05 and 0.98 lie within the noise of 1.0: only 1.5 and 1.6 count as declines (without the noise, 1.05 and
     # 1.5 would have stopped the run at step 15, keeping step 5)
     assert result.stop_reason == "early_stop" and result.steps == 25
