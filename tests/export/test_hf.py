@@ -121,3 +121,15 @@ def test_import_refuses_shapes_the_gpt_cannot_hold(tmp_path, tokenizer):
     config_path.write_text(json.dumps({**config, "model_type": "llama"}))
     with pytest.raises(UserError, match="llama model cannot be imported"):
         import_.run(f"hf:{tmp_path / 'hf'}", tmp_path / "back")
+
+
+def test_greedy_generation_keeps_fp32_weights_unless_told(tmp_path, tokenizer, monkeypatch):
+    run = tiny_run(tmp_path / "run", tokenizer, mlp="relu2", temperature=1.0)
+    casts = []
+    monkeypatch.setattr(generate, "pick_precision", lambda asked, device: "bf16" if asked == "auto" else asked)
+    monkeypatch.setattr(GPT, "cast_weights", lambda self, dtype: casts.append(dtype))
+    generate.run(str(run), "ROMEO:", max_new_tokens=3, temperature=0, out=io.StringIO())
+    assert casts == []  # greedy: the automatic precision stays fp32 where sampling would take bf16
+    generate.run(str(run), "ROMEO:", max_new_tokens=3, temperature=0.8, out=io.StringIO())
+    generate.run(str(run), "ROMEO:", max_new_tokens=3, temperature=0, precision="bf16", out=io.StringIO())
+    assert casts == [torch.bfloat16, torch.bfloat16]

@@ -69,7 +69,10 @@ class Parallel:
             time.sleep(float(seconds))
 
     def close(self) -> None:
+        """Leave the process group once every rank is done with it: a rank that tore its connections down while
+        another still had collectives in flight could abort the job at its very end."""
         if dist.is_initialized():
+            dist.barrier(group=self._control)
             dist.destroy_process_group()
 
     def barrier(self) -> None:

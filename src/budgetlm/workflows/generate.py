@@ -32,6 +32,10 @@ def run(model_dir: str, prompt: str, *, max_new_tokens: int = 200, temperature: 
     dev = pick_device(device)
     model, config, tokenizer = load_language_model(model_dir, dev, "generate text (a bert fills masks: budgetlm "
                                                    "fill)", archs=("gpt", "t5"))
+    if precision == "auto" and temperature == 0:
+        # greedy decoding asks for the one likeliest continuation: bf16 weights round the logits at 3 digits, enough
+        # to flip a near-tie and change the text (and to differ from the same model in transformers)
+        precision = "fp32"
     precision = pick_precision(precision, dev)
     if precision != "fp32":
         model.cast_weights(precision_dtype(precision))
