@@ -88,7 +88,31 @@ def lm_metrics(total_nats: float, total_tokens: int, n_bytes: float) -> dict[str
             "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": total_tokens}
 
 
-class LanguageModelTask:
+class WindowBatches:
+    """What every task over windows of a token stream does when memory runs out: half the sequences per forward
+    pass, twice the micro-steps (the sampler cuts the same windows either way, so the data order is unchanged),
+    and half the sequences per evaluation pass (the same numbers)."""
+    micro_batch: int
+    micro_steps: int
+    sampler: WindowSampler
+    _eval_micro_batch: int
+
+    def halve_micro_batch(self) -> bool:
+        if self.micro_batch < 2:
+            return False
+        self.micro_batch //= 2
+        self.micro_steps *= 2
+        self.sampler.batch = self.micro_batch
+        return True
+
+    def halve_eval_batch(self) -> bool:
+        if self._eval_micro_batch < 2:
+            return False
+        self._eval_micro_batch //= 2
+        return True
+
+
+class LanguageModelTask(WindowBatches):
     unit = "tokens"
 
     def __init__(self, train_tokens: np.ndarray, val_tokens: np.ndarray, val_bytes: int, context: int,
@@ -103,23 +127,6 @@ class LanguageModelTask:
                                                # that halving the batch after running out of memory keeps the sample
         self._samples: dict[int, np.ndarray] = {}
         self.rank, self.world = 0, 1  # under torchrun: this process's share of each step and evaluation
-
-    def halve_micro_batch(self) -> bool:
-        """After running out of memory: half the sequences per forward pass, twice the micro-steps.
-        The sampler cuts the same windows either way, so the data order is unchanged."""
-        if self.micro_batch < 2:
-            return False
-        self.micro_batch //= 2
-        self.micro_steps *= 2
-        self.sampler.batch = self.micro_batch
-        return True
-
-    def halve_eval_batch(self) -> bool:
-        """After evaluation ran out of memory: half the sequences per forward pass (same numbers)."""
-        if self._eval_micro_batch < 2:
-            return False
-        self._eval_micro_batch //= 2
-        return True
 
     def batch(self, step: int, micro: int):
         # the ranks' micro-batches, one after the other, are the sequences one process would read in this step

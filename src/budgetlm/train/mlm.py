@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from budgetlm.data.tokens import WindowSampler, window_sample
+from budgetlm.train.lm import WindowBatches
 from budgetlm.train.runtime import to_device
 
 
@@ -47,7 +48,7 @@ def batch_generator(seed: int, step: int, micro: int) -> torch.Generator:
 EVAL_SEED = 1234  # validation masks: fixed, the same at every evaluation of every run on this text
 
 
-class MaskedLMTask:
+class MaskedLMTask(WindowBatches):
     unit = "tokens"  # the masked tokens, the ones that carry a loss
 
     def __init__(self, train_tokens: np.ndarray, val_tokens: np.ndarray, context: int, micro_batch: int,
@@ -59,20 +60,6 @@ class MaskedLMTask:
         self.seed, self.label_smoothing = seed, label_smoothing
         self.micro_steps = 1
         self._eval_micro_batch = self._windows_per_batch = micro_batch
-
-    def halve_micro_batch(self) -> bool:
-        if self.micro_batch < 2:
-            return False
-        self.micro_batch //= 2
-        self.micro_steps *= 2
-        self.sampler.batch = self.micro_batch
-        return True
-
-    def halve_eval_batch(self) -> bool:
-        if self._eval_micro_batch < 2:
-            return False
-        self._eval_micro_batch //= 2
-        return True
 
     def batch(self, step: int, micro: int):
         x, _ = self.sampler.batch_at(step, micro, self.micro_steps)

@@ -13,6 +13,7 @@ import torch
 
 from budgetlm.data.tokens import WindowSampler, window_sample
 from budgetlm.models.t5 import MEAN_SPAN, NOISE_DENSITY
+from budgetlm.train.lm import WindowBatches
 from budgetlm.train.runtime import to_device
 
 
@@ -60,7 +61,7 @@ def corrupt_batch(rows: np.ndarray, sentinels: np.ndarray, start_id: int, rng: n
 EVAL_SEED = 1234
 
 
-class SpanCorruptionTask:
+class SpanCorruptionTask(WindowBatches):
     unit = "tokens"  # the decoder's target tokens, the ones that carry a loss
 
     def __init__(self, train_tokens: np.ndarray, val_tokens: np.ndarray, context: int, micro_batch: int,
@@ -71,20 +72,6 @@ class SpanCorruptionTask:
         self.sentinels, self.start_id, self.seed, self.label_smoothing = sentinels, start_id, seed, label_smoothing
         self.micro_steps = 1
         self._eval_micro_batch = self._windows_per_batch = micro_batch
-
-    def halve_micro_batch(self) -> bool:
-        if self.micro_batch < 2:
-            return False
-        self.micro_batch //= 2
-        self.micro_steps *= 2
-        self.sampler.batch = self.micro_batch
-        return True
-
-    def halve_eval_batch(self) -> bool:
-        if self._eval_micro_batch < 2:
-            return False
-        self._eval_micro_batch //= 2
-        return True
 
     def batch(self, step: int, micro: int):
         x, _ = self.sampler.batch_at(step, micro, self.micro_steps)
