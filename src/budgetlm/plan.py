@@ -105,7 +105,7 @@ class Plan:
 def device_peak(device: torch.device, dtype: torch.dtype) -> float:
     """The matmul peak of this device, measured now and remembered as the best seen on this machine,
     so that a moment of load elsewhere does not change the plan (plans stay repeatable)."""
-    from budgetlm.data.tokens import cache_dir
+    from budgetlm.data.tokens import cache_dir, remember
 
     key = f"{_device_key(device)}/{dtype}/torch{torch.__version__}"
     path = cache_dir() / "device_peaks.json"
@@ -116,13 +116,7 @@ def device_peak(device: torch.device, dtype: torch.dtype) -> float:
     peak = max(matmul_peak(device, dtype), float(known.get(key, 0.0)))
     if peak != known.get(key):
         known[key] = peak
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            tmp.write_text(json.dumps(known, indent=1))
-            os.replace(tmp, path)
-        except OSError:
-            pass  # a read-only cache only costs repeatability
+        remember(path, known)
     return peak
 
 
@@ -394,7 +388,7 @@ def probe_speeds(ranked: list[dict], budget_s: float, *, vocab: int, device: tor
     remembered per device and shape (the best seen, as device_peak does), within PROBE_SHARE of the budget
     and PROBE_MAX_S; a figure taken while the machine is busy is used but not remembered. Returns
     {(n_layer, d_model): tokens/s} for the shapes measured or remembered."""
-    from budgetlm.data.tokens import cache_dir
+    from budgetlm.data.tokens import cache_dir, remember
 
     path = cache_dir() / "speed_probes.json"
     try:
@@ -422,7 +416,7 @@ def probe_speeds(ranked: list[dict], budget_s: float, *, vocab: int, device: tor
             continue
         speeds[(c["n_layer"], c["d_model"])] = float(known[key])
     if changed:
-        _write_json(path, known)
+        remember(path, known)
     return speeds
 
 
@@ -477,16 +471,6 @@ def machine_busy() -> bool:
 
 def _device_key(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{torch.get_num_threads()}"
-
-
-def _write_json(path, data: dict) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache only costs repeatability
 
 
 def plan_on_device(budget_s: float | None, *, train_tokens: int, vocab: int, device: torch.device, precision: str,

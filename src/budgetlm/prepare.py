@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from budgetlm.data.chunks import (CHUNK_BYTES, ChunkedCorpus, TokenCache, chunke
 from budgetlm.data.default_corpus import default_corpus_files
 from budgetlm.data.sources import load_corpus, split_validation, warn_skipped
 from budgetlm.data.tokenizer import default_vocab_size, load_tokenizer, train_tokenizer, with_special_tokens
-from budgetlm.data.tokens import cache_dir, cached_tokens, content_hash
+from budgetlm.data.tokens import cache_dir, cached_tokens, content_hash, remember
 from budgetlm.errors import UserError
 from budgetlm.plan import device_peak, plan
 from budgetlm.report import say
@@ -130,14 +129,7 @@ def remember_rate(name: str, seconds: float, n_bytes: int) -> None:
         return
     rates = setup_rates()
     rates[name] = seconds / (n_bytes / (1 << 20))
-    path = cache_dir() / "setup_rates.json"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(rates, indent=1))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache only costs the prediction's accuracy
+    remember(cache_dir() / "setup_rates.json", rates)
 
 
 def check_setup_fits(budget_s: float | None, setup: Setup, predict: Callable[[float], Setup],

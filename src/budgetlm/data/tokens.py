@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -21,6 +22,18 @@ def cache_dir() -> Path:
     root = os.environ.get("BUDGETLM_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "budgetlm")
     return Path(root)
+
+
+def remember(path: Path, data: dict) -> None:
+    """Write what this machine measured (a JSON file in the cache) atomically, or not at all: a read-only cache
+    only costs the next run the figure."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def content_hash(texts: list[str], *extra: str) -> str:

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from budgetlm.data.tokens import cache_dir
+from budgetlm.data.tokens import cache_dir, remember
 from budgetlm.models.blocks import Block
 from budgetlm.models.config import ModelConfig
 from budgetlm.train.runtime import can_compile
@@ -83,13 +83,7 @@ class CompileCache:
     def _update(self, change: Callable[[dict], None]) -> None:
         record = self.record()
         change(record)
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            tmp = self.path / f".{RECORD}.{os.getpid()}"
-            tmp.write_text(json.dumps(record, indent=1))
-            os.replace(tmp, self.path / RECORD)
-        except OSError:
-            pass  # a read-only cache only costs the next run its measurements
+        remember(self.path / RECORD, record)
 
 
 def device_key(device: torch.device) -> str:
