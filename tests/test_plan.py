@@ -73,9 +73,24 @@ def test_dropout_is_planned_only_when_the_budget_repeats_the_corpus_many_times()
     middling = plan(300, train_tokens=600_000, vocab=2048, device=CPU, precision="fp32", peak_flops=PEAK)
     assert planner.REPEATS_BEFORE_DROPOUT < middling.expected_epochs <= planner.REPEATS_BEFORE_BPE_DROPOUT
     assert middling.dropout > 0 and middling.bpe_dropout == 0
-    # neither a moving average nor Canon layers is planned: each paid on one corpus of two (docs/planner.md)
-    assert not hasattr(small_corpus, "ema") and not hasattr(small_corpus, "canon")
-    assert "moving average" not in small_corpus.describe() and "Canon" not in small_corpus.describe()
+    assert middling.ema == 0 and middling.canon == 0
+
+
+def test_averaging_and_canon_layers_are_planned_for_a_gpt_reading_its_text_more_than_ten_times():
+    many = plan(300, train_tokens=150_000, vocab=2048, device=CPU, precision="fp32", peak_flops=PEAK)
+    assert many.expected_epochs > planner.REPEATS_BEFORE_AVERAGE
+    assert many.ema == planner.REPEAT_EMA and many.canon == planner.REPEAT_CANON
+    assert "moving average" in many.describe() and "Canon" in many.describe()
+    few = plan(300, train_tokens=3_000_000, vocab=2048, device=CPU, precision="fp32", peak_flops=PEAK)
+    assert few.expected_epochs <= planner.REPEATS_BEFORE_AVERAGE and few.ema == 0 and few.canon == 0
+    encoder = plan(300, train_tokens=150_000, vocab=2048, device=CPU, precision="fp32", peak_flops=PEAK, arch="bert")
+    assert encoder.expected_epochs > planner.REPEATS_BEFORE_AVERAGE and encoder.ema == 0 and encoder.canon == 0
+    # flags win over the plan; the record counts Canon layers' slower step in the tokens it expects
+    from budgetlm.models.config import ModelConfig
+    assert planner.model_for(ModelConfig(), 2048, many).canon == planner.REPEAT_CANON
+    assert planner.model_for(ModelConfig(canon=0), 2048, many).canon == 0
+    assert planner.given_or_planned(0.0, many, "ema", 0.0) == 0.0
+    assert planner.given_or_planned(None, many, "ema", 0.0) == planner.REPEAT_EMA
 
 
 def test_bpe_passes_follow_the_epochs_the_run_will_read():
@@ -219,9 +234,9 @@ def test_plan_record_lists_the_candidates_and_says_what_it_ranks_by():
                             precision="fp32", compiled=False, budget={"seconds": 300.0}, data={"train_tokens": 300_000,
                             "vocab_size": 4096, "bpe_dropout": p.bpe_dropout, "bpe_passes": 4},
                             batch_tokens=p.batch_tokens, micro_batch=p.micro_batch, micro_steps=1, lr=p.lr,
-                            warmup=0.02, optim="muon", schedule="wsd")
+                            warmup=0.02, optim="muon", schedule="wsd", ema=p.ema)
     assert (r["model"]["n_layer"], r["model"]["d_model"], r["model"]["n_head"]) == (p.n_layer, p.d_model, p.n_head)
-    assert {g["name"] for g in r["regularizers"]} == {"dropout", "bpe_dropout"}  # about 10 epochs of a small text
+    assert {g["name"] for g in r["regularizers"]} == {"dropout", "bpe_dropout"}  # about 9 epochs of a small text
     assert r["training"]["warmup_steps"] == round(0.02 * r["training"]["steps"])
     assert "not a forecast" in r["ranking"]["by"]
     text = planner.plan_text(r)

@@ -54,9 +54,15 @@ REPEAT_DROPOUT = 0.1
 REPEATS_BEFORE_BPE_DROPOUT = 6.0
 REPEAT_BPE_DROPOUT = 0.1
 MAX_BPE_PASSES = 4
-# A moving average of the weights (--ema 0.998) and Canon layers (--canon 4) are flags, not planned: at 5 minutes
-# each beat its absence on tinyshakespeare (about 10 epochs) but not on WikiText-2 (about 3.5 epochs, forced on),
-# paired by seed over three seeds (docs/planner.md, "A moving average of the weights, and Canon layers").
+# A moving average of the weights (--ema 0.998) and Canon layers (--canon 4) are planned for a GPT that reads its
+# text more than 10 times: at 5 minutes, paired by seed over three seeds, each beat its absence on tinyshakespeare
+# (16 planned epochs) and both together on the first megabyte of WikiText-2 (18 planned epochs), while neither beat
+# the noise on the whole of WikiText-2 (6 planned epochs); docs/planner.md, "A moving average of the weights, and
+# Canon layers". Planned epochs run about 1.5x the epochs a run reads (evaluation and start-up take their share).
+REPEATS_BEFORE_AVERAGE = 10.0
+REPEAT_EMA = 0.998
+REPEAT_CANON = 4
+CANON_SPEED = 0.88  # tokens/s with Canon layers / without, on a CPU (docs/planner.md)
 
 
 @dataclass
@@ -72,6 +78,8 @@ class Plan:
     expected_epochs: float
     dropout: float
     bpe_dropout: float = 0.0
+    ema: float = 0.0                     # the weights' moving average planned (0: none)
+    canon: int = 0                       # the Canon layers' kernel planned (0: none)
     lr: float = 0.0                      # peak learning rate (learning_rate below)
     budget_flops: float | None = None    # the compute budget planned for, if one was given
     speed: str = "assumed"               # the pick's tokens/s: "measured" by the probe, "scaled" (the table × the
@@ -95,9 +103,15 @@ class Plan:
         against = [f"dropout {self.dropout:g}"] if self.dropout else []
         if self.bpe_dropout:
             against.append(f"BPE-dropout {self.bpe_dropout:g}")
-        regularized = f", {' and '.join(against)} against memorizing" if against else ""
+        if self.canon:
+            against.append(f"Canon layers {self.canon}")
+        if self.ema:
+            against.append(f"a moving average {self.ema:g}")
+        regularized = f", {', '.join(against)} against memorizing" if against else ""
+        speed = CANON_SPEED if self.canon else 1.0
         return (f"planned {self.n_layer}×{self.d_model} at context {self.context}, batch {self.batch_tokens} tokens, "
-                f"about {self.expected_tokens / 1e6:.1f}M training tokens ({self.expected_epochs:.1f} epochs) in the "
+                f"about {self.expected_tokens * speed / 1e6:.1f}M training tokens ({self.expected_epochs * speed:.1f} "
+                f"epochs) in the "
                 f"budget{regularized}, lr {self.lr:.2e} (matmul peak {self.peak_flops / 1e9:.0f} GFLOP/s, "
                 f"speed {self.speed})")
 
@@ -218,9 +232,11 @@ def plan(budget_s: float | None, *, train_tokens: int, vocab: int, device: torch
     batch = micro * context * max(1, round(batch / (micro * context)))
     epochs = tokens / max(train_tokens, 1)
     repeated = epochs > REPEATS_BEFORE_DROPOUT
+    averaged = arch == "gpt" and epochs > REPEATS_BEFORE_AVERAGE  # measured on GPTs only
     return Plan(n_layer, d_model, n_head, context, batch, micro, int(tokens), peak, epochs,
                 REPEAT_DROPOUT if repeated else 0.0,
                 REPEAT_BPE_DROPOUT if epochs > REPEATS_BEFORE_BPE_DROPOUT else 0.0,
+                ema=REPEAT_EMA if averaged else 0.0, canon=REPEAT_CANON if averaged else 0,
                 lr=learning_rate(d_model, batch, optim), budget_flops=budget_flops, speed=best["speed"],
                 tokens_per_s=best["tokens_per_s"], memory_bytes=best["memory_bytes"], memory_limit=memory_limit,
                 predicted_loss=best["predicted_loss"], candidates=weighed)
@@ -318,7 +334,7 @@ def model_for(m: ModelConfig, vocab_size: int, planned: Plan | None) -> ModelCon
         n_layer=m.n_layer or n_layer,
         d_model=d_model,
         n_head=m.n_head or (n_head if not m.d_model else max(1, d_model // 64)),
-        canon=m.canon or 0,
+        canon=given_or_planned(m.canon, planned, "canon", 0),
         dropout=given_or_planned(m.dropout, planned, "dropout", 0.0),
     )
 
@@ -501,14 +517,15 @@ PLAN_FORMAT = 1  # bumped when a field of plan_record changes meaning or goes aw
 
 
 def plan_record(planned: Plan | None, mc: ModelConfig, *, n_params: int, n_params_without_embedding: int,
-                flops_per_token_: float, device: str, precision: str, compiled: bool, budget: dict,
+                flops_per_token_: float, device: str, precision: str, compiled: bool, budget: dict, ema: float,
                 data: dict, compile_reason: str | None = None, batch_tokens: int, micro_batch: int | None, micro_steps: int | None,
                 lr: float, warmup: float, optim: str, schedule: str) -> dict:
     """The plan as plain data: what `budgetlm plan --json` prints and pretrain writes to plan.json
     (fields listed in docs/planner.md)."""
     p = planned
+    speed = CANON_SPEED if mc.canon else 1.0  # the planned speeds were measured without Canon layers
     limits = [x for x in (budget.get("max_tokens"), budget.get("flops") and int(budget["flops"] / flops_per_token_)) if x]
-    tokens = min([p.expected_tokens, *limits]) if p else min(limits, default=None)
+    tokens = min([int(p.expected_tokens * speed), *limits]) if p else min(limits, default=None)
     if budget.get("max_steps"):
         tokens = min(tokens or math.inf, budget["max_steps"] * batch_tokens)
     steps = math.ceil(tokens / batch_tokens) if tokens else None
@@ -523,6 +540,12 @@ def plan_record(planned: Plan | None, mc: ModelConfig, *, n_params: int, n_param
         why = (f"{p.expected_epochs:.1f} expected epochs > {REPEATS_BEFORE_BPE_DROPOUT:g}"
                if p and p.bpe_dropout == bpe else "given")
         regularizers.append({"name": "bpe_dropout", "value": bpe, "passes": data.get("bpe_passes"), "why": why})
+    averaged = f"{p.expected_epochs:.1f} expected epochs without them > {REPEATS_BEFORE_AVERAGE:g}" if p else ""
+    if mc.canon:
+        why = averaged if p and p.canon == mc.canon else "given"
+        regularizers.append({"name": "canon", "value": mc.canon, "why": why})
+    if ema:
+        regularizers.append({"name": "ema", "value": ema, "why": averaged if p and p.ema == ema else "given"})
     return {
         "format": PLAN_FORMAT,
         "planned": p is not None,
@@ -541,7 +564,7 @@ def plan_record(planned: Plan | None, mc: ModelConfig, *, n_params: int, n_param
                      "lr_rule": "1.5e-3 x 256 / d_model x the optimizer's factor (not scaled with the batch)",
                      "schedule": schedule, "warmup_steps": warmup_steps,
                      "flops": tokens * flops_per_token_ if tokens else None,
-                     "tokens_per_s": p.tokens_per_s if p else None, "speed": p.speed if p else None},
+                     "tokens_per_s": p.tokens_per_s * speed if p else None, "speed": p.speed if p else None},
         "memory": {"estimate_bytes": p.memory_bytes if p else None, "free_bytes": p.memory_limit if p else None,
                    "share_allowed": MEMORY_SHARE},
         "regularizers": regularizers,
@@ -576,7 +599,8 @@ def plan_text(r: dict) -> str:
     for g in r["regularizers"]:
         lines.append(f"  {g['name']} {g['value']:g}: {g['why']}")
     if not r["regularizers"]:
-        lines.append("  no dropout or BPE-dropout: the text is not read often enough to need them")
+        lines.append("  no dropout, BPE-dropout, Canon layers or moving average: the text is not read often enough to "
+                     "need them")
     if r["memory"]["estimate_bytes"]:
         free = r["memory"]["free_bytes"]
         lines.append(f"  memory: about {r['memory']['estimate_bytes'] / 2**20:,.0f} MiB a step"

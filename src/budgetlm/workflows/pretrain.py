@@ -27,6 +27,7 @@ from budgetlm.plan import (
     bpe_dropout_setting,
     budget_fields,
     data_fields,
+    given_or_planned,
     model_for,
     plan_on_device,
     plan_record,
@@ -162,6 +163,10 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
         micro_batch, micro_steps = parallel.split_batch(parallel.share(micro_batch), micro_steps)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
+    ema = given_or_planned(t.ema, planned, "ema", 0.0)
+    if ema and parallel is not None:  # only a flag is refused under torchrun (start_parallel)
+        say("the plan's moving average of the weights is left out: not supported under torchrun yet")
+        ema = 0.0
     lr = planned_lr(t.lr, mc.d_model, batch_tokens, t.optim, planned)
     optimizer = build_optimizer(model, t.optim, lr=lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
                                 extra=parse_optim_args(t.optim_args or ""), device=device, precision=precision)
@@ -169,7 +174,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
                         step_size=t.step_size, patience=t.plateau_patience)
     record = plan_record(planned, mc, n_params=model.num_params(), n_params_without_embedding=model.num_params(False),
                          flops_per_token_=model.flops_per_token(), device=device_name(device), precision=precision,
-                         compiled=compiling.compile, compile_reason=compiling.reason, budget=budget_fields(t),
+                         compiled=compiling.compile, compile_reason=compiling.reason, budget=budget_fields(t), ema=ema,
                          data=data_fields(data, bpe_rate, passes),
                          batch_tokens=sequences * mc.context, micro_batch=micro_batch,
                          micro_steps=micro_steps, lr=lr, warmup=t.warmup, optim=t.optim, schedule=t.schedule)
@@ -182,7 +187,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
     fit_cfg = FitConfig(lr=lr, schedule=schedule, micro_steps=micro_steps, grad_clip=t.grad_clip,
                         schedule_clock=t.schedule_clock, eval_every=eval_every, eval_batches=eval_batches,
                         stopping=stopping, save_every=t.save_every, l1=t.l1,
-                        ema=t.ema or 0.0,
+                        ema=ema,
                         final_eval=not calibrate, reserve_evals=CALIBRATION_EVALS if calibrate else 1)
 
     task = pretraining_task(mc, tokenizer, train_tokens, val_tokens, val_bytes, micro_batch, device, seed=t.seed,
