@@ -115,18 +115,18 @@ def test_the_kept_weights_are_a_moving_average_when_asked(play_file, tmp_path):
 
 
 def test_a_planned_run_on_a_repeated_text_regularizes_and_calibrates(play_text, tmp_path, capsys):
-    """A tenth of the play is tiny: 10 seconds read it many times, so the plan adds dropout (not the moving average
-    or Canon layers, which stay flags), and the fitted temperature pays."""
+    """A tenth of the play is tiny: 10 seconds read it many times, so the plan adds dropout, Canon layers and a
+    moving average of the weights, and the fitted temperature pays."""
     data, out = tmp_path / "tenth.txt", tmp_path / "run"
     data.write_text(play_text[: len(play_text) // 10])
     main(["pretrain", "--data", str(data), "--budget", "10s", "--vocab-size", "512", "--compile", "off",
           "--out", str(out)])
     s = read_summary(out)
-    assert s["ema"] == 0 and s["model"]["canon"] == 0 and s["model"]["dropout"] == 0.1
+    assert s["ema"] == 0.998 and s["model"]["canon"] == 4 and s["model"]["dropout"] == 0.1
     # many epochs make a model overconfident: the temperature fitted on held-out text is above 1 and pays
     assert s["temperature"] > 1 and s["best_val_bpb"] < s["uncalibrated_val_bpb"]
     err = capsys.readouterr().err
-    assert "dropout 0.1" in err and "moving average" not in err and "Canon" not in err
+    assert "dropout 0.1" in err and "moving average 0.998" in err and "Canon layers 4" in err
 
 
 def test_bpe_dropout_trains_on_respelled_text_and_repeats_per_seed(play_file, tmp_path, capsys):
