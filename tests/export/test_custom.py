@@ -87,7 +87,7 @@ def test_bert_loads_as_a_masked_lm_computing_budgetlms_logits(tmp_path, texts):
         expected = ours(ids, mask=mask)
         assert (theirs(input_ids=ids, attention_mask=mask).logits - expected).abs().max() < 1e-4
         assert (theirs(input_ids=ids, attention_mask=mask).logits - ours(ids)).abs().max() > 1e-3  # mask is read
-    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)
     assert tok.mask_token == MASK and tok.pad_token == PAD
     text = f"ROMEO: what {MASK} through yonder"
     top = transformers.pipeline("fill-mask", model=str(tmp_path / "hf"), tokenizer=tok, trust_remote_code=True,
@@ -108,7 +108,7 @@ def test_t5_loads_as_seq2seq_and_generates_budgetlms_greedy_spans(tmp_path, text
         expected = ours(src, tgt, src_mask=mask)
         got = theirs(input_ids=src, attention_mask=mask, decoder_input_ids=tgt).logits
         assert (got - expected).abs().max() < 1e-4
-    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)
     assert sentinel(0) in tok.all_special_tokens and tok.pad_token == PAD
     prompt = tok(f"ROMEO: what {sentinel(0)} through yonder", return_tensors="pt")
     assert theirs.config.decoder_start_token_id == tok.pad_token_id
@@ -128,7 +128,7 @@ def test_gpts_no_family_computes_load_as_causal_lms(tmp_path, texts, overrides):
     ids, _ = padded_batch(ours.config.vocab_size)
     with torch.no_grad():
         assert (theirs(ids).logits - ours(ids)).abs().max() < 1e-4
-    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)
     expected = generate.run(str(run), "ROMEO:", max_new_tokens=12, temperature=0, precision="fp32",
                             out=io.StringIO())
     out = theirs.generate(**tok("ROMEO:", return_tensors="pt"), max_new_tokens=12, do_sample=False)

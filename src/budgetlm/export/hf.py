@@ -116,14 +116,14 @@ def read(folder: Path) -> tuple[dict, dict[str, torch.Tensor], Tokenizer]:
 
 # what the model card shows of each kind of model: a prompt and the lines that use it
 USAGE = {
-    "gpt": ["tok = AutoTokenizer.from_pretrained(PATH)", "model = {auto}.from_pretrained(PATH{remote})",
+    "gpt": ["tok = AutoTokenizer.from_pretrained(PATH{remote})", "model = {auto}.from_pretrained(PATH{remote})",
             'ids = model.generate(**tok("ROMEO:", return_tensors="pt"), max_new_tokens=40, do_sample=False)',
             "print(tok.decode(ids[0], skip_special_tokens=True))"],
     "bert": ['fill = pipeline("fill-mask", model=PATH{remote})', f'print(fill("ROMEO: what {MASK} through yonder"))'],
-    "t5": ["tok = AutoTokenizer.from_pretrained(PATH)", "model = {auto}.from_pretrained(PATH{remote})",
+    "t5": ["tok = AutoTokenizer.from_pretrained(PATH{remote})", "model = {auto}.from_pretrained(PATH{remote})",
            f'ids = model.generate(**tok("ROMEO: what {sentinel(0)} through yonder", return_tensors="pt"),',
            f'                     max_new_tokens=20, eos_token_id=tok.convert_tokens_to_ids("{sentinel(1)}"))',
-           "print(tok.decode(ids[0]))  # <extra_id_0> the span for it <extra_id_1>"],
+           "print(tok.decode(ids[0]))  # [PAD]<extra_id_0> the span for it<extra_id_1>"],
 }
 
 
