@@ -101,7 +101,7 @@ def test_a_pretrained_bert_or_t5_exports_as_custom_code_and_comes_back(runs, tmp
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [cls]
     assert (tmp_path / "hf" / "modeling_budgetlm.py").is_file()
     import_.run(f"hf:{tmp_path / 'hf'}", tmp_path / "back")
-    (ours, config, _), (back, back_config, _) = load_model(runs / arch), load_model(tmp_path / "back")
+    (ours, _, _), (back, back_config, _) = load_model(runs / arch), load_model(tmp_path / "back")
     assert back_config["arch"] == arch and back.config == ours.config
     assert all(back.state_dict()[k].equal(v) for k, v in ours.state_dict().items())
 

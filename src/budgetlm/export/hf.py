@@ -10,8 +10,9 @@ transformers: both only write or read JSON, safetensors and the shipped code fil
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -116,11 +117,14 @@ def read(folder: Path) -> tuple[dict, dict[str, torch.Tensor], Tokenizer]:
 
 # what the model card shows of each kind of model: a prompt and the lines that use it
 USAGE = {
-    "gpt": ["tok = AutoTokenizer.from_pretrained(PATH{remote})", "model = {auto}.from_pretrained(PATH{remote})",
+    "gpt": ["from transformers import {auto}, AutoTokenizer",
+            "tok = AutoTokenizer.from_pretrained(PATH{remote})", "model = {auto}.from_pretrained(PATH{remote})",
             'ids = model.generate(**tok("ROMEO:", return_tensors="pt"), max_new_tokens=40, do_sample=False)',
             "print(tok.decode(ids[0], skip_special_tokens=True))"],
-    "bert": ['fill = pipeline("fill-mask", model=PATH{remote})', f'print(fill("ROMEO: what {MASK} through yonder"))'],
-    "t5": ["tok = AutoTokenizer.from_pretrained(PATH{remote})", "model = {auto}.from_pretrained(PATH{remote})",
+    "bert": ["from transformers import pipeline", 'fill = pipeline("fill-mask", model=PATH{remote})',
+             f'print(fill("ROMEO: what {MASK} through yonder"))'],
+    "t5": ["from transformers import {auto}, AutoTokenizer",
+           "tok = AutoTokenizer.from_pretrained(PATH{remote})", "model = {auto}.from_pretrained(PATH{remote})",
            f'ids = model.generate(**tok("ROMEO: what {sentinel(0)} through yonder", return_tensors="pt"),',
            f'                     max_new_tokens=20, eos_token_id=tok.convert_tokens_to_ids("{sentinel(1)}"))',
            "print(tok.decode(ids[0]))  # [PAD]<extra_id_0> the span for it<extra_id_1>"],
@@ -135,8 +139,8 @@ def model_card(family: Family, config: dict, summary: dict | None, source: str) 
            f"`{family.architecture}`" if remote else f"as `{family.architecture}` ({family.model_type})")
     lines = ["---", "library_name: transformers", f"pipeline_tag: {family.pipeline_tag}", "tags:", "- budgetlm",
              "---", "", f"# {Path(source).name}", "",
-             f"A {c.n_layer}-layer, {c.d_model}-wide {c.arch.upper()} trained with budgetlm and exported to transformers "
-             f"{how}.", ""]
+             (f"A {c.n_layer}-layer, {c.d_model}-wide {c.arch.upper()} trained with budgetlm and exported to "
+              f"transformers {how}."), ""]
     if summary:
         folded = "applied to the logits" if remote else "folded into the final norm"
         figures = [("best validation bits per byte", summary.get("best_val_bpb")),
@@ -154,12 +158,11 @@ def model_card(family: Family, config: dict, summary: dict | None, source: str) 
         lines += ["The run folder had no summary.json, so no training figures are given.", ""]
     usage = [line.format(auto=family.auto_class, remote=", trust_remote_code=True" if remote else "")
              for line in USAGE[family.arch]]
-    lines += ["```python", f"from transformers import {family.auto_class}, AutoTokenizer, pipeline",
-              'PATH = "."  # this folder', *usage, "```", "",
+    lines += ["```python", *usage[:1], 'PATH = "."  # this folder', *usage[1:], "```", "",
               f"The tokenizer puts `{EOT}` (the document separator budgetlm trained with) before every text.", ""]
     if remote:
-        lines += ["The modeling code keeps no key/value cache: `generate` recomputes the decoder's tokens at each "
-                  "step.", ""]
+        lines += [("The modeling code keeps no key/value cache: `generate` recomputes the decoder's tokens at "
+                   "each step."), ""]
     return "\n".join(lines)
 
 
