@@ -308,16 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_tune)
 
     x = sub.add_parser("export", help="write a trained model as a Hugging Face transformers folder",
-                       description="Write a budgetlm GPT as a transformers folder (Qwen3 for the SwiGLU MLP, Apertus "
-                                   "for ReLU²) that AutoModelForCausalLM and AutoTokenizer load without custom code.")
+                       description="Write a budgetlm model as a transformers folder: a GPT as Qwen3 (SwiGLU MLP) or "
+                                   "Apertus (ReLU²), loaded without custom code; a BERT, a T5 and a GPT with Canon "
+                                   "layers or a softcap with budgetlm's modeling code (trust_remote_code=True; "
+                                   "docs/export.md).")
     x.add_argument("--model", required=True, help="a run folder (model.safetensors, config.json, tokenizer.json)")
     x.add_argument("--format", default="hf", choices=("hf",), help="hf: Hugging Face transformers")
     x.add_argument("--out", required=True, help="folder to write")
     x.set_defaults(func=_export)
 
     m = sub.add_parser("import", help="read a Hugging Face transformers folder back as a budgetlm model",
-                       description="Turn a transformers folder of a family budgetlm exports (qwen3, apertus) into "
-                                   "a budgetlm model folder for generate, eval and finetune --model.")
+                       description="Turn a transformers folder of a family budgetlm exports (qwen3, apertus, or "
+                                   "budgetlm's custom code) into a budgetlm model folder for generate, eval and "
+                                   "finetune --model.")
     m.add_argument("--from", dest="source", required=True, metavar="hf:PATH", help="hf: and the folder")
     m.add_argument("--out", required=True, help="model folder to write")
     m.set_defaults(func=_import)

@@ -92,13 +92,18 @@ def test_finetune_starts_from_a_pretrained_encoder(runs, tmp_path, arch):
     assert sum(p == t for p, t in zip(preds, truth)) / len(truth) == summary["best_val_accuracy"]
 
 
-@pytest.mark.parametrize("arch, why", [("bert", "ModernBERT"), ("t5", "relative-position buckets")])
-def test_export_refuses_an_architecture_no_transformers_family_computes(runs, tmp_path, arch, why):
-    from budgetlm.workflows import export
+@pytest.mark.parametrize("arch, cls", [("bert", "BudgetLMForMaskedLM"), ("t5", "BudgetLMForSeq2SeqLM")])
+def test_a_pretrained_bert_or_t5_exports_as_custom_code_and_comes_back(runs, tmp_path, arch, cls):
+    from budgetlm.train.checkpoint import load_model
+    from budgetlm.workflows import export, import_
 
-    with pytest.raises(UserError, match=why):
-        export.run(str(runs / arch), tmp_path / "hf")
-    assert not (tmp_path / "hf").exists()
+    export.run(str(runs / arch), tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [cls]
+    assert (tmp_path / "hf" / "modeling_budgetlm.py").is_file()
+    import_.run(f"hf:{tmp_path / 'hf'}", tmp_path / "back")
+    (ours, _, _), (back, back_config, _) = load_model(runs / arch), load_model(tmp_path / "back")
+    assert back_config["arch"] == arch and back.config == ours.config
+    assert all(back.state_dict()[k].equal(v) for k, v in ours.state_dict().items())
 
 
 def test_tune_ranks_a_t5_by_its_loss_and_refuses_to_vary_arch(play_file, tmp_path):

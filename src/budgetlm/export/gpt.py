@@ -29,6 +29,9 @@ class DecoderFamily:
     extra: tuple[tuple[str, object], ...] = ()  # config keys this family needs beyond the shared ones
 
     arch = "gpt"
+    auto_class = "AutoModelForCausalLM"
+    pipeline_tag = "text-generation"
+    code_files = ()  # transformers has the code
 
     def hf_config(self, config: dict) -> dict:
         c = ModelConfig.from_dict(config)
@@ -118,16 +121,11 @@ APERTUS = DecoderFamily("apertus", "ApertusForCausalLM", "relu2", "relu2", "atte
 FAMILIES = (QWEN3, APERTUS)
 
 
-def family_for(config: dict) -> DecoderFamily:
-    """The family a GPT's config exports to; UserError naming what has no transformers equivalent."""
+def family_for(config: dict) -> DecoderFamily | None:
+    """The family a GPT's config exports to; None where no transformers family computes it: Canon layers (no
+    family mixes earlier positions per channel), a logit softcap (the families with one differ elsewhere), no
+    QK-norm (both families have it). Those go out as custom code (export/custom.py)."""
     c = ModelConfig.from_dict(config)
-    if c.canon:
-        raise UserError(f"this GPT has Canon layers (canon={c.canon}), which no transformers model has; train it "
-                        "with --canon 0 to export it")
-    if c.logit_softcap:
-        raise UserError(f"this GPT caps its logits (logit_softcap={c.logit_softcap}), which no transformers family "
-                        "with this body does; train it with --logit-softcap 0 to export it")
-    if not c.qk_norm:
-        raise UserError("this GPT has no QK-norm, which both exported families (Qwen3, Apertus) have; train it with "
-                        "QK-norm to export it")
+    if c.canon or c.logit_softcap or not c.qk_norm:
+        return None
     return next(f for f in FAMILIES if f.mlp == c.mlp)

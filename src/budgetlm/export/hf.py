@@ -1,13 +1,16 @@
-"""Hugging Face folders that transformers' Auto classes load with no custom code, and back.
+"""Hugging Face folders that transformers' Auto classes load, and back.
 
-Each budgetlm architecture maps to transformers families in a small module of its own (export/gpt.py); a family
-says how config.json and the weights translate, both ways. This module writes and reads the folder around them:
-config.json, model.safetensors, generation_config.json, the tokenizer files and a README.md model card. Neither
-direction imports transformers: both only write or read JSON and safetensors."""
+A GPT that a transformers family computes goes out as that family, with no custom code (export/gpt.py); every
+other language model (BERT, T5, GPTs with Canon layers or a softcap) goes out with budgetlm's modeling code, for
+trust_remote_code (export/custom.py). A family says how config.json and the weights translate, both ways. This
+module writes and reads the folder around them: config.json, model.safetensors, generation_config.json, the
+tokenizer files, the modeling code where needed and a README.md model card. Neither direction imports
+transformers: both only write or read JSON, safetensors and the shipped code files."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -17,9 +20,10 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, processors
 from torch import nn
 
-from budgetlm.data.tokenizer import EOT, eot_id
+from budgetlm.data.tokenizer import CLS, EOT, MASK, PAD, SENTINELS, SEP, eot_id, sentinel
 from budgetlm.errors import UserError
-from budgetlm.export import gpt
+from budgetlm.export import custom, gpt
+from budgetlm.models.config import ModelConfig
 from budgetlm.train.checkpoint import atomic_write_bytes, save_weights
 
 
@@ -27,6 +31,9 @@ class Family(Protocol):
     model_type: str     # transformers' config.json `model_type`
     architecture: str   # the transformers class AutoModel picks
     arch: str           # budgetlm's config.json `arch`
+    auto_class: str     # the transformers Auto class that loads it
+    pipeline_tag: str
+    code_files: tuple[str, ...]  # modeling code the folder carries (trust_remote_code); none for native families
 
     def hf_config(self, config: dict) -> dict: ...
     def hf_weights(self, state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]: ...
@@ -34,27 +41,25 @@ class Family(Protocol):
     def budgetlm_weights(self, hf_state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]: ...
 
 
-# budgetlm arch → the function picking its family (or refusing); transformers model_type → family
-EXPORTERS = {"gpt": gpt.family_for}
-# architectures whose body no transformers family computes exactly (checked against transformers 5.25)
-NO_FAMILY = {
-    "bert": "no transformers masked-LM family computes its body: the closest, ModernBERT (rotary, no biases, "
-            "gated MLP), normalizes with LayerNorm, has no per-head q/k norm and puts a dense layer and a norm "
-            "before its output head",
-    "t5": "transformers' T5 family places positions by learned relative-position buckets, not rotary angles, and "
-          "has no per-head q/k norm",
-}
-IMPORTERS: dict[str, Family] = {f.model_type: f for f in gpt.FAMILIES}
+def _gpt_family(config: dict) -> Family:
+    return gpt.family_for(config) or custom.family_for(config)
+
+
+# budgetlm arch → the function picking its family
+EXPORTERS: dict[str, Callable[[dict], Family]] = {"gpt": _gpt_family, "bert": custom.family_for,
+                                                  "t5": custom.family_for}
+# transformers model_type → the function picking the family from its config.json
+IMPORTERS: dict[str, Callable[[dict], Family]] = {
+    **{f.model_type: (lambda hf, f=f: f) for f in gpt.FAMILIES}, custom.MODEL_TYPE: custom.family_for_import}
 
 
 def family_for_export(config: dict) -> Family:
     arch = config.get("arch")
     if arch is None:
         raise UserError("config.json names no budgetlm arch: give the --out folder of a budgetlm run")
-    if arch in NO_FAMILY:
-        raise UserError(f"a {arch} model cannot be exported to transformers: {NO_FAMILY[arch]}")
     if arch not in EXPORTERS:
-        raise UserError(f"a {arch} model cannot be exported to transformers yet; exportable: {', '.join(EXPORTERS)}")
+        raise UserError(f"a {arch} model cannot be exported to transformers (only language models are); "
+                        f"exportable: {', '.join(EXPORTERS)}")
     return EXPORTERS[arch](config)
 
 
@@ -62,19 +67,21 @@ def write(out: Path, model: nn.Module, config: dict, tokenizer: Tokenizer, summa
           source: str) -> Family:
     """`out` filled with the model as its transformers family; returns the family."""
     family = family_for_export(config)
-    eot = eot_id(tokenizer)
-    hf_config = {**family.hf_config(config), "bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}
+    ids = _special_ids(family.arch, tokenizer)
+    hf_config = {**family.hf_config(config), **ids}
     state = family.hf_weights(model.state_dict(), config)
     try:
         save_weights(state, out / "model.safetensors")
         _write_json(out / "config.json", hf_config)
-        _write_json(out / "generation_config.json",
-                    {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot})
+        if family.arch != "bert":  # what generate reads; a masked LM does not generate
+            _write_json(out / "generation_config.json", ids)
+        for name in family.code_files:
+            atomic_write_bytes(out / name, custom.code(name))
         atomic_write_bytes(out / "tokenizer.json", _with_leading_eot(tokenizer).to_str().encode())
         _write_json(out / "tokenizer_config.json", {
-            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT, "pad_token": EOT,
-            "model_max_length": hf_config["max_position_embeddings"], "clean_up_tokenization_spaces": False})
-        atomic_write_bytes(out / "README.md", model_card(family, hf_config, summary, source).encode())
+            "tokenizer_class": "PreTrainedTokenizerFast", **_special_tokens(family.arch),
+            "model_max_length": ModelConfig.from_dict(config).context, "clean_up_tokenization_spaces": False})
+        atomic_write_bytes(out / "README.md", model_card(family, config, summary, source).encode())
     except OSError as e:
         raise UserError(f"could not write {out} ({e.strerror or e}); free space or choose another --out") from None
     return family
@@ -92,7 +99,7 @@ def read(folder: Path) -> tuple[dict, dict[str, torch.Tensor], Tokenizer]:
     model_type = hf_config.get("model_type")
     if model_type not in IMPORTERS:
         raise UserError(f"{folder}: a {model_type} model cannot be imported; importable: {', '.join(IMPORTERS)}")
-    family = IMPORTERS[model_type]
+    family = IMPORTERS[model_type](hf_config)
     try:
         config = family.budgetlm_config(hf_config)
     except KeyError as e:
@@ -108,34 +115,76 @@ def read(folder: Path) -> tuple[dict, dict[str, torch.Tensor], Tokenizer]:
     return config, state, tokenizer
 
 
-def model_card(family: Family, hf_config: dict, summary: dict | None, source: str) -> str:
+# what the model card shows of each kind of model: a prompt and the lines that use it
+USAGE = {
+    "gpt": ["from transformers import {auto}, AutoTokenizer",
+            "tok = AutoTokenizer.from_pretrained(PATH{remote})", "model = {auto}.from_pretrained(PATH{remote})",
+            'ids = model.generate(**tok("ROMEO:", return_tensors="pt"), max_new_tokens=40, do_sample=False)',
+            "print(tok.decode(ids[0], skip_special_tokens=True))"],
+    "bert": ["from transformers import pipeline", 'fill = pipeline("fill-mask", model=PATH{remote})',
+             f'print(fill("ROMEO: what {MASK} through yonder"))'],
+    "t5": ["from transformers import {auto}, AutoTokenizer",
+           "tok = AutoTokenizer.from_pretrained(PATH{remote})", "model = {auto}.from_pretrained(PATH{remote})",
+           f'ids = model.generate(**tok("ROMEO: what {sentinel(0)} through yonder", return_tensors="pt"),',
+           f'                     max_new_tokens=20, eos_token_id=tok.convert_tokens_to_ids("{sentinel(1)}"))',
+           "print(tok.decode(ids[0]))  # [PAD]<extra_id_0> the span for it<extra_id_1>"],
+}
+
+
+def model_card(family: Family, config: dict, summary: dict | None, source: str) -> str:
     """A short README.md: what the model is, how it was trained, how to load it."""
-    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- budgetlm", "---", "",
-             f"# {Path(source).name}", "",
-             (f"A {hf_config['num_hidden_layers']}-layer, {hf_config['hidden_size']}-wide language model trained "
-              f"with budgetlm and exported to transformers as `{family.architecture}` ({family.model_type})."), ""]
+    c = ModelConfig.from_dict(config)
+    remote = bool(family.code_files)
+    how = (f"with its modeling code (`modeling_budgetlm.py`, loaded with `trust_remote_code=True`) as "
+           f"`{family.architecture}`" if remote else f"as `{family.architecture}` ({family.model_type})")
+    lines = ["---", "library_name: transformers", f"pipeline_tag: {family.pipeline_tag}", "tags:", "- budgetlm",
+             "---", "", f"# {Path(source).name}", "",
+             (f"A {c.n_layer}-layer, {c.d_model}-wide {c.arch.upper()} trained with budgetlm and exported to "
+              f"transformers {how}."), ""]
     if summary:
+        folded = "applied to the logits" if remote else "folded into the final norm"
         figures = [("best validation bits per byte", summary.get("best_val_bpb")),
                    ("best validation loss (nats per token)", summary.get("best_val_loss")),
                    ("parameters", summary.get("params")), ("tokens seen", summary.get("tokens_seen")),
                    ("optimizer steps", summary.get("steps")), ("budget (s)", summary.get("budget_s")),
                    ("wall clock (s)", summary.get("wall_s")), ("device", summary.get("device")),
                    ("precision", summary.get("precision")), ("stop reason", summary.get("stop_reason")),
-                   ("fitted temperature (folded into the final norm)", summary.get("temperature")),
+                   (f"fitted temperature ({folded})", summary.get("temperature")),
                    ("training data", (summary.get("config") or {}).get("data", {}).get("data"))]
         lines += ["| figure | value |", "|---|---|"]
         lines += [f"| {name} | {_figure(value)} |" for name, value in figures if value is not None]
         lines += [""]
     else:
         lines += ["The run folder had no summary.json, so no training figures are given.", ""]
-    lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer  # PATH: this folder",
-              'tok = AutoTokenizer.from_pretrained("PATH")',
-              'model = AutoModelForCausalLM.from_pretrained("PATH")',
-              ('print(tok.decode(model.generate(**tok("ROMEO:", return_tensors="pt"), max_new_tokens=40)[0], '
-               'skip_special_tokens=True))'),
-              "```", "",
+    usage = [line.format(auto=family.auto_class, remote=", trust_remote_code=True" if remote else "")
+             for line in USAGE[family.arch]]
+    lines += ["```python", *usage[:1], 'PATH = "."  # this folder', *usage[1:], "```", "",
               f"The tokenizer puts `{EOT}` (the document separator budgetlm trained with) before every text.", ""]
+    if remote:
+        lines += [("The modeling code keeps no key/value cache: `generate` recomputes the decoder's tokens at "
+                   "each step."), ""]
     return "\n".join(lines)
+
+
+def _special_ids(arch: str, tokenizer: Tokenizer) -> dict:
+    """config.json's token ids: a GPT's documents start and end with the separator; BERT and T5 pad with [PAD], and
+    T5's decoder starts from it, as span corruption trained it (train/objectives.py)."""
+    eot = eot_id(tokenizer)
+    if arch == "gpt":
+        return {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}
+    pad = tokenizer.token_to_id(PAD)
+    if pad is None:
+        raise UserError(f"the {arch} model's tokenizer has no {PAD} token; export the folder pretrain wrote")
+    return {"bos_token_id": eot, "pad_token_id": pad, **({"decoder_start_token_id": pad} if arch == "t5" else {})}
+
+
+def _special_tokens(arch: str) -> dict:
+    """tokenizer_config.json's named tokens: the mask of a BERT, the sentinels of a T5."""
+    if arch == "gpt":
+        return {"bos_token": EOT, "eos_token": EOT, "pad_token": EOT}
+    if arch == "bert":
+        return {"bos_token": EOT, "pad_token": PAD, "mask_token": MASK, "cls_token": CLS, "sep_token": SEP}
+    return {"bos_token": EOT, "pad_token": PAD, "additional_special_tokens": [sentinel(i) for i in range(SENTINELS)]}
 
 
 def _figure(value) -> str:

@@ -31,6 +31,7 @@ def run(model_dir: str, out: Path, *, format: str = "hf") -> Path:
                         "figures") from None
     prepare_out(out)
     family = hf.write(out, model, config, tokenizer, summary, source=str(folder.resolve()))
+    remote = ", trust_remote_code=True" if family.code_files else ""
     say(f"exported as {family.architecture} ({family.model_type}) to {out}; load it with "
-        f"AutoModelForCausalLM.from_pretrained({str(out)!r})")
+        f"{family.auto_class}.from_pretrained({str(out)!r}{remote})")
     return out
