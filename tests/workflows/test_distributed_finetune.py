@@ -65,9 +65,23 @@ def data(tmp_path_factory) -> tuple[Path, Path, Path]:
     return train, dev, body
 
 
-def test_ddp_finetune_in_two_processes_ends_where_one_process_ends(data, tmp_path):
+def hf_body(folder: Path, tokenizer_of: Path) -> str:
+    """A 1-layer Hugging Face BERT without dropout, with the GPT body's tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=320, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(folder)
+    (folder / "tokenizer.json").write_bytes((tokenizer_of / "tokenizer.json").read_bytes())
+    return f"hf:{folder}"
+
+
+@pytest.mark.parametrize("kind", ["gpt", "hf"])
+def test_ddp_finetune_in_two_processes_ends_where_one_process_ends(data, tmp_path, kind):
     train, dev, body = data
-    args = ["finetune", "--model", str(body), "--data", str(train), "--val", str(dev), "--text-column", "sentence",
+    model = str(body) if kind == "gpt" else hf_body(tmp_path / "bert", body)
+    args = ["finetune", "--model", model, "--data", str(train), "--val", str(dev), "--text-column", "sentence",
             "--ema", "0.9", "--save-every", "6", *COMMON]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     said = torchrun([*args, "--out", str(tmp_path / "two")])

@@ -127,7 +127,8 @@ class Parallel:
         for flag, value in (("--ema", ema), ("--l1", l1)):
             if value:
                 self.close()
-                raise UserError(f"{flag} is not supported under --strategy fsdp; use --strategy ddp or train without it")
+                raise UserError(f"{flag} is not supported under --strategy fsdp; use --strategy ddp or train "
+                                "without it")
 
     def pick_strategy(self, asked: str, model: nn.Module) -> str:
         """auto: DDP when the model and its optimizer state fit one device with room for activations, else FSDP."""

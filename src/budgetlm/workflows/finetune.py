@@ -309,7 +309,8 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
         f"(mean {lengths.mean():.1f} tokens), {len(val_ids):,} validation")
     say(f"  device {device} ({threads} threads), {precision}, batch {micro_batch * micro_steps} "
         f"(micro-batch {task.micro_batch} × {task.micro_steps}"
-        f"{f' × {parallel.world} processes, {parallel.strategy}' if parallel else ''}), {settings['optim']} lr {settings['lr']:.2e} {c.schedule}"
+        f"{f' × {parallel.world} processes, {parallel.strategy}' if parallel else ''}), "
+        f"{settings['optim']} lr {settings['lr']:.2e} {c.schedule}"
         f"{_layer_decay(settings)}, {mc.pooling} pooling, budget {budget.describe(epochs)}")
 
     tracker = tracking.start(c.report_to, c.tracking_uri, out, {"finetune": plain(c),
