@@ -103,8 +103,8 @@ def predict_probs(forward: Callable, seqs: list[np.ndarray], batch: int, device:
     rank computes every processes-th batch, and the ranks' rows are added up: the whole array on every rank."""
     rank, world = shard
     probs = None
-    for i, rows in enumerate(length_sorted_batches(np.array([len(s) for s in seqs]), batch)):
-        if i % world != rank:
+    for number, rows in enumerate(length_sorted_batches(np.array([len(s) for s in seqs]), batch)):
+        if number % world != rank:
             continue
         ids, mask = collate([seqs[i] for i in rows], pad_id)
         p = torch.softmax(forward(ids.to(device), mask.to(device)).float(), dim=-1).cpu().numpy()
