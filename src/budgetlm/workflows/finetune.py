@@ -253,9 +253,11 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
         model.body.token_embedding().requires_grad_(False)  # before the optimizer, which then leaves it out
     trained = model
     if parallel is not None:
-        # DDP starts every rank from rank 0's weights; some parameters may get no gradient in a step (a frozen
-        # body, a GPT's unused output head). Each rank then draws its own dropout masks.
-        trained = parallel.wrap(model, "ddp", precision, unused_parameters=True)
+        # DDP starts every rank from rank 0's weights. Some parameters may get no gradient in a step: a body
+        # frozen for its first steps, or parts of a BERT, T5 or Hugging Face model a classifier does not call
+        # (a pooler, a language-model head); a GPT body's head is tied to its embedding. Each rank then draws
+        # its own dropout masks.
+        trained = parallel.wrap(model, "ddp", precision, unused_parameters=c.freeze_steps > 0 or mc.body != "gpt")
         torch.manual_seed(int(np.random.SeedSequence([c.seed, parallel.rank]).generate_state(1)[0]))
     train_ids, val_ids = encode_texts(tokenizer, train_texts), encode_texts(tokenizer, val_texts)
 
