@@ -346,9 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in KEEPS_FREED_MEMORY:  # process-wide: the command line's own process, not an importer's
         keep_freed_memory()
     try:
-        if "WORLD_SIZE" in os.environ and args.command != "pretrain":  # torchrun: N copies would share one --out
-            raise UserError(f"`budgetlm {args.command}` runs in one process; only pretrain runs under torchrun "
-                            "(docs/distributed.md)")
+        if "WORLD_SIZE" in os.environ and args.command not in ("pretrain", "finetune"):  # N copies, one --out
+            raise UserError(f"`budgetlm {args.command}` runs in one process; only pretrain and finetune run under "
+                            "torchrun (docs/distributed.md)")
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

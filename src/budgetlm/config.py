@@ -367,6 +367,8 @@ class FinetuneConfig(TrainingSettings):
                        "model, the ensemble of those that raise its validation score (auto: a budgetlm GPT body "
                        "trains another member while the time left is at least 3/4 of the first member's, up to 4; "
                        "else 1)")
+    strategy: str = opt("auto", help="under torchrun: ddp (a replica per process, what auto picks); fsdp does not "
+                        "fine-tune yet", choices=("auto", "ddp", "fsdp"))
 
 
 @dataclass

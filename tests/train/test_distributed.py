@@ -164,8 +164,25 @@ def test_slow_rank_stops_on_time_with_the_others(runs, tmp_path):
     assert processes_of(out) == []
 
 
-def test_commands_other_than_pretrain_refuse_torchrun(monkeypatch, capsys):
+def test_commands_other_than_pretrain_and_finetune_refuse_torchrun(monkeypatch, capsys):
     """Under torchrun every process would run the whole command and write the same --out."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["generate", "--model", "nowhere", "--prompt", "x"]) == 2
-    assert "only pretrain runs under torchrun" in capsys.readouterr().err
+    assert "only pretrain and finetune run under torchrun" in capsys.readouterr().err
+
+
+def test_ddp_with_ema_and_l1_ends_where_one_process_ends(play_text, tmp_path, monkeypatch):
+    """The moving average is updated alike on every rank, and the L1 penalty's gradient (the same on every
+    rank, in the gradients before their all-reduce) is averaged with the rest: one process's weights. A
+    penalty counted once per rank, or an average drifting apart, would end elsewhere."""
+    data = tmp_path / "play.txt"
+    data.write_text(play_text)
+    cache = {"BUDGETLM_CACHE": str(tmp_path / "cache")}
+    monkeypatch.setenv("BUDGETLM_CACHE", cache["BUDGETLM_CACHE"])
+    common = [*pretrain(data, ["--max-steps", "10", "--eval-every", "10"]), "--optim", "adamw", "--ema", "0.9",
+              "--l1", "1e-2"]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    torchrun([*common, "--strategy", "ddp", "--out", str(tmp_path / "two")], env=cache)
+    assert max_diff(tmp_path / "one", tmp_path / "two") <= 1e-5
+    s = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert s["ema"] == 0.9 and s["world_size"] == 2 and s["config"]["train"]["l1"] == 1e-2

@@ -21,6 +21,7 @@ from torch import nn
 from budgetlm.errors import UserError
 from budgetlm.eval.classification import scores
 from budgetlm.train.muon import MuonWithAdamW
+from budgetlm.train.parallel import split_batch
 from budgetlm.train.runtime import to_device
 from budgetlm.train.selection import standard_error
 
@@ -97,15 +98,27 @@ def length_sorted_batches(lengths: np.ndarray, batch: int) -> list[np.ndarray]:
 
 @torch.no_grad()
 def predict_probs(forward: Callable, seqs: list[np.ndarray], batch: int, device: torch.device,
-                  pad_id: int = 0) -> np.ndarray:
-    """Class probabilities (examples, classes), in the order of `seqs`."""
+                  pad_id: int = 0, shard: tuple[int, int] = (0, 1)) -> np.ndarray:
+    """Class probabilities (examples, classes), in the order of `seqs`. `shard` (rank, processes): this
+    rank computes every processes-th batch, and the ranks' rows are added up: the whole array on every rank."""
+    rank, world = shard
     probs = None
-    for rows in length_sorted_batches(np.array([len(s) for s in seqs]), batch):
+    for number, rows in enumerate(length_sorted_batches(np.array([len(s) for s in seqs]), batch)):
+        if number % world != rank:
+            continue
         ids, mask = collate([seqs[i] for i in rows], pad_id)
         p = torch.softmax(forward(ids.to(device), mask.to(device)).float(), dim=-1).cpu().numpy()
         if probs is None:
             probs = np.zeros((len(seqs), p.shape[1]), dtype=np.float32)
         probs[rows] = p
+    if world > 1:  # a rank without a batch learns the number of classes from the others
+        classes = torch.tensor([0 if probs is None else probs.shape[1]], device=device)
+        torch.distributed.all_reduce(classes, op=torch.distributed.ReduceOp.MAX)
+        every = torch.zeros((len(seqs), int(classes)), device=device)
+        if probs is not None:
+            every += torch.from_numpy(probs).to(device)
+        torch.distributed.all_reduce(every)  # each row is one rank's, zeros elsewhere: the sum is exact
+        probs = every.cpu().numpy()
     return probs
 
 
@@ -143,17 +156,24 @@ class ClassificationTask:
                  device: torch.device = CPU, eval_batch: int = EVAL_BATCH,
                  label_smoothing: float = 0.0, pad_id: int = 0,
                  body: nn.Module | None = None, freeze_steps: int = 0, lm_weight: float = 0.0,
-                 prior: tuple[np.ndarray, int] | None = None):
+                 prior: tuple[np.ndarray, int] | None = None, shard: tuple[int, int] = (0, 1)):
         """`body` is frozen (no gradients, so no updates) for the first `freeze_steps` optimizer
         steps: the new head first learns from the pretrained features instead of disturbing them.
         With `lm_weight`, the training loss per example adds that weight times the body's mean
         next-token loss on the batch (`forward` must then take `lm_loss=True`).
         `prior` is (the summed validation probabilities of n earlier ensemble members, in validation
         order; n): evaluations then score the ensemble this model completes, so the weights kept are
-        those that make the best ensemble (the model alone: `val_member_accuracy`)."""
+        those that make the best ensemble (the model alone: `val_member_accuracy`).
+        `shard` (rank, processes) under torchrun: `micro_batch` × `micro_steps` are one process's step, whose
+        examples the ranks split in order (this rank's `micro_batch` × `micro_steps` then its share), and
+        each rank evaluates every processes-th validation batch."""
         self.train, self.train_labels = train, np.asarray(train_labels, dtype=np.int64)
         self.val, self.val_labels = val, np.asarray(val_labels, dtype=np.int64)
-        self.micro_batch, self.micro_steps = micro_batch, micro_steps
+        self.rank, self.world = shard
+        self.step_batches = micro_steps  # the sampler's batches per optimizer step, whatever the processes
+        self.micro_batch, self.micro_steps = split_batch(micro_batch, micro_steps, self.world, "examples",
+                                                         f"give --batch-size a multiple of {self.world}")
+        self._step_rows: tuple[int, np.ndarray] | None = None
         self.label_smoothing, self.pad_id, self.device = label_smoothing, pad_id, device
         self.body, self.freeze_steps, self.lm_weight, self.prior = body, freeze_steps, lm_weight, prior
         # what the body trains once unfrozen: parameters frozen for the whole run stay frozen
@@ -182,7 +202,13 @@ class ClassificationTask:
         if self.body is not None and self.freeze_steps and micro == 0:
             for p in self.body_trainable:
                 p.requires_grad_(step >= self.freeze_steps)
-        rows = self.sampler.batch_at(step * self.micro_steps + micro)
+        if self._step_rows is None or self._step_rows[0] != step:
+            # the step's examples, in the order one process reads them: a pure function of (seed, step)
+            self._step_rows = step, np.concatenate([self.sampler.batch_at(step * self.step_batches + m)
+                                                    for m in range(self.step_batches)])
+        share = self.micro_batch * self.micro_steps
+        start = self.rank * share + micro * self.micro_batch
+        rows = self._step_rows[1][start : start + self.micro_batch]
         ids, mask = collate([self.train[i] for i in rows], self.pad_id)
         return ids, mask, torch.from_numpy(self.train_labels[rows])
 
@@ -206,8 +232,9 @@ class ClassificationTask:
         batches, a fixed random sample (marked `val_sample_examples`, with the standard errors
         `val_loss_se` and `val_accuracy_se`). The per-batch results stay on the device until the end,
         so a GPU is not made to wait after every batch."""
+        batches = self.eval_batches[:max_batches]
         losses, truth, guess, alone = [], [], [], []
-        for rows in self.eval_batches[:max_batches]:
+        for rows in batches[self.rank :: self.world]:
             ids, mask = collate([self.val[i] for i in rows], self.pad_id)
             logits = forward(to_device(ids, self.device), to_device(mask, self.device)).detach().float()
             if self.prior is not None:
@@ -220,6 +247,11 @@ class ClassificationTask:
                                           reduction="none"))
             truth.append(self.val_labels[rows])
             guess.append(logits.argmax(-1))
+        if self.world > 1:
+            losses, guess = self._gathered(batches, losses, torch.float32), self._gathered(batches, guess, torch.int64)
+            if self.prior is not None:
+                alone = self._gathered(batches, alone, torch.int64)
+            truth = [self.val_labels[rows] for rows in batches]
         truth, guess = np.concatenate(truth), torch.cat(guess).cpu().numpy()
         losses = torch.cat(losses).cpu().double().numpy()
         s = scores(truth, guess)
@@ -232,6 +264,17 @@ class ClassificationTask:
         return {**metrics, "val_sample_examples": len(truth), "val_full": False,
                 "val_loss_se": standard_error(losses, ones, population),
                 "val_accuracy_se": standard_error((guess == truth).astype(np.float64), ones, population)}
+
+
+    def _gathered(self, batches: list[np.ndarray], mine: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+        """Per-example results of this rank's batches (every processes-th) in the order of `batches`, on every
+        rank: zeros where another rank scored, then summed (exact: each entry has one writer)."""
+        ends = np.cumsum([len(rows) for rows in batches])
+        whole = torch.zeros(int(ends[-1]), dtype=dtype, device=self.device)
+        for part, b in zip(mine, range(self.rank, len(batches), self.world)):
+            whole[ends[b] - len(part) : ends[b]] = part
+        torch.distributed.all_reduce(whole)
+        return [whole]
 
 
 def content_seed(seqs: list[np.ndarray], labels) -> int:

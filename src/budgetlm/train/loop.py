@@ -337,8 +337,13 @@ class Trainer:
         halvings = self.state.micro_steps // self.cfg.micro_steps  # left by out-of-memory retries before the stop
         while halvings > 1 and self.task.halve_micro_batch():
             halvings //= 2
+        has_average = resume.meta.get("has_averaged", False) if resume.sharded else resume.averaged is not None
+        if self.averaged is not None and not has_average:
+            raise UserError(f"checkpoint {resume.path} holds no moving average of the weights; resume with the "
+                            "run's own settings (--ema 0: the raw weights) or start a new --out")
         if resume.sharded:
-            self.best_state = load_sharded(resume.path, self.model, self.optimizer, resume.meta.get("has_best", False))
+            self.best_state = load_sharded(resume.path, self.model, self.optimizer, resume.meta.get("has_best", False),
+                                           self.averaged)
         else:
             if self.parallel is not None and self.parallel.strategy == "fsdp":
                 raise UserError(f"checkpoint {resume.path} was written by one process; resume it with --strategy ddp "
@@ -346,11 +351,8 @@ class Trainer:
             self.model.load_state_dict(resume.model)
             self.optimizer.load_state_dict(resume.optimizer)
             self.best_state = resume.best
-        if self.averaged is not None:
-            if resume.averaged is None:
-                raise UserError(f"checkpoint {resume.path} holds no moving average of the weights; resume with the "
-                                "run's own settings (--ema 0: the raw weights) or start a new --out")
-            self.averaged.load_state_dict(resume.averaged)
+            if self.averaged is not None:
+                self.averaged.load_state_dict(resume.averaged)
         self.cfg.schedule.load_state_dict(resume.meta.get("schedule", {}))
         if self.scaler is not None and resume.meta.get("scaler"):
             self.scaler.load_state_dict(resume.meta["scaler"])
@@ -471,7 +473,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None, **self.run_meta}
         if self.parallel is not None:
             self.last_checkpoint = str(save_sharded(self.checkpoints, self.parallel, st.step, self.model,
-                                                    self.optimizer, self.best_state, meta))
+                                                    self.optimizer, self.best_state, meta, self.averaged))
             st.last_save_step, st.last_save_time = st.step, self.budget.elapsed()
             return
         self.last_checkpoint = str(self.checkpoints.save(

@@ -115,15 +115,20 @@ class Parallel:
         return every
 
     def split_batch(self, micro_batch: int, micro_steps: int) -> tuple[int, int]:
-        """(micro-batch, micro-steps) of one rank, so that the ranks together read each step's sequences once:
-        the largest micro-batch up to the asked one that divides this rank's share."""
-        sequences = micro_batch * micro_steps
-        if sequences % self.world:
-            raise UserError(f"a step's {sequences} sequences do not split evenly over {self.world} processes; give "
-                            f"--batch-tokens a multiple of {self.world} × --context")
-        share = sequences // self.world
-        local = max(d for d in range(1, min(micro_batch, share) + 1) if share % d == 0)
-        return local, share // local
+        """(micro-batch, micro-steps) of one rank, so that the ranks together read each step's sequences once."""
+        return split_batch(micro_batch, micro_steps, self.world, "sequences",
+                           f"give --batch-tokens a multiple of {self.world} × --context")
+
+    def refuse_unsupported(self, *, ema: float = 0.0, l1: float = 0.0) -> None:
+        """Under FSDP the moving average (a copy of sharded weights) and the L1 penalty (a sum over shards
+        outside the model's forward) are not supported; under DDP both are the same on every rank."""
+        if self.strategy != "fsdp":
+            return
+        for flag, value in (("--ema", ema), ("--l1", l1)):
+            if value:
+                self.close()
+                raise UserError(f"{flag} is not supported under --strategy fsdp; use --strategy ddp or train "
+                                "without it")
 
     def pick_strategy(self, asked: str, model: nn.Module) -> str:
         """auto: DDP when the model and its optimizer state fit one device with room for activations, else FSDP."""
@@ -137,14 +142,17 @@ class Parallel:
             have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // local_world
         return "ddp" if need <= DDP_MEMORY_SHARE * have else "fsdp"
 
-    def wrap(self, model: nn.Module, strategy: str, precision: str) -> nn.Module:
+    def wrap(self, model: nn.Module, strategy: str, precision: str, *, unused_parameters: bool = False) -> nn.Module:
         """The module to call for training: DDP around `model`, or `model` itself sharded in place by
-        fully_shard (each block, then the root; parameters in bf16 with fp32 gradient reduction under bf16)."""
+        fully_shard (each block, then the root; parameters in bf16 with fp32 gradient reduction under bf16).
+        `unused_parameters`: some parameters may get no gradient in a step (a body frozen for its first
+        steps, a language-model head a classifier does not call), which DDP must then look for."""
         self.strategy = self.pick_strategy(strategy, model)
         if self.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
             ids = [self.device.index] if self.device.type == "cuda" else None
-            return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+            return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False,
+                                           find_unused_parameters=unused_parameters)
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = (MixedPrecisionPolicy(param_dtype=precision_dtype(precision), reduce_dtype=torch.float32)
               if precision in ("bf16", "fp16") else MixedPrecisionPolicy())
@@ -178,6 +186,18 @@ class Parallel:
         """The model's whole weights on rank 0 (on the CPU), for the model.safetensors one process would write."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def split_batch(micro_batch: int, micro_steps: int, world: int, unit: str, fix: str) -> tuple[int, int]:
+    """(micro-batch, micro-steps) of one of `world` ranks that together read a step's micro_batch × micro_steps
+    `unit` (sequences, examples) once: the largest micro-batch up to the asked one that divides this rank's
+    share. `fix`: what to give instead when the step does not split evenly."""
+    total = micro_batch * micro_steps
+    if total % world:
+        raise UserError(f"a step's {total} {unit} do not split evenly over {world} processes; {fix}")
+    share = total // world
+    local = max(d for d in range(1, min(micro_batch, share) + 1) if share % d == 0)
+    return local, share // local
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:

@@ -226,9 +226,11 @@ def is_sharded(path: Path) -> bool:
 
 
 def save_sharded(checkpoints: Checkpoints, parallel, step: int, model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer, best: dict | None, meta: dict) -> Path:
+                 optimizer: torch.optim.Optimizer, best: dict | None, meta: dict,
+                 averaged: torch.nn.Module | None = None) -> Path:
     """A checkpoint written by every rank together: each its part of the weights and optimizer state
-    (torch.distributed.checkpoint), then rank 0 the rest and the rename, after a barrier."""
+    (torch.distributed.checkpoint), then rank 0 the rest and the rename, after a barrier. `averaged`: the
+    moving average of the weights (under DDP, the same on every rank)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -241,6 +243,8 @@ def save_sharded(checkpoints: Checkpoints, parallel, step: int, model: torch.nn.
     state = {"model": model_state, "optimizer": optimizer_state}
     if best is not None:
         state["best"] = best
+    if averaged is not None:
+        state["averaged"] = averaged.state_dict()
     try:
         dcp.save(state, checkpoint_id=tmp)
     except OSError as e:
@@ -248,15 +252,17 @@ def save_sharded(checkpoints: Checkpoints, parallel, step: int, model: torch.nn.
     parallel.barrier()
     final = checkpoints.folder / f"{PREFIX}{step:08d}"
     if parallel.main:
-        checkpoints.seal(tmp, step, {**meta, "has_best": best is not None, "world_size": parallel.world})
+        checkpoints.seal(tmp, step, {**meta, "has_best": best is not None, "has_averaged": averaged is not None,
+                                     "world_size": parallel.world})
     parallel.barrier()
     return final
 
 
 def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 has_best: bool) -> dict | None:
-    """Restore a checkpoint of `save_sharded` into `model` and `optimizer`, however many processes
-    wrote it and however many read it (one without a process group included); returns the best weights."""
+                 has_best: bool, averaged: torch.nn.Module | None = None) -> dict | None:
+    """Restore a checkpoint of `save_sharded` into `model`, `optimizer` (and `averaged`, the moving average,
+    where given), however many processes wrote it and however many read it (one without a process group
+    included); returns the best weights."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -264,6 +270,8 @@ def load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     state = {"model": model_state, "optimizer": optimizer_state}
     if has_best:
         state["best"] = {k: torch.empty_like(v) for k, v in model.state_dict().items()}
+    if averaged is not None:
+        state["averaged"] = averaged.state_dict()  # read in place
     alone = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     with warnings.catch_warnings():  # read by one process without a process group: what was meant
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")

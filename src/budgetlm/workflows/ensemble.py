@@ -30,6 +30,7 @@ from budgetlm.eval.classification import log_loss, plot_confusion, report, score
 from budgetlm.models.classifier import ClassifierConfig, Ensemble
 from budgetlm.train.checkpoint import atomic_write_bytes, load_model, save_model
 from budgetlm.train.classify import EVAL_BATCH, classification_tokenizer, encode_texts, predict_probs
+from budgetlm.train.parallel import launched
 from budgetlm.train.runtime import pick_device, set_threads
 from budgetlm.report import prepare_out, say
 from budgetlm.workflows import finetune
@@ -47,8 +48,11 @@ def wanted(c: FinetuneConfig) -> bool:
     budget (its epoch limit may leave time over; a Hugging Face encoder's member fills most of a usual
     budget — MiniLM 12 of 15 minutes on SST-2 — and a scratch model has no epoch limit)."""
     if c.members != "auto":
+        if c.members > 1 and launched():
+            raise UserError("--members above 1 trains in one process only for now; under torchrun give --members 1")
         return c.members > 1
-    return bool(c.budget) and c.model != "scratch" and not c.model.startswith("hf:")
+    # under torchrun: one member
+    return bool(c.budget) and c.model != "scratch" and not c.model.startswith("hf:") and not launched()
 
 
 def run(c: FinetuneConfig, out: Path, *, quiet: bool = False) -> dict:

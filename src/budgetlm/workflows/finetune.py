@@ -6,6 +6,7 @@ top to bottom. The body is a budgetlm GPT, BERT or T5 encoder from `pretrain`, a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -52,6 +53,7 @@ from budgetlm.train.kernels import apply_kernels
 from budgetlm.train.loop import FitConfig, fit
 from budgetlm.train.metrics import RunLog
 from budgetlm.train.optim import LR_RELATIVE_TO_ADAMW, build_optimizer, default_lr, parse_optim_args
+from budgetlm.train.parallel import Parallel, launched
 from budgetlm.train.resume import Checkpoints, find_resume
 from budgetlm.train.runtime import Runtime, pick_device, pick_precision, set_threads
 from budgetlm.train.schedule import Schedule
@@ -194,14 +196,17 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
         raise UserError(f"--max-length {c.max_length} is too short; give at least 3 tokens")
     if c.batch_size < 1 or (c.micro_batch is not None and c.micro_batch < 1):
         raise UserError("--batch-size and --micro-batch must be at least 1")
-    prepare_out(out)
+    parallel = start_parallel(c)  # None outside torchrun
+    main = parallel is None or parallel.main
+    with parallel.main_first() if parallel is not None else contextlib.nullcontext():
+        prepare_out(out)
     checkpoints = Checkpoints(out / "checkpoints", keep=c.keep_checkpoints)
     snapshot = find_resume(c.resume, out, needs=("tokenizer.json", "config.json"), warn=say)
     if snapshot is not None:
         budget.spent_s = snapshot.meta["spent_s"]
     threads = set_threads(c.threads)
     torch.manual_seed(c.seed)
-    device = pick_device(c.device)
+    device = parallel.device if parallel is not None else pick_device(c.device)
     precision = pick_precision(c.precision, device)
 
     # Data: labelled rows → train/validation split → label map → augmented training split.
@@ -246,6 +251,14 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
     apply_kernels(model.to(device), device)
     if c.freeze_embeddings:
         model.body.token_embedding().requires_grad_(False)  # before the optimizer, which then leaves it out
+    trained = model
+    if parallel is not None:
+        # DDP starts every rank from rank 0's weights. Some parameters may get no gradient in a step: a body
+        # frozen for its first steps, or parts of a BERT, T5 or Hugging Face model a classifier does not call
+        # (a pooler, a language-model head); a GPT body's head is tied to its embedding. Each rank then draws
+        # its own dropout masks.
+        trained = parallel.wrap(model, "ddp", precision, unused_parameters=c.freeze_steps > 0 or mc.body != "gpt")
+        torch.manual_seed(int(np.random.SeedSequence([c.seed, parallel.rank]).generate_state(1)[0]))
     train_ids, val_ids = encode_texts(tokenizer, train_texts), encode_texts(tokenizer, val_texts)
 
     micro_batch = min(c.micro_batch or c.batch_size, c.batch_size)
@@ -277,7 +290,8 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
     task = ClassificationTask(train_ids, train_y, val_ids, val_y, micro_batch, micro_steps=micro_steps, seed=c.seed,
                               device=device, label_smoothing=c.label_smoothing, pad_id=model.pad_id,
                               body=model.body, freeze_steps=c.freeze_steps, lm_weight=settings.get("lm_weight", 0.0),
-                              prior=prior)
+                              prior=prior, shard=(parallel.rank, parallel.world) if parallel is not None else (0, 1))
+    fit_cfg.micro_steps = task.micro_steps  # this rank's share of the step
 
     if budget.seconds:
         load_plotting()
@@ -286,7 +300,7 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
     if snapshot is not None:
         say(f"resuming from {snapshot.path} (step {snapshot.meta['loop']['step']}, "
             f"{format_duration(snapshot.meta['spent_s'])} of the budget spent)")
-    else:
+    elif main:
         # the tokenizer and config go out first: a resume must find them whatever happens next
         atomic_write_bytes(out / "tokenizer.json", tokenizer.to_str().encode())
         atomic_write_bytes(out / "config.json", json.dumps(mc.to_dict(), indent=2).encode())
@@ -296,27 +310,32 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
         f"{f' ({n_original:,} before augmentation)' if len(train_ids) != n_original else ''} "
         f"(mean {lengths.mean():.1f} tokens), {len(val_ids):,} validation")
     say(f"  device {device} ({threads} threads), {precision}, batch {micro_batch * micro_steps} "
-        f"(micro-batch {micro_batch} × {micro_steps}), {settings['optim']} lr {settings['lr']:.2e} {c.schedule}"
+        f"(micro-batch {task.micro_batch} × {task.micro_steps}"
+        f"{f' × {parallel.world} processes, {parallel.strategy}' if parallel else ''}), "
+        f"{settings['optim']} lr {settings['lr']:.2e} {c.schedule}"
         f"{_layer_decay(settings)}, {mc.pooling} pooling, budget {budget.describe(epochs)}")
 
     tracker = tracking.start(c.report_to, c.tracking_uri, out, {"finetune": plain(c),
-                                                                  "settings": settings})
-    log = RunLog(out / "metrics.jsonl", quiet=quiet,
+                                                                  "settings": settings}) if main else None
+    log = RunLog(out / "metrics.jsonl" if main else None, quiet=quiet or not main,
                  resume_step=snapshot.meta["loop"]["step"] if snapshot is not None else None, tracker=tracker)
     with GracefulStop() as stop:
-        result = fit(model, model, task, optimizer, fit_cfg, budget, runtime, log, checkpoints=checkpoints,
-                     resume=snapshot, stop=stop, scaler=scaler, run_meta=identity)
+        result = fit(model, trained, task, optimizer, fit_cfg, budget, runtime, log, checkpoints=checkpoints,
+                     resume=snapshot, stop=stop, scaler=scaler, run_meta=identity, parallel=parallel)
     model.requires_grad_(True)
 
     # The kept weights over the whole validation set, as `predict` computes it (same batches, no autocast).
     model.eval()
-    probs = predict_probs(model, val_ids, EVAL_BATCH, device, model.pad_id)
+    probs = predict_probs(model, val_ids, EVAL_BATCH, device, model.pad_id, shard=(task.rank, task.world))
     scored = report(np.asarray(val_y), probs.argmax(1), list(label_map.labels))
     val_loss = log_loss(np.asarray(val_y), probs)
     if result.stop_reason != "interrupted":
         log.record(kind="final", step=result.steps, examples=result.seen, elapsed_s=budget.elapsed(),
                    best_step=result.best.get("step"), val_loss=val_loss, val_accuracy=scored["accuracy"],
                    val_macro_f1=scored["macro_f1"], val_examples=len(val_ids), val_full=True)
+    if not main:
+        parallel.close()
+        return {"best_val_accuracy": scored["accuracy"], "steps": result.steps, "stop_reason": result.stop_reason}
     save_model(out, model, mc.to_dict(), tokenizer)
     atomic_write_bytes(out / "confusion.json", json.dumps(
         {"labels": list(label_map.labels), "rows": "true label", "columns": "predicted label",
@@ -352,12 +371,28 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
         "pooling": mc.pooling,
         "settings": settings,
         "config": {"finetune": plain(c)},
+        "world_size": parallel.world if parallel is not None else 1,
+        "strategy": parallel.strategy if parallel is not None else None,
     }
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
     tracking.finish(tracker, summary, [out / "loss.png", out / "confusion.png"])
     say_done(result, out, f"validation accuracy {scored['accuracy']:.4f}, macro-F1 {scored['macro_f1']:.4f}, "
              f"{summary['examples_per_s']:,.0f} examples/s, {summary['epochs']} epochs", summary["wall_s"])
+    if parallel is not None:
+        parallel.close()
     return summary
+
+
+def start_parallel(c: FinetuneConfig) -> Parallel | None:
+    """This process's place among several under torchrun (always DDP), None outside it."""
+    if not launched():
+        if c.strategy != "auto":
+            say(f"warning: --strategy {c.strategy} applies under torchrun only (docs/distributed.md); training in "
+                "one process")
+        return None
+    if c.strategy == "fsdp":
+        raise UserError("finetune shards no model yet: --strategy fsdp is for pretrain; use --strategy ddp (or auto)")
+    return Parallel.start(pick_device(c.device))
 
 
 def _check_same_run(snapshot, identity: dict) -> None:

@@ -158,6 +158,8 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
         seconds = compile_language_model(model, compiling.cache, micro_batch, mc.context, runtime.autocast)
         say(f"  compiled the Transformer block in {seconds:.1f}s")
     trained = model if parallel is None else parallel.wrap(model, t.strategy, precision)
+    if parallel is not None:
+        parallel.refuse_unsupported(ema=t.ema or 0.0, l1=t.l1)
     sequences = micro_batch * micro_steps  # per optimizer step, over all processes
     if parallel is not None:
         micro_batch, micro_steps = parallel.split_batch(parallel.share(micro_batch), micro_steps)
@@ -316,9 +318,6 @@ def start_parallel(t) -> Parallel | None:
         if t.strategy != "auto":
             say(f"warning: --strategy {t.strategy} applies under torchrun only (docs/distributed.md); training in one process")
         return None
-    for flag, value in (("--ema", t.ema), ("--l1", t.l1)):
-        if value:
-            raise UserError(f"{flag} is not supported under torchrun yet; train without it or in one process")
     return Parallel.start(pick_device(t.device))
 
 
