@@ -166,8 +166,8 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     ema = given_or_planned(t.ema, planned, "ema", 0.0)
-    if ema and parallel is not None:  # only a flag is refused under torchrun (start_parallel)
-        say("the plan's moving average of the weights is left out: not supported under torchrun yet")
+    if ema and t.ema is None and parallel is not None and parallel.strategy == "fsdp":  # a flag is refused above
+        say("the plan's moving average of the weights is left out: not supported under --strategy fsdp yet")
         ema = 0.0
     lr = planned_lr(t.lr, mc.d_model, batch_tokens, t.optim, planned)
     optimizer = build_optimizer(model, t.optim, lr=lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
