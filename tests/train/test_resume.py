@@ -157,8 +157,8 @@ def test_resuming_with_another_bpe_dropout_is_refused(play_file, tmp_path, env):
 def test_a_resumed_planned_run_keeps_its_first_plan(play_file, tmp_path, monkeypatch):
     """The plan is made once for the whole budget: a resume, with less time left, must not plan
     again (another shape could not continue the checkpoint)."""
+    from budgetlm import pretraining
     from budgetlm.cli import main
-    from budgetlm.workflows import pretrain
 
     out = tmp_path / "run"
     planned = ["pretrain", "--data", str(play_file), "--out", str(out), "--budget", "2m", "--vocab-size", "400",
@@ -169,7 +169,7 @@ def test_a_resumed_planned_run_keeps_its_first_plan(play_file, tmp_path, monkeyp
     def plan_again(*args, **kwargs):
         raise AssertionError("a resumed run planned again")
 
-    monkeypatch.setattr(pretrain, "plan_on_device", plan_again)
+    monkeypatch.setattr(pretraining, "plan_on_device", plan_again)
     assert main([*planned, "--max-steps", "6", "--resume", "auto"]) == 0
     resumed = json.loads((out / "summary.json").read_text())
     shape = lambda summary: {k: v for k, v in summary["model"].items() if k != "temperature"}  # fitted per run
