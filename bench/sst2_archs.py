@@ -75,7 +75,7 @@ def main() -> None:
                          f"fine-tuned {args.finetune}{kept} | {p['tokens_per_s']:,.0f} tokens/s | "
                          f"{s['best_val_accuracy']:.4f} |")
         print(lines[-1], flush=True)
-    print(f"\n| body | pretraining speed | SST-2 dev accuracy |\n|---|---|---|")
+    print("\n| body | pretraining speed | SST-2 dev accuracy |\n|---|---|---|")
     print("\n".join(lines))
     print(f"\nruns in {work}")
 

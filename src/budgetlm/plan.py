@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from budgetlm.data.tokens import cache_dir, remember, supports_bpe_dropout
 from budgetlm.errors import UserError
 from budgetlm.models.config import SIZES, ModelConfig
 from budgetlm.models.bert import MASK_RATE
@@ -119,8 +120,6 @@ class Plan:
 def device_peak(device: torch.device, dtype: torch.dtype) -> float:
     """The matmul peak of this device, measured now and remembered as the best seen on this machine,
     so that a moment of load elsewhere does not change the plan (plans stay repeatable)."""
-    from budgetlm.data.tokens import cache_dir, remember
-
     key = f"{_device_key(device)}/{dtype}/torch{torch.__version__}"
     path = cache_dir() / "device_peaks.json"
     try:
@@ -404,8 +403,6 @@ def probe_speeds(ranked: list[dict], budget_s: float, *, vocab: int, device: tor
     remembered per device and shape (the best seen, as device_peak does), within PROBE_SHARE of the budget
     and PROBE_MAX_S; a figure taken while the machine is busy is used but not remembered. Returns
     {(n_layer, d_model): tokens/s} for the shapes measured or remembered."""
-    from budgetlm.data.tokens import cache_dir, remember
-
     path = cache_dir() / "speed_probes.json"
     try:
         known = json.loads(path.read_text())
@@ -655,8 +652,6 @@ def shape_given(m: ModelConfig) -> bool:
 
 def bpe_dropout_setting(d, tokenizer, planned: Plan | None) -> tuple[float, int]:
     """(rate, noisy passes) of BPE-dropout from the [data] settings `d`: the flags, else the plan; (0, 0) when off."""
-    from budgetlm.data.tokens import supports_bpe_dropout
-
     rate = given_or_planned(d.bpe_dropout, planned, "bpe_dropout", 0.0)
     if not rate:
         return 0.0, 0

@@ -5,28 +5,15 @@ from budgetlm.models.gpt import GPT
 from budgetlm.models.config import ModelConfig
 from budgetlm.models.sampling import generate
 from budgetlm.train.checkpoint import load_model, save_model
-
-SMALL = ModelConfig(vocab_size=97, context=32, n_layer=2, n_head=2, d_model=32)
-CANON = ModelConfig(vocab_size=97, context=32, n_layer=2, n_head=2, d_model=32, canon=4)
-
-
-def build(config: ModelConfig) -> GPT:
-    """An evaluation-mode model whose Canon mixes (zero, the identity, when new) carry random weights."""
-    model = GPT(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".canon_" in name:
-                p.normal_(0, 0.3)
-    return model
+from tests.models.tiny_gpt import CANON, SMALL, forward_in_chunks, tiny_gpt, tokens
 
 
 @pytest.mark.parametrize("config", [SMALL, CANON], ids=["plain", "canon"])
 def test_changing_future_tokens_never_changes_earlier_logits(config):
-    torch.manual_seed(0)
-    model = build(config)
-    x = torch.randint(0, 97, (2, 32))
+    model = tiny_gpt(config)
+    x = tokens(2, 32)
     y = x.clone()
-    y[:, 20:] = torch.randint(0, 97, (2, 12))
+    y[:, 20:] = tokens(2, 12)
     with torch.no_grad():
         a, b = model(x), model(y)
     assert torch.equal(a[:, :20], b[:, :20])
@@ -34,10 +21,9 @@ def test_changing_future_tokens_never_changes_earlier_logits(config):
 
 
 def test_loss_is_cross_entropy_and_ignores_masked_targets():
-    torch.manual_seed(0)
-    model = GPT(SMALL).eval()
-    x = torch.randint(0, 97, (2, 16))
-    y = torch.randint(0, 97, (2, 16))
+    model = tiny_gpt()
+    x = tokens(2, 16)
+    y = tokens(2, 16)
     with torch.no_grad():
         logits = model(x)
         expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
@@ -57,7 +43,7 @@ def test_the_output_head_is_the_input_embedding():
     assert [k for k in model.state_dict() if k.endswith("weight") and model.state_dict()[k].shape[0] == 97] == \
         ["embed.weight"]
     x = torch.zeros(2, 8, dtype=torch.long)  # only token 0 is read
-    y = torch.randint(0, 97, (2, 8))
+    y = tokens(2, 8)
     model(x, y).backward()
     both = model.embed.weight.grad.clone()
     model.zero_grad()
@@ -79,9 +65,8 @@ def test_tied_embedding_and_parameter_count():
 
 @pytest.mark.parametrize("config", [SMALL, CANON], ids=["plain", "canon"])
 def test_cached_generation_equals_uncached(config):
-    torch.manual_seed(0)
-    model = build(config)
-    prompt = torch.randint(0, 97, (1, 5))
+    model = tiny_gpt(config)
+    prompt = tokens(1, 5)
     # greedy over more than the context, so the cache window slides
     cached = [int(t) for t in generate(model, prompt, 60, temperature=0)]
     # the uncached path re-reads the whole window; compare only before the first slide
@@ -91,18 +76,10 @@ def test_cached_generation_equals_uncached(config):
     assert len(cached) == 60
 
 
-def forward_in_chunks(model, x, cuts, cache_dtype=None):
-    """Logits of x fed through the KV cache in chunks ending at `cuts`, then the rest."""
-    caches = model.new_caches(x.shape[0], "cpu", cache_dtype)
-    bounds = (0, *cuts, x.shape[1])
-    return torch.cat([model(x[:, a:b], caches=caches) for a, b in zip(bounds, bounds[1:])], dim=1)
-
-
 @pytest.mark.parametrize("config", [SMALL, CANON], ids=["plain", "canon"])
 def test_cached_logits_match_full_forward(config):
-    torch.manual_seed(0)
-    model = build(config)
-    x = torch.randint(0, 97, (2, 20))
+    model = tiny_gpt(config)
+    x = tokens(2, 20)
     with torch.no_grad():
         full = model(x)
         stepped = forward_in_chunks(model, x, (12, 13))
@@ -120,20 +97,18 @@ def test_sampling_is_seeded():
 
 @pytest.mark.parametrize("config", [SMALL, CANON], ids=["plain", "canon"])
 def test_saved_model_reloads_to_identical_logits(tmp_path, config):
-    torch.manual_seed(0)
-    model = build(config)
+    model = tiny_gpt(config)
     save_model(tmp_path, model, config.to_dict(), tokenizer=None)
     loaded, config, tok = load_model(tmp_path)
-    x = torch.randint(0, 97, (2, 32))
+    x = tokens(2, 32)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
     assert config["arch"] == "gpt" and tok is None
 
 
 def test_bf16_weights_keep_fp32_rotary_tables_and_track_the_fp32_model():
-    torch.manual_seed(0)
-    model = GPT(SMALL).eval()
-    x = torch.randint(0, 97, (2, 20))
+    model = tiny_gpt()
+    x = tokens(2, 20)
     with torch.no_grad():
         reference = model(x)
         model.cast_weights(torch.bfloat16)
@@ -149,7 +124,7 @@ def test_bf16_weights_keep_fp32_rotary_tables_and_track_the_fp32_model():
 def test_training_loss_takes_the_blockwise_path_with_the_same_value_and_gradients():
     torch.manual_seed(0)
     model = GPT(SMALL)
-    x, y = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    x, y = tokens(2, 16), tokens(2, 16)
     blockwise = model(x, y)
     blockwise.backward()
     grads = [p.grad.clone() for p in model.parameters()]

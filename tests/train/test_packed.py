@@ -1,18 +1,18 @@
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from budgetlm.models.gpt import GPT
-from budgetlm.models.config import ModelConfig
 from budgetlm.models.sampling import generate
 from budgetlm.train.kernels import cache_dtype
 from budgetlm.train.packed import PackedLinear, pack_for_inference, pack_linears, packing_available
-from tests.models.test_gpt import forward_in_chunks
+from tests.models.tiny_gpt import SMALL, forward_in_chunks, tiny_gpt, tokens
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(not packing_available(CPU, torch.float32), reason="no oneDNN packing here")
-SMALL = ModelConfig(vocab_size=97, context=32, n_layer=2, n_head=2, d_model=32, mlp="swiglu")
+SWIGLU = dataclasses.replace(SMALL, mlp="swiglu")
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -36,11 +36,10 @@ def test_pack_linears_replaces_every_linear_and_nothing_else():
 
 
 def test_packed_gpt_keeps_its_logits_generations_and_saved_keys():
-    torch.manual_seed(0)
-    model = GPT(SMALL).eval()
+    model = tiny_gpt(SWIGLU)
     keys = set(model.state_dict())
-    x = torch.randint(0, 97, (2, 20))
-    prompt = torch.randint(0, 97, (1, 4))
+    x = tokens(2, 20)
+    prompt = tokens(1, 4)
     with torch.no_grad():
         reference = model(x)
     greedy = [int(t) for t in generate(model, prompt, 12, temperature=0)]
@@ -53,9 +52,8 @@ def test_packed_gpt_keeps_its_logits_generations_and_saved_keys():
 
 
 def test_bf16_packed_decoding_tracks_the_fp32_model():
-    torch.manual_seed(0)
-    model = GPT(SMALL).eval()
-    x = torch.randint(0, 97, (1, 20))
+    model = tiny_gpt(SWIGLU)
+    x = tokens(1, 20)
     with torch.no_grad():
         reference = model(x)
         pack_for_inference(model.cast_weights(torch.bfloat16))
@@ -66,6 +64,6 @@ def test_bf16_packed_decoding_tracks_the_fp32_model():
 
 
 def test_unpackable_dtype_leaves_the_model_as_it_was():
-    model = GPT(SMALL).eval().cast_weights(torch.float16)
+    model = tiny_gpt(SWIGLU).cast_weights(torch.float16)
     assert not pack_for_inference(model)
     assert model.output_kernel is None and isinstance(model.blocks[0].attn.qkv, nn.Linear)

@@ -11,14 +11,25 @@ import time
 import pytest
 from safetensors.torch import load_file
 
+from budgetlm.cli import main
 from budgetlm.train.resume import Checkpoints
 
 TINY = ["--n-layer", "2", "--d-model", "64", "--n-head", "2", "--context", "64", "--micro-batch", "4",
         "--vocab-size", "400", "--compile", "off", "--threads", "1", "--dropout", "0.1", "--seed", "5"]
 
 
+def arguments(data, out, *extra):
+    return ["--data", str(data), "--out", str(out), *TINY, *extra]
+
+
 def command(data, out, *extra):
-    return [sys.executable, "-m", "budgetlm", "pretrain", "--data", str(data), "--out", str(out), *TINY, *extra]
+    """A pretrain process, for the tests that kill or signal it."""
+    return [sys.executable, "-m", "budgetlm", "pretrain", *arguments(data, out, *extra)]
+
+
+def pretrain(data, out, *extra) -> int:
+    """pretrain in this process, with no interpreter start-up to wait for."""
+    return main(["pretrain", *arguments(data, out, *extra)])
 
 
 def same_weights(a, b) -> bool:
@@ -69,39 +80,46 @@ def test_killed_three_times_and_resumed_ends_bitwise_equal(play_file, tmp_path, 
     assert steps_logged == sorted(set(steps_logged)), "a resumed run must not log an evaluation twice"
 
 
-def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(play_file, tmp_path, env):
+def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(play_file, tmp_path, capsys):
     out = tmp_path / "run"
-    subprocess.run(command(play_file, out, "--max-steps", "30", "--save-every", "10", "--keep-checkpoints", "3"),
-                   env=env, check=True, capture_output=True)
+    assert pretrain(play_file, out, "--max-steps", "30", "--save-every", "10", "--keep-checkpoints", "3") == 0
     checkpoints = Checkpoints(out / "checkpoints").all()
     assert [p.name for p in checkpoints] == ["step-00000010", "step-00000020", "step-00000030"]
     weights = checkpoints[-1] / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncate the newest
-    done = subprocess.run(command(play_file, out, "--max-steps", "30", "--save-every", "10", "--resume", "auto"),
-                          env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert "skipping checkpoint" in done.stderr and "step-00000030" in done.stderr
-    assert "resuming from" in done.stderr and "step-00000020" in done.stderr
+    capsys.readouterr()
+    assert pretrain(play_file, out, "--max-steps", "30", "--save-every", "10", "--resume", "auto") == 0
+    err = capsys.readouterr().err
+    assert "skipping checkpoint" in err and "step-00000030" in err
+    assert "resuming from" in err and "step-00000020" in err
 
 
-def test_resume_auto_without_checkpoints_starts_fresh(play_file, tmp_path, env):
-    done = subprocess.run(command(play_file, tmp_path / "new", "--max-steps", "3", "--resume", "auto"),
-                          env=env, capture_output=True, text=True)
-    assert done.returncode == 0 and "resuming" not in done.stderr
+def test_resume_auto_without_checkpoints_starts_fresh(play_file, tmp_path, capsys):
+    assert pretrain(play_file, tmp_path / "new", "--max-steps", "3", "--resume", "auto") == 0
+    assert "resuming" not in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def ten_steps(play_text, tmp_path_factory):
+    """A run of 10 steps, checkpointed at 5 and 10, that the refusals below try to resume with other flags
+    (a refused run changes nothing in it)."""
+    folder = tmp_path_factory.mktemp("ten_steps")
+    (folder / "play.txt").write_text(play_text, encoding="utf-8")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BUDGETLM_CACHE", str(folder / "cache"))
+        assert pretrain(folder / "play.txt", folder / "run", "--max-steps", "10", "--save-every", "5") == 0
+    return folder
 
 
 @pytest.mark.parametrize("old, new, refusal", [
     ("64", "96", "belongs to another model"),        # --d-model
     ("400", "300", "not --vocab-size 300"),          # --vocab-size
 ])
-def test_resuming_with_another_model_or_vocabulary_is_refused(play_file, tmp_path, env, old, new, refusal):
-    out = tmp_path / "run"
-    subprocess.run(command(play_file, out, "--max-steps", "10", "--save-every", "5"), env=env, check=True,
-                   capture_output=True)
-    changed = [a if a != old else new for a in command(play_file, out, "--max-steps", "20", "--resume", "auto")]
-    done = subprocess.run(changed, env=env, capture_output=True, text=True)
-    assert done.returncode != 0 and "Traceback" not in done.stderr
-    assert refusal in done.stderr.splitlines()[-1]
+def test_resuming_with_another_model_or_vocabulary_is_refused(ten_steps, capsys, old, new, refusal):
+    changed = [a if a != old else new for a in arguments(ten_steps / "play.txt", ten_steps / "run", "--max-steps",
+                                                          "20", "--resume", "auto")]
+    assert main(["pretrain", *changed]) == 2  # a UserError: one line, no traceback
+    assert refusal in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_sigint_finishes_the_step_saves_and_says_how_to_resume(play_file, tmp_path, env):
@@ -139,26 +157,25 @@ def test_a_full_disk_while_saving_is_one_clear_error(tmp_path, monkeypatch):
         checkpoint.save_model(tmp_path / "out", torch.nn.Linear(2, 2), {}, None)
 
 
-def test_resuming_with_another_bpe_dropout_is_refused(play_file, tmp_path, env):
+def test_resuming_with_another_bpe_dropout_is_refused(play_file, tmp_path, capsys):
     out = tmp_path / "run"
     bpe = ["--bpe-dropout", "0.1", "--bpe-passes", "2"]
-    subprocess.run(command(play_file, out, "--max-steps", "10", "--save-every", "5", *bpe), env=env, check=True,
-                   capture_output=True)
-    done = subprocess.run(command(play_file, out, "--max-steps", "20", "--resume", "auto", "--bpe-dropout", "0.2",
-                                  "--bpe-passes", "2"), env=env, capture_output=True, text=True)
-    assert done.returncode != 0 and "Traceback" not in done.stderr
-    assert "BPE-dropout 0.1 over 2 passes, not 0.2 over 2" in done.stderr.splitlines()[-1]
-    resumed = subprocess.run(command(play_file, out, "--max-steps", "20", "--resume", "auto", *bpe), env=env,
-                             capture_output=True, text=True)
-    assert resumed.returncode == 0 and "resuming from" in resumed.stderr
-    assert "no longer cached" not in resumed.stderr and "re-segmented" not in resumed.stderr
+    assert pretrain(play_file, out, "--max-steps", "10", "--save-every", "5", *bpe) == 0
+    capsys.readouterr()
+    assert pretrain(play_file, out, "--max-steps", "20", "--resume", "auto", "--bpe-dropout", "0.2",
+                    "--bpe-passes", "2") == 2  # a UserError: one line, no traceback
+    assert "BPE-dropout 0.1 over 2 passes, not 0.2 over 2" in capsys.readouterr().err.splitlines()[-1]
+    assert pretrain(play_file, out, "--max-steps", "20", "--resume", "auto", *bpe) == 0
+    err = capsys.readouterr().err
+    assert "resuming from" in err
+    assert "no longer cached" not in err and "re-segmented" not in err
 
 
 def test_a_resumed_planned_run_keeps_its_first_plan(play_file, tmp_path, monkeypatch):
     """The plan is made once for the whole budget: a resume, with less time left, must not plan
     again (another shape could not continue the checkpoint)."""
+    from budgetlm import pretraining
     from budgetlm.cli import main
-    from budgetlm.workflows import pretrain
 
     out = tmp_path / "run"
     planned = ["pretrain", "--data", str(play_file), "--out", str(out), "--budget", "2m", "--vocab-size", "400",
@@ -169,7 +186,7 @@ def test_a_resumed_planned_run_keeps_its_first_plan(play_file, tmp_path, monkeyp
     def plan_again(*args, **kwargs):
         raise AssertionError("a resumed run planned again")
 
-    monkeypatch.setattr(pretrain, "plan_on_device", plan_again)
+    monkeypatch.setattr(pretraining, "plan_on_device", plan_again)
     assert main([*planned, "--max-steps", "6", "--resume", "auto"]) == 0
     resumed = json.loads((out / "summary.json").read_text())
     shape = lambda summary: {k: v for k, v in summary["model"].items() if k != "temperature"}  # fitted per run

@@ -1,8 +1,6 @@
 import json
 import math
 import shutil
-import subprocess
-import sys
 import time
 
 import pytest
@@ -43,13 +41,18 @@ def test_short_run_lowers_validation_loss(play_file, tmp_path):
     assert {"step", "tokens", "elapsed_s", "val_loss", "val_bpb"} <= set(evals[0])
 
 
-def run_eval(model, data) -> dict:
-    done = subprocess.run([sys.executable, "-m", "budgetlm", "eval", "--model", str(model), "--data", str(data)],
-                          capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)
+def printed(capsys, *args: str) -> str:
+    """What the command `budgetlm ARGS` prints to stdout, run in this process (no interpreter start-up)."""
+    capsys.readouterr()
+    assert main(list(args)) == 0
+    return capsys.readouterr().out
 
 
-def test_reported_bpb_is_the_saved_models_nats_per_validation_byte(play_file, tmp_path):
+def run_eval(capsys, model, data) -> dict:
+    return json.loads(printed(capsys, "eval", "--model", str(model), "--data", str(data)))
+
+
+def test_reported_bpb_is_the_saved_models_nats_per_validation_byte(play_file, tmp_path, capsys):
     """`eval` of the saved model on the validation text alone follows the definition, total nats ÷ (UTF-8 bytes ×
     ln 2), and at temperature 1 reproduces uncalibrated_val_bpb; best_val_bpb is the calibrated model's figure,
     cross-fitted, so the saved model, whose temperature was fitted on all of that text, reads at most that."""
@@ -58,7 +61,7 @@ def test_reported_bpb_is_the_saved_models_nats_per_validation_byte(play_file, tm
     s = read_summary(out)
     _, (val_text,) = split_validation([play_file.read_text()], 0.1)
     (tmp_path / "val.txt").write_text(val_text)
-    result = run_eval(out, tmp_path / "val.txt")
+    result = run_eval(capsys, out, tmp_path / "val.txt")
     assert result["bytes"] == len(val_text.encode())
     assert result["bpb"] == pytest.approx(result["loss"] * result["tokens"] / (result["bytes"] * math.log(2)), rel=1e-9)
     assert json.loads((out / "config.json").read_text())["temperature"] == s["temperature"]
@@ -67,17 +70,17 @@ def test_reported_bpb_is_the_saved_models_nats_per_validation_byte(play_file, tm
     shutil.copytree(out, raw)
     config = json.loads((raw / "config.json").read_text())
     (raw / "config.json").write_text(json.dumps({**config, "temperature": 1.0}))
-    assert run_eval(raw, tmp_path / "val.txt")["bpb"] == pytest.approx(s["uncalibrated_val_bpb"], rel=1e-4)
+    assert run_eval(capsys, raw, tmp_path / "val.txt")["bpb"] == pytest.approx(s["uncalibrated_val_bpb"], rel=1e-4)
 
 
-def test_without_calibration_the_reported_bpb_is_the_raw_models(play_file, tmp_path):
+def test_without_calibration_the_reported_bpb_is_the_raw_models(play_file, tmp_path, capsys):
     out = tmp_path / "run"
     main(["pretrain", "--data", str(play_file), "--max-steps", "10", "--no-calibrate", "--out", str(out), *TINY])
     s = read_summary(out)
     assert s["temperature"] == 1.0 and s["best_val_bpb"] == s["uncalibrated_val_bpb"]
     _, (val_text,) = split_validation([play_file.read_text()], 0.1)
     (tmp_path / "val.txt").write_text(val_text)
-    assert run_eval(out, tmp_path / "val.txt")["bpb"] == pytest.approx(s["best_val_bpb"], rel=1e-4)
+    assert run_eval(capsys, out, tmp_path / "val.txt")["bpb"] == pytest.approx(s["best_val_bpb"], rel=1e-4)
 
 
 def test_budget_stops_the_run_on_time(play_file, tmp_path):
@@ -134,7 +137,7 @@ def test_bpe_dropout_trains_on_respelled_text_and_repeats_per_seed(play_file, tm
     main(["pretrain", "--data", str(play_file), "--out", str(tmp_path / "a"), *[a for a in TINY if a != "--quiet"], *bpe])
     assert "re-segmented the training text 2 times with BPE-dropout 0.1" in capsys.readouterr().err
     main(["pretrain", "--data", str(play_file), "--out", str(tmp_path / "b"), *TINY, *bpe])
-    a, b = read_summary(tmp_path / "a"), read_summary(tmp_path / "b")
+    a = read_summary(tmp_path / "a")
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert a["bpe_dropout"] == 0.1 and a["bpe_passes"] == 2
     # epochs count the text, not its three spellings: 12 steps of 512 tokens over the training tokens
@@ -145,12 +148,11 @@ def test_bpe_dropout_trains_on_respelled_text_and_repeats_per_seed(play_file, tm
     assert a["best_val_loss"] != c["best_val_loss"]
 
 
-def test_generate_prints_the_prompt_and_its_continuation(play_file, tmp_path):
+def test_generate_prints_the_prompt_and_its_continuation(play_file, tmp_path, capsys):
     out = tmp_path / "run"
     main(["pretrain", "--data", str(play_file), "--max-steps", "20", "--out", str(out), *TINY])
-    run = lambda *extra: subprocess.run(
-        [sys.executable, "-m", "budgetlm", "generate", "--model", str(out), "--prompt", "HAMLET.", "--max-new-tokens", "20", *extra],
-        capture_output=True, text=True, check=True).stdout
+    run = lambda *extra: printed(capsys, "generate", "--model", str(out), "--prompt", "HAMLET.", "--max-new-tokens",
+                                 "20", *extra)
     greedy = run("--temperature", "0")
     assert greedy.startswith("HAMLET.") and len(greedy) > len("HAMLET.") + 5
     assert greedy == run("--temperature", "0", "--seed", "9")   # greedy ignores the seed
@@ -160,12 +162,10 @@ def test_generate_prints_the_prompt_and_its_continuation(play_file, tmp_path):
         assert run("--temperature", "0", "--precision", precision).startswith("HAMLET.")
 
 
-def test_eval_command_reports_loss_bpb_and_perplexity(play_file, tmp_path):
+def test_eval_command_reports_loss_bpb_and_perplexity(play_file, tmp_path, capsys):
     out = tmp_path / "run"
     main(["pretrain", "--data", str(play_file), "--max-steps", "5", "--out", str(out), *TINY])
-    done = subprocess.run([sys.executable, "-m", "budgetlm", "eval", "--model", str(out), "--data", str(play_file)],
-                          capture_output=True, text=True, check=True)
-    result = json.loads(done.stdout)
+    result = run_eval(capsys, out, play_file)
     assert {"loss", "bpb", "ppl"} <= set(result)
     assert result["bytes"] == len(play_file.read_bytes())
 

@@ -3,12 +3,10 @@ language model: the loss reads only the masked positions, gathered before the (t
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from budgetlm.models.base import LanguageModel, built_config
 from budgetlm.models.blocks import Block, RMSNorm, Rotary, compute_dtype, init_weights
 from budgetlm.models.config import ModelConfig
 
@@ -23,14 +21,12 @@ def key_padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     return None if mask is None else mask.bool()[:, None, None, :]
 
 
-class BERT(nn.Module):
+class BERT(LanguageModel):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.missing():
-            raise ValueError(f"a BERT needs its whole shape; unset: {', '.join(config.missing())}")
-        if config.canon:
+        self.config = c = built_config(config, "a BERT")
+        if c.canon:
             raise ValueError("Canon mixes read earlier positions only; an encoder reads both ways (use --canon 0)")
-        self.config = c = dataclasses.replace(config, dropout=config.dropout or 0.0, canon=0)
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
         self.drop = nn.Dropout(c.dropout) if c.dropout > 0 else nn.Identity()
         self.rotary = Rotary(c.head_dim, c.context, c.rope_base)
@@ -42,10 +38,6 @@ class BERT(nn.Module):
         )
         self.norm = RMSNorm(c.d_model)
         init_weights(self, c.n_layer)
-
-    def num_params(self, embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n if embedding else n - self.embed.weight.numel()
 
     def flops_per_token(self, mask_rate: float = MASK_RATE) -> float:
         """Training FLOPs per input token: 6·N of the body for every token, the tied head's 6·vocab·d_model
@@ -66,25 +58,8 @@ class BERT(nn.Module):
             x = block(x, mask=attn_mask, rope=rope)
         return self.norm(x)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.embed.weight)  # tied input/output embedding
-
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, reduction: str = "mean",
                 label_smoothing: float = 0.0, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, time, vocab) without targets; with targets (-100 where nothing is to be predicted),
         the cross-entropy of the other positions in nats (`reduction` as in F.cross_entropy, over them only)."""
-        h = self.hidden(idx, mask)
-        if targets is None:
-            return self.logits(h)
-        return self.loss(h, targets, reduction=reduction, label_smoothing=label_smoothing)
-
-    def loss(self, h: torch.Tensor, targets: torch.Tensor, *, reduction: str = "mean",
-             label_smoothing: float = 0.0) -> torch.Tensor:
-        picked = targets != -100
-        logits = self.logits(h[picked])  # only the masked positions reach the vocabulary projection
-        return F.cross_entropy(logits.float(), targets[picked], reduction=reduction, label_smoothing=label_smoothing)
-
-    def cast_weights(self, dtype: torch.dtype) -> BERT:
-        for p in self.parameters():
-            p.data = p.data.to(dtype)
-        return self
+        return self.head(self.hidden(idx, mask), targets, reduction=reduction, label_smoothing=label_smoothing)

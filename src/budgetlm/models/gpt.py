@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from budgetlm.models.base import LanguageModel, built_config
 from budgetlm.models.blocks import Block, KVCache, RMSNorm, Rotary, compute_dtype, init_weights
 from budgetlm.models.config import ModelConfig
 from budgetlm.models.loss import linear_cross_entropy
 
 
-class GPT(nn.Module):
+class GPT(LanguageModel):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.missing():
-            raise ValueError(f"a GPT needs its whole shape; unset: {', '.join(config.missing())}")
-        # what the plan may leave unset is off in a built model, and its config (what is saved) says so
-        self.config = c = dataclasses.replace(config, dropout=config.dropout or 0.0, canon=config.canon or 0)
+        self.config = c = built_config(config, "a GPT")
         dropout = c.dropout
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -33,10 +29,6 @@ class GPT(nn.Module):
         self.norm = RMSNorm(c.d_model)
         self.output_kernel: nn.Module | None = None  # the tied head's product, if the runtime packs it
         init_weights(self, c.n_layer)
-
-    def num_params(self, embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n if embedding else n - self.embed.weight.numel()
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6·N for the matmuls (incl. the tied output head) plus attention
@@ -71,10 +63,7 @@ class GPT(nn.Module):
         nats (`reduction` as in F.cross_entropy; targets of -100 are ignored)."""
         if idx.shape[1] > self.config.context and caches is None:
             raise ValueError(f"sequence of {idx.shape[1]} tokens exceeds the context of {self.config.context}")
-        h = self.hidden(idx, caches)
-        if targets is None:
-            return self.logits(h)
-        return self.loss(h, targets, reduction=reduction, label_smoothing=label_smoothing)
+        return self.head(self.hidden(idx, caches), targets, reduction=reduction, label_smoothing=label_smoothing)
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor, *, reduction: str = "mean",
              label_smoothing: float = 0.0) -> torch.Tensor:
@@ -91,13 +80,6 @@ class GPT(nn.Module):
     def _tempered(self, h: torch.Tensor) -> torch.Tensor:
         # without a softcap the head is linear: dividing its input divides the logits, at a vocabulary-th of the cost
         return h if self.config.temperature == 1 else h * (1 / self.config.temperature)
-
-    def cast_weights(self, dtype: torch.dtype) -> "GPT":
-        """Weights in `dtype` for inference (decoding reads every weight once per token, so bf16 halves
-        the bytes it waits for); unlike `.to(dtype)` the rotary tables stay fp32."""
-        for p in self.parameters():
-            p.data = p.data.to(dtype)
-        return self
 
     def new_caches(self, batch: int, device: torch.device, dtype: torch.dtype | None = None) -> list[KVCache]:
         """Key/value caches for decoding, in `dtype` (default: the weights')."""

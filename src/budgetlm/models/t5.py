@@ -5,12 +5,10 @@ relative position buckets are not used); input and output embeddings are one tie
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from budgetlm.models.base import LanguageModel, built_config
 from budgetlm.models.bert import key_padding_mask
 from budgetlm.models.blocks import (
     Block,
@@ -43,14 +41,12 @@ def encoder_decoder_flops(n_layer: int, d_model: int, vocab: int, context: int, 
             + 12 * n_layer * d_model * (source * inputs + target * targets + source * targets))
 
 
-class T5(nn.Module):
+class T5(LanguageModel):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.missing():
-            raise ValueError(f"a T5 needs its whole shape; unset: {', '.join(config.missing())}")
-        if config.canon:
+        self.config = c = built_config(config, "a T5")
+        if c.canon:
             raise ValueError("Canon mixes are for decoder-only models here (use --canon 0)")
-        self.config = c = dataclasses.replace(config, dropout=config.dropout or 0.0, canon=0)
         attention_dropout = c.dropout if c.attention_dropout is None else c.attention_dropout
 
         def stack(decoder: bool) -> nn.ModuleList:
@@ -65,10 +61,6 @@ class T5(nn.Module):
         self.encoder, self.encoder_norm = stack(False), RMSNorm(c.d_model)
         self.decoder, self.norm = stack(True), RMSNorm(c.d_model)
         init_weights(self, 2 * c.n_layer)
-
-    def num_params(self, embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n if embedding else n - self.embed.weight.numel()
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token of raw text (see `encoder_decoder_flops`)."""
@@ -103,26 +95,15 @@ class T5(nn.Module):
         """The encoder's output: what a classifier reads (models/classifier.py)."""
         return self.encode(src, mask)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.embed.weight)
-
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, targets: torch.Tensor | None = None, *,
                 reduction: str = "mean", label_smoothing: float = 0.0,
                 src_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder logits (batch, target time, vocab); with targets (-100: ignored), the cross-entropy in nats."""
         h = self.decode(tgt, self.encode(src, src_mask), src_mask)
-        if targets is None:
-            return self.logits(h)
-        picked = targets != -100
-        return F.cross_entropy(self.logits(h[picked]).float(), targets[picked], reduction=reduction,
-                               label_smoothing=label_smoothing)
+        return self.head(h, targets, reduction=reduction, label_smoothing=label_smoothing)
 
     def new_caches(self, batch: int, device: torch.device, dtype: torch.dtype | None = None) -> list[KVCache]:
         c = self.config
         dtype = dtype or self.embed.weight.dtype
         return [KVCache(batch, c.n_head, c.context, c.head_dim, device, dtype) for _ in range(c.n_layer)]
 
-    def cast_weights(self, dtype: torch.dtype) -> T5:
-        for p in self.parameters():
-            p.data = p.data.to(dtype)
-        return self

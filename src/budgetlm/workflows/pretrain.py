@@ -5,10 +5,8 @@ setup (budget clock, device, data, tokenizer, model) → fit → save → report
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -16,29 +14,12 @@ import torch
 from budgetlm import tracking
 from budgetlm.budget import Budget, format_duration, process_age
 from budgetlm.config import Every, RunConfig
-from budgetlm.data.tokens import bpe_dropout_tokens
 from budgetlm.errors import UserError
-from budgetlm.models.registry import ARCHS
-from budgetlm.prepare import prepare
 from budgetlm.report import prepare_out, say, say_done
-from budgetlm.plan import (
-    Plan,
-    batch_settings,
-    bpe_dropout_setting,
-    budget_fields,
-    data_fields,
-    given_or_planned,
-    model_for,
-    plan_on_device,
-    plan_record,
-    plan_text,
-    planned_lr,
-    shape_given,
-)
-from budgetlm.train.batching import largest_micro_batch
+from budgetlm.plan import plan_text
+from budgetlm.pretraining import main_first, set_up
 from budgetlm.train.checkpoint import atomic_write_bytes, save_model
-from budgetlm.train.compile import compile_language_model, decide as decide_compile
-from budgetlm.train.kernels import apply_kernels
+from budgetlm.train.compile import compile_language_model
 from budgetlm.train.objectives import VALIDATION_METRICS, objective, pretraining_task
 from budgetlm.train.loop import FitConfig, fit
 from budgetlm.train.metrics import RunLog, plot_losses
@@ -88,98 +69,34 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
     device = parallel.device if parallel is not None else pick_device(t.device)
     precision = pick_precision(t.precision, device)
 
-    # Data: split, tokenizer and token streams, sized by what the budget will read (prepare.py); the other
-    # processes read what the first tokenized into the cache
-    with main_first(parallel):
-        data = prepare(cfg, budget, resumed_tokenizer=out / "tokenizer.json" if snapshot is not None else None,
-                       device=device, precision=precision)
-    tokenizer, train_tokens, val_tokens, val_bytes = data.tokenizer, data.train_tokens, data.val_tokens, data.val_bytes
+    # Data, plan, model, batch and compile decision: what `budgetlm plan` shows (pretraining.py)
+    setup = set_up(cfg, budget, device, precision, parallel=parallel, snapshot=snapshot,
+                   resumed_tokenizer=out / "tokenizer.json" if snapshot is not None else None)
+    data, mc, model, compiling, record = setup.data, setup.config, setup.model, setup.compiling, setup.record
+    tokenizer, val_tokens, val_bytes = data.tokenizer, data.val_tokens, data.val_bytes
+    text_tokens = len(data.train_tokens)
+    micro_batch, micro_steps, sequences, lr = setup.micro_batch, setup.micro_steps, setup.sequences, setup.lr
     goal = objective(cfg.model.arch)
-
-    planned = None
-    if (budget.seconds or budget.max_flops) and not shape_given(cfg.model):
-        # a resumed run keeps the plan its first session made for the whole budget; planning again
-        # for the time left could pick another shape, which the checkpoint cannot continue
-        planned = Plan.from_dict(snapshot.meta.get("plan")) if snapshot is not None else None
-        if planned is None and (parallel is None or parallel.main):
-            planned = plan_on_device(budget.remaining(), train_tokens=data.unique_tokens,
-                                     vocab=tokenizer.get_vocab_size(), device=device, precision=precision,
-                                     micro_batch=t.micro_batch, budget_flops=t.budget_flops, optim=t.optim,
-                                     clock=budget.remaining, peak_flops=data.peak_flops,
-                                     arch=cfg.model.arch, mask_rate=t.mask_rate)
-        if parallel is not None:  # the first process plans for all
-            planned = parallel.share(planned)
-        say(planned.describe())
-    mc = model_for(cfg.model, tokenizer.get_vocab_size(), planned)
-    if mc.d_model % mc.n_head:
-        raise UserError(f"--d-model {mc.d_model} is not divisible by --n-head {mc.n_head}; choose sizes that divide")
-    if mc.canon == 1:
-        raise UserError("--canon 1 would mix a position with itself only; give 0 (off) or a kernel of 2 or more")
-    if len(val_tokens) < mc.context + 1:
-        raise UserError(f"the validation text has {len(val_tokens)} tokens, fewer than one context window "
-                        f"({mc.context + 1}); give more validation text (--val, --val-fraction) or a smaller --context")
-    if len(train_tokens) < 2 * mc.context + 2:
-        raise UserError(f"the training text has {len(train_tokens)} tokens, too few for two context windows of "
-                        f"{mc.context}; give more text or a smaller --context")
-    bpe_rate, passes = bpe_dropout_setting(cfg.data, tokenizer, planned)
-    identity = {"model": mc.to_dict(), "train_tokens": Path(train_tokens.filename).name,
-                "vocab_asked": cfg.data.vocab_size, "bpe_dropout": bpe_rate, "bpe_passes": passes,
-                "plan": dataclasses.asdict(planned) if planned is not None else None}
-    if snapshot is not None:
-        _check_same_run(snapshot, identity)
-    text_tokens = len(train_tokens)
-    if bpe_rate:
-        started = time.monotonic()
-        with main_first(parallel):
-            train_tokens, drawn = bpe_dropout_tokens(data.train_texts(), tokenizer, train_tokens, bpe_rate, passes,
-                                                     t.seed)
-        if drawn:
-            if snapshot is not None:
-                say("the BPE-dropout segmentations this run started with are no longer cached: drew new ones, so "
-                    "the resumed run reads other segmentations of the same text")
-            say(f"re-segmented the training text {passes} times with BPE-dropout {bpe_rate:g} in "
-                f"{time.monotonic() - started:.1f}s")
-
-    model = ARCHS[mc.arch][0](mc).to(device)
     budget.flops_per_token = model.flops_per_token()
-    batch_tokens, micro_batch = batch_settings(t.batch_tokens, t.micro_batch, mc.context, planned)
-    apply_kernels(model, device)
-    runtime = Runtime(device, precision, compiled=False)
-    if micro_batch is None:
-        micro_batch = largest_micro_batch(model, model, mc.context, mc.vocab_size, batch_tokens, device,
-                                          runtime.autocast)
-    micro_steps = max(1, round(batch_tokens / (micro_batch * mc.context)))
-    compiling = decide_compile(t.compile, mc, micro_batch, device, precision,
-                               budget.seconds - budget.elapsed() if budget.seconds else None,
-                               processes=parallel.world if parallel is not None else 1)
+    runtime = Runtime(device, precision, compiled=compiling.compile)
     say(compiling.reason)
-    runtime.compiled = compiling.compile
     if compiling.compile:
         seconds = compile_language_model(model, compiling.cache, micro_batch, mc.context, runtime.autocast)
         say(f"  compiled the Transformer block in {seconds:.1f}s")
     trained = model if parallel is None else parallel.wrap(model, t.strategy, precision)
     if parallel is not None:
         parallel.refuse_unsupported(ema=t.ema or 0.0, l1=t.l1)
-    sequences = micro_batch * micro_steps  # per optimizer step, over all processes
-    if parallel is not None:
-        micro_batch, micro_steps = parallel.split_batch(parallel.share(micro_batch), micro_steps)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
-    ema = given_or_planned(t.ema, planned, "ema", 0.0)
+    ema = setup.ema
     if ema and t.ema is None and parallel is not None and parallel.strategy == "fsdp":  # a flag is refused above
         say("the plan's moving average of the weights is left out: not supported under --strategy fsdp yet")
         ema = 0.0
-    lr = planned_lr(t.lr, mc.d_model, batch_tokens, t.optim, planned)
+        record["regularizers"] = [g for g in record["regularizers"] if g["name"] != "ema"]
     optimizer = build_optimizer(model, t.optim, lr=lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2),
                                 extra=parse_optim_args(t.optim_args or ""), device=device, precision=precision)
     schedule = Schedule(t.schedule, t.warmup, t.decay_fraction, t.min_lr_ratio, gamma=t.gamma,
                         step_size=t.step_size, patience=t.plateau_patience)
-    record = plan_record(planned, mc, n_params=model.num_params(), n_params_without_embedding=model.num_params(False),
-                         flops_per_token_=model.flops_per_token(), device=device_name(device), precision=precision,
-                         compiled=compiling.compile, compile_reason=compiling.reason, budget=budget_fields(t), ema=ema,
-                         data=data_fields(data, bpe_rate, passes),
-                         batch_tokens=sequences * mc.context, micro_batch=micro_batch,
-                         micro_steps=micro_steps, lr=lr, warmup=t.warmup, optim=t.optim, schedule=t.schedule)
     planned_steps = record["training"]["steps"]
     eval_every = t.eval_every or (Every(seconds=budget.seconds / 12) if budget.seconds
                                   else Every(steps=max(1, (t.max_steps or planned_steps or 1200) // 12)))
@@ -192,8 +109,8 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
                         ema=ema,
                         final_eval=not calibrate, reserve_evals=CALIBRATION_EVALS if calibrate else 1)
 
-    task = pretraining_task(mc, tokenizer, train_tokens, val_tokens, val_bytes, micro_batch, device, seed=t.seed,
-                            label_smoothing=t.label_smoothing, mask_rate=t.mask_rate)
+    task = pretraining_task(mc, tokenizer, setup.train_tokens, val_tokens, val_bytes, micro_batch, device,
+                            seed=t.seed, label_smoothing=t.label_smoothing, mask_rate=t.mask_rate)
     task.micro_steps = micro_steps
     if parallel is not None:
         task.rank, task.world = parallel.rank, parallel.world
@@ -219,7 +136,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
         f"{f' × {parallel.world} processes, {parallel.strategy}' if parallel else ''}), "
         f"{t.optim} lr {lr:.2e} {t.schedule}, budget {budget.describe()}")
 
-    tracked_plan = {k: v for k, v in (identity["plan"] or {}).items() if k != "candidates"} or None  # plan.json has them
+    tracked_plan = {k: v for k, v in (setup.identity["plan"] or {}).items() if k != "candidates"} or None  # plan.json has them
     tracker = tracking.start(t.report_to, t.tracking_uri, out, {**cfg.to_dict(), "plan": tracked_plan,
                                                                   "gpt": mc.to_dict()}) if main else None
     log = RunLog(out / "metrics.jsonl" if main else None, quiet=quiet or not main,
@@ -227,7 +144,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
     with GracefulStop() as stop:  # a signal after training, too, waits until the model is saved
         result = fit(model, trained, task, optimizer, fit_cfg, budget, runtime, log, checkpoints=checkpoints,
                      resume=snapshot, stop=stop, scaler=scaler,
-                     run_meta=identity, on_eval=on_eval, parallel=parallel)
+                     run_meta=setup.identity, on_eval=on_eval, parallel=parallel)
         if main:
             compiling.cache.note_speed(runtime.compiled, result.per_s)  # what the next run's decision weighs
         raw = {"val_bpb": result.final.get("val_bpb"), "val_loss": result.final["val_loss"]}
@@ -281,11 +198,11 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
         "stop_reason": result.stop_reason,
         "skipped_steps": result.state.skipped_steps,
         "epochs": round(result.seen / max(text_tokens, 1), 3),  # of the text, however segmented
-        "bpe_dropout": bpe_rate,
-        "bpe_passes": passes,
+        "bpe_dropout": setup.bpe_rate,
+        "bpe_passes": setup.bpe_passes,
         "config": cfg.to_dict(),
         "model": mc.to_dict(),
-        "plan": identity["plan"],
+        "plan": setup.identity["plan"],
         # under torchrun: the processes, and the tokens/s above are the whole job's
         "world_size": parallel.world if parallel is not None else 1,
         "strategy": parallel.strategy if parallel is not None else None,
@@ -321,31 +238,5 @@ def start_parallel(t) -> Parallel | None:
     return Parallel.start(pick_device(t.device))
 
 
-def main_first(parallel: Parallel | None):
-    return parallel.main_first() if parallel is not None else contextlib.nullcontext()
-
-
 def whole_model(parallel: Parallel | None, model):
     return parallel.whole(model) if parallel is not None else contextlib.nullcontext()
-
-
-def _check_same_run(snapshot, identity: dict) -> None:
-    saved = snapshot.meta.get("model")
-    if saved != identity["model"]:
-        diff = {k: (saved.get(k) if saved else None, v) for k, v in identity["model"].items()
-                if not saved or saved.get(k) != v}
-        raise UserError(f"checkpoint {snapshot.path} belongs to another model (checkpoint vs now: {diff}); "
-                        "resume with the same model flags or start a new --out")
-    asked = snapshot.meta.get("vocab_asked")
-    if identity["vocab_asked"] and asked != identity["vocab_asked"]:
-        raise UserError(f"checkpoint {snapshot.path} was trained with a tokenizer of "
-                        f"{'--vocab-size ' + str(asked) if asked else 'the default vocabulary size'}, not --vocab-size "
-                        f"{identity['vocab_asked']}; resume with the same --vocab-size or start a new --out")
-    saved_bpe = (snapshot.meta.get("bpe_dropout", 0.0), snapshot.meta.get("bpe_passes", 0))
-    if saved_bpe != (identity["bpe_dropout"], identity["bpe_passes"]):
-        raise UserError(f"checkpoint {snapshot.path} was trained with BPE-dropout {saved_bpe[0]:g} over "
-                        f"{saved_bpe[1]} passes, not {identity['bpe_dropout']:g} over {identity['bpe_passes']}; "
-                        "resume with the same --bpe-dropout and --bpe-passes or start a new --out")
-    if snapshot.meta.get("train_tokens") != identity["train_tokens"]:
-        raise UserError(f"checkpoint {snapshot.path} was trained on other data; resume with the same --data "
-                        "or start a new --out")
