@@ -104,6 +104,19 @@ def test_a_run_is_refused_before_its_setup_starts(large_corpus, monkeypatch):
     assert not (cache_dir() / "tokens").exists()
 
 
+def test_the_setup_rate_kept_is_the_fastest_measured():
+    """One slow measurement (a machine busy elsewhere) must not make later runs refuse budgets that fit."""
+    mb = 1 << 20
+    prep.remember_rate("tokenizer_s_per_mb", 0.5, 2 * mb)
+    assert prep.setup_rates()["tokenizer_s_per_mb"] == pytest.approx(0.25)
+    prep.remember_rate("tokenizer_s_per_mb", 40.0, 2 * mb)  # the slow one
+    assert prep.setup_rates()["tokenizer_s_per_mb"] == pytest.approx(0.25)
+    prep.remember_rate("tokenizer_s_per_mb", 0.2, 2 * mb)
+    assert prep.setup_rates()["tokenizer_s_per_mb"] == pytest.approx(0.1)
+    prep.remember_rate("encode_s_per_mb", 1.0, mb // 2)  # under a megabyte: not kept
+    assert prep.setup_rates()["encode_s_per_mb"] == prep.RATES["encode_s_per_mb"]
+
+
 def test_a_budget_already_spent_is_refused_with_a_finite_suggestion():
     def predict(seconds):
         return _predict(seconds, 1 << 20, chunked_corpus=False)

@@ -124,12 +124,19 @@ def setup_rates() -> dict[str, float]:
 
 
 def remember_rate(name: str, seconds: float, n_bytes: int) -> None:
-    """Keep this machine's latest measured seconds per megabyte of `name` (from a megabyte on, to be meaningful)."""
+    """Keep this machine's fastest measured seconds per megabyte of `name` (from a megabyte on, to be meaningful):
+    as plan.device_peak keeps the best matmul speed, so that one run slowed by load elsewhere does not make later
+    runs refuse budgets that fit."""
     if n_bytes < 1 << 20:
         return
-    rates = setup_rates()
-    rates[name] = seconds / (n_bytes / (1 << 20))
-    remember(cache_dir() / "setup_rates.json", rates)
+    path = cache_dir() / "setup_rates.json"
+    try:
+        measured = json.loads(path.read_text())
+    except (OSError, ValueError):
+        measured = {}
+    rate = seconds / (n_bytes / (1 << 20))
+    measured[name] = min(rate, measured.get(name, rate))
+    remember(path, measured)
 
 
 def check_setup_fits(budget_s: float | None, setup: Setup, predict: Callable[[float], Setup],
