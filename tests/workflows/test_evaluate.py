@@ -63,3 +63,12 @@ def test_evaluation_memory_does_not_grow_with_the_text(tiny_model, tmp_path, pla
                               text=True, check=True)
         peaks.append(int(done.stdout.split()[-1]))
     assert peaks[1] <= 1.1 * peaks[0], f"peak resident KB at 2 MB and 4 MB: {peaks}"
+
+
+def test_a_long_evaluation_says_how_far_it_is(tiny_model, tmp_path, play_text, monkeypatch, capsys):
+    (tmp_path / "play.txt").write_text(play_text)
+    monkeypatch.setattr(evaluate, "PROGRESS_EVERY_S", 0.0)  # every group of pieces reports
+    evaluate.run(str(tiny_model), [str(tmp_path / "play.txt")], batch=4, precision="fp32")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("eval: ")]
+    size = len(play_text.encode()) / 2**20
+    assert lines and f"of {size:,.0f} MB read" in lines[-1] and "MB/s" in lines[-1]
