@@ -10,11 +10,10 @@ import torch
 
 from budgetlm.data.tokenizer import MASK, PAD, sentinel, train_tokenizer, with_special_tokens
 from budgetlm.export import custom
-from budgetlm.models.config import ModelConfig
-from budgetlm.models.registry import build
 from budgetlm.models.sampling import generate_seq2seq
-from budgetlm.train.checkpoint import load_model, save_model
+from budgetlm.train.checkpoint import load_model
 from budgetlm.workflows import export, fill, generate, import_
+from tests.export.tiny_run import tiny_run as shared_tiny_run
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,18 +34,9 @@ def texts(play_text):
 
 
 def tiny_run(folder, texts, arch, seed=0, **overrides):
-    """A random model saved as a run folder, every weight (norms and Canon mixes included) moved off its init."""
+    """A random model of `arch`, with a tokenizer carrying its special tokens, saved as a run folder."""
     tokenizer = with_special_tokens(train_tokenizer(texts, 320), arch)
-    torch.manual_seed(seed)
-    config = ModelConfig(arch=arch, vocab_size=tokenizer.get_vocab_size(), context=32, n_layer=2, n_head=2,
-                         d_model=32, **overrides)
-    model = build(config.to_dict())
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    save_model(folder, model, model.config.to_dict(), tokenizer)
-    (folder / "summary.json").write_text(json.dumps({"best_val_loss": 4.25, "params": model.num_params()}))
-    return folder
+    return shared_tiny_run(folder, tokenizer, arch, seed, figures={"best_val_loss": 4.25}, **overrides)
 
 
 def exported(tmp_path, run, arch):

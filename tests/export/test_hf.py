@@ -8,10 +8,10 @@ import torch
 
 from budgetlm.data.tokenizer import EOT, train_tokenizer
 from budgetlm.errors import UserError
-from budgetlm.models.config import ModelConfig
 from budgetlm.models.gpt import GPT
-from budgetlm.train.checkpoint import load_model, save_model
+from budgetlm.train.checkpoint import load_model
 from budgetlm.workflows import export, generate, import_
+from tests.export.tiny_run import tiny_run
 
 transformers = pytest.importorskip("transformers")
 
@@ -26,20 +26,6 @@ EXPORTABLE = {
 @pytest.fixture(scope="module")
 def tokenizer(play_text):
     return train_tokenizer(play_text.split("\n\n")[:400], 320)
-
-
-def tiny_run(folder, tokenizer, seed=0, **overrides):
-    """A random GPT saved as a run folder, every weight (norms included) away from its initial value."""
-    torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=tokenizer.get_vocab_size(), context=32, n_layer=2, n_head=2, d_model=32,
-                       **overrides)
-    model = GPT(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.2)
-    save_model(folder, model, model.config.to_dict(), tokenizer)
-    (folder / "summary.json").write_text(json.dumps({"best_val_bpb": 2.5, "params": model.num_params()}))
-    return folder
 
 
 def hf_model(folder):
