@@ -68,8 +68,8 @@ class TrainingSettings(Section):
     weight_decay: float | None = opt(0.1, low=0, help="decoupled weight decay (L2) on weight matrices")
     label_smoothing: float = opt(0.0, low=0, high=0.99, help="label smoothing of the training loss")
     ema: float | None = opt(None, low=0, high=0.99999, help="evaluate and keep a moving average of the weights with "
-                            "this decay per step (default 0 = the raw weights; 0.998 helped a text read about 10 "
-                            "times, docs/planner.md)")
+                            "this decay per step (default: 0.998 where the plan expects a GPT to read its text more "
+                            "than 10 times, else 0 = the raw weights; docs/planner.md)")
     beta1: float = opt(0.9, low=0, high=0.9999, help="Adam β1")
     beta2: float = opt(0.95, low=0, high=0.99999, help="Adam β2")
     grad_clip: float = opt(1.0, low=0, help="clip the gradient norm to this (0: no clipping)")

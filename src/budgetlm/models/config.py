@@ -42,8 +42,8 @@ class ModelConfig(Section):
     rope_base: float = opt(10000.0, above=0, flag=False, help="base of the rotary position angles")
     logit_softcap: float = opt(0.0, low=0, help="cap logits at ±c with c·tanh(x/c); 0 turns it off")
     canon: int | None = opt(None, low=0, help="Canon layers: mix each position with the previous canon-1 before "
-                            "attention and MLP, a causal per-channel convolution (default 0 = off; 4 helped a text "
-                            "read about 10 times, docs/planner.md)")
+                            "attention and MLP, a causal per-channel convolution (default: 4 where the plan expects a GPT to "
+                            "read its text more than 10 times, else 0 = off; docs/planner.md)")
     temperature: float = opt(1.0, above=0, flag=False, help="logits are divided by it; fitted on held-out text "
                              "after pretraining (eval/calibration.py)")
 
