@@ -40,7 +40,7 @@ from budgetlm.report import say
 from budgetlm.train.batching import largest_micro_batch
 from budgetlm.train.compile import CompileDecision, decide as decide_compile
 from budgetlm.train.kernels import apply_kernels
-from budgetlm.train.parallel import Parallel
+from budgetlm.train.parallel import Parallel, main_first
 from budgetlm.train.resume import Snapshot
 from budgetlm.train.runtime import autocast, device_name
 
@@ -146,10 +146,6 @@ def set_up(cfg: RunConfig, budget: Budget, device: torch.device, precision: str,
                          schedule=t.schedule)
     return Pretraining(data, planned, mc, model, train_tokens, bpe_rate, passes, identity, batch_tokens, micro_batch,
                        micro_steps, sequences, compiling, lr, ema, record)
-
-
-def main_first(parallel: Parallel | None):
-    return parallel.main_first() if parallel is not None else contextlib.nullcontext()
 
 
 def check_same_run(snapshot: Snapshot, identity: dict) -> None:

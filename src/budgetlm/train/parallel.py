@@ -17,7 +17,8 @@ import torch.distributed as dist
 from torch import nn
 
 from budgetlm.errors import UserError
-from budgetlm.train.runtime import precision_dtype
+from budgetlm.report import say
+from budgetlm.train.runtime import pick_device, precision_dtype
 
 SLOW_RANK_ENV = "BUDGETLM_TEST_SLOW_RANK"
 # bytes per parameter of training state on one device under DDP: weights, gradients, two Adam moments (fp32)
@@ -29,6 +30,22 @@ DDP_MEMORY_SHARE = 0.5
 def launched() -> bool:
     """Whether torchrun started this process (it sets WORLD_SIZE, RANK and LOCAL_RANK)."""
     return "WORLD_SIZE" in os.environ
+
+
+def join(strategy: str, device: str) -> "Parallel | None":
+    """This process's place among several under torchrun, None outside it (where a --strategy other than auto
+    is only warned about)."""
+    if not launched():
+        if strategy != "auto":
+            say(f"warning: --strategy {strategy} applies under torchrun only (docs/distributed.md); training in one "
+                "process")
+        return None
+    return Parallel.start(pick_device(device))
+
+
+def main_first(parallel: "Parallel | None"):
+    """A block the first process runs before the others (outside torchrun: just the block)."""
+    return parallel.main_first() if parallel is not None else contextlib.nullcontext()
 
 
 @dataclass

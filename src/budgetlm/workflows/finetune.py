@@ -6,7 +6,6 @@ top to bottom. The body is a budgetlm GPT, BERT or T5 encoder from `pretrain`, a
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -53,7 +52,7 @@ from budgetlm.train.kernels import apply_kernels
 from budgetlm.train.loop import FitConfig, fit
 from budgetlm.train.metrics import RunLog
 from budgetlm.train.optim import LR_RELATIVE_TO_ADAMW, build_optimizer, default_lr, parse_optim_args
-from budgetlm.train.parallel import Parallel, launched
+from budgetlm.train.parallel import join, launched, main_first
 from budgetlm.train.resume import Checkpoints, find_resume
 from budgetlm.train.runtime import Runtime, pick_device, pick_precision, set_threads
 from budgetlm.train.schedule import Schedule
@@ -196,9 +195,11 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
         raise UserError(f"--max-length {c.max_length} is too short; give at least 3 tokens")
     if c.batch_size < 1 or (c.micro_batch is not None and c.micro_batch < 1):
         raise UserError("--batch-size and --micro-batch must be at least 1")
-    parallel = start_parallel(c)  # None outside torchrun
+    if launched() and c.strategy == "fsdp":
+        raise UserError("finetune shards no model yet: --strategy fsdp is for pretrain; use --strategy ddp (or auto)")
+    parallel = join(c.strategy, c.device)  # None outside torchrun; always DDP
     main = parallel is None or parallel.main
-    with parallel.main_first() if parallel is not None else contextlib.nullcontext():
+    with main_first(parallel):
         prepare_out(out)
     checkpoints = Checkpoints(out / "checkpoints", keep=c.keep_checkpoints)
     snapshot = find_resume(c.resume, out, needs=("tokenizer.json", "config.json"), warn=say)
@@ -381,18 +382,6 @@ def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.
     if parallel is not None:
         parallel.close()
     return summary
-
-
-def start_parallel(c: FinetuneConfig) -> Parallel | None:
-    """This process's place among several under torchrun (always DDP), None outside it."""
-    if not launched():
-        if c.strategy != "auto":
-            say(f"warning: --strategy {c.strategy} applies under torchrun only (docs/distributed.md); training in "
-                "one process")
-        return None
-    if c.strategy == "fsdp":
-        raise UserError("finetune shards no model yet: --strategy fsdp is for pretrain; use --strategy ddp (or auto)")
-    return Parallel.start(pick_device(c.device))
 
 
 def _check_same_run(snapshot, identity: dict) -> None:

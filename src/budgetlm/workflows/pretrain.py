@@ -17,14 +17,14 @@ from budgetlm.config import Every, RunConfig
 from budgetlm.errors import UserError
 from budgetlm.report import prepare_out, say, say_done
 from budgetlm.plan import plan_text
-from budgetlm.pretraining import main_first, set_up
+from budgetlm.pretraining import set_up
 from budgetlm.train.checkpoint import atomic_write_bytes, save_model
 from budgetlm.train.compile import compile_language_model
 from budgetlm.train.objectives import VALIDATION_METRICS, objective, pretraining_task
 from budgetlm.train.loop import FitConfig, fit
 from budgetlm.train.metrics import RunLog, plot_losses
 from budgetlm.train.optim import build_optimizer, parse_optim_args
-from budgetlm.train.parallel import Parallel, launched
+from budgetlm.train.parallel import Parallel, join, main_first
 from budgetlm.train.resume import Checkpoints, find_resume
 from budgetlm.train.runtime import (
     Runtime,
@@ -52,7 +52,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
     startup_s = process_age() if count_startup else 0.0
     budget = Budget(seconds=t.budget, max_steps=t.max_steps, max_tokens=t.max_tokens,
                     max_flops=t.budget_flops)  # the clock starts now: data preparation counts
-    parallel = start_parallel(t)  # None outside torchrun
+    parallel = join(t.strategy, t.device)  # None outside torchrun
     if parallel is not None and cfg.model.arch != "gpt":
         parallel.close()
         raise UserError(f"--arch {cfg.model.arch} trains in one process only for now (its batches are not yet split "
@@ -227,15 +227,6 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
     if parallel is not None:
         parallel.close()
     return summary
-
-
-def start_parallel(t) -> Parallel | None:
-    """This process's place among several under torchrun, None outside it."""
-    if not launched():
-        if t.strategy != "auto":
-            say(f"warning: --strategy {t.strategy} applies under torchrun only (docs/distributed.md); training in one process")
-        return None
-    return Parallel.start(pick_device(t.device))
 
 
 def whole_model(parallel: Parallel | None, model):
