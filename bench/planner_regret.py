@@ -19,7 +19,7 @@ from pathlib import Path
 
 from budgetlm.budget import Budget, parse_duration
 from budgetlm.config import DataConfig, RunConfig
-from budgetlm.plan import plan_on_device
+from budgetlm.plan import bpe_passes, plan_on_device
 from budgetlm.prepare import prepare
 from budgetlm.train.runtime import device_name, pick_device, pick_precision, set_threads
 
@@ -43,12 +43,14 @@ def scaled_shape(n_layer: int, d_model: int, scale: float) -> tuple[int, int, in
 
 
 def settings_for(shape: tuple[int, int, int], budget_s: float, text, device, precision: str) -> list[str]:
-    """The pretrain flags that give `shape` the settings the plan's rules give it at this budget."""
+    """The pretrain flags that give `shape` the settings the plan's rules give it at this budget (a run given its
+    shape plans nothing, so every planned setting is passed)."""
     p = plan_on_device(budget_s, train_tokens=text.unique_tokens, vocab=text.tokenizer.get_vocab_size(),
                        device=device, precision=precision, ladder=[shape])
     return ["--n-layer", str(p.n_layer), "--d-model", str(p.d_model), "--n-head", str(p.n_head),
             "--context", str(p.context), "--batch-tokens", str(p.batch_tokens), "--micro-batch", str(p.micro_batch),
-            "--lr", repr(p.lr), "--dropout", repr(p.dropout), "--bpe-dropout", repr(p.bpe_dropout)]
+            "--lr", repr(p.lr), "--dropout", repr(p.dropout), "--bpe-dropout", repr(p.bpe_dropout),
+            "--bpe-passes", str(bpe_passes(p.expected_epochs)), "--canon", str(p.canon), "--ema", repr(p.ema)]
 
 
 def pretrain(corpus: str, budget: str, flags: list[str], out: Path) -> dict:
