@@ -41,7 +41,7 @@ class DataConfig(Section):
     vocab_size: int | None = opt(None, low=258, help="BPE vocabulary size (default: from the corpus size)")
     bpe_dropout: float | None = opt(None, low=0, high=0.9, help="train on the text re-segmented with BPE merges "
                                     "skipped at this rate (default: planned, 0.1 when the budget repeats the text "
-                                    "more than 6 times, else 0)")
+                                    "more than 10 times, else 0)")
     bpe_passes: int | None = opt(None, low=1, help="re-segmented copies of the training text for --bpe-dropout "
                                  "(default: one per expected epoch after the first, at most 4)")
 

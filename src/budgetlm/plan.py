@@ -48,11 +48,11 @@ STEPS_TARGET = 2000      # optimizer steps a run should get: small budgets need 
 # dropout 0.1 reached 2.087 bpb against 2.141 without (docs/planner.md).
 REPEATS_BEFORE_DROPOUT = 4.0
 REPEAT_DROPOUT = 0.1
-# Further on, the training text is also re-segmented by BPE-dropout (data/tokens.py): at 8.9 epochs
-# (tinyshakespeare, 5 minutes) 2.086 → 2.040–2.057 bpb with 4 noisy passes, while at 4.2 epochs (the
-# SST-2 sentences, 10 minutes) it cost 0.99 → 1.17 (docs/planner.md); the threshold lies between.
+# Further on, the training text is also re-segmented by BPE-dropout (data/tokens.py). Paired at 5 minutes, planned
+# epochs: it paid at 16 (tinyshakespeare, 2.085 → 1.996 bpb) and 18 (WikiText-2's first megabyte, 1.875 → 1.864) and
+# cost at 7.1 (the whole of WikiText-2, 1.612 → 1.651) and at 4.2 (SST-2's sentences); docs/planner.md.
 # 8 and 10 passes and rate 0.2 were no better. Each pass is a copy of the token stream.
-REPEATS_BEFORE_BPE_DROPOUT = 6.0
+REPEATS_BEFORE_BPE_DROPOUT = 10.0
 REPEAT_BPE_DROPOUT = 0.1
 MAX_BPE_PASSES = 4
 # A moving average of the weights (--ema 0.998) and Canon layers (--canon 4) are planned for a GPT that reads its
