@@ -34,6 +34,24 @@ def test_the_masked_loss_is_the_full_loss_restricted_to_the_masked_positions():
         assert torch.allclose(model(x, targets), full[picked.flatten()].mean(), atol=1e-5)
 
 
+def test_the_masked_training_loss_takes_the_blockwise_path_with_the_same_value_and_gradients():
+    torch.manual_seed(3)
+    model = BERT(tiny("bert"))
+    x = torch.randint(0, 97, (3, 16))
+    targets = torch.where(torch.rand(x.shape) < 0.3, x, -100)
+    blockwise = model(x, targets, reduction="sum", label_smoothing=0.1)
+    blockwise.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    plain = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), targets.flatten(), reduction="sum",
+                                              label_smoothing=0.1)
+    plain.backward()
+    assert "LinearCrossEntropy" in str(blockwise.grad_fn)  # the block-wise head (models/loss.py)
+    assert torch.allclose(blockwise, plain, rtol=1e-5)
+    for a, p in zip(grads, model.parameters()):
+        assert torch.allclose(a, p.grad, atol=1e-5)
+
+
 def test_padding_keys_are_hidden_from_the_real_tokens():
     torch.manual_seed(2)
     model = BERT(tiny("bert")).eval()

@@ -3,16 +3,22 @@ import copy
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from budgetlm.data.tokens import cache_dir
 from budgetlm.models.config import ModelConfig
 from budgetlm.models.gpt import GPT
+from budgetlm.models.registry import ARCHS
 from budgetlm.train import compile as compiling
+from budgetlm.train.mlm import MaskedLMTask
 from budgetlm.train.runtime import can_compile
+from budgetlm.train.span import SpanCorruptionTask
 
 CPU = torch.device("cpu")
+# Inductor's cache kept between test runs (only its record is fresh): a cold compile takes 20-50 s here
+TEST_CACHE = Path(tempfile.gettempdir()) / "budgetlm-tests-compile"
 
 
 def config(**changes) -> ModelConfig:
@@ -28,8 +34,9 @@ def test_the_compile_cache_lies_in_budgetlms_cache_and_is_keyed_by_shape_and_pre
     others = [compiling.compile_cache(config(d_model=64), 8, CPU, "bf16"),
               compiling.compile_cache(config(), 4, CPU, "bf16"),
               compiling.compile_cache(config(), 8, CPU, "fp32"),
-              compiling.compile_cache(config(dropout=0.1), 8, CPU, "bf16")]
-    assert len({base.path, *(c.path for c in others)}) == 5
+              compiling.compile_cache(config(dropout=0.1), 8, CPU, "bf16"),
+              compiling.compile_cache(config(arch="bert"), 8, CPU, "bf16")]
+    assert len({base.path, *(c.path for c in others)}) == 6
 
 
 @pytest.fixture
@@ -51,7 +58,7 @@ def test_the_decision_weighs_tokens_gained_against_tokens_lost(compiler):
     assert not compiling.decide("auto", config(), 8, CPU, "bf16", 1.5 * warm).compile
     # the flags win; a shape measured slower compiled is not compiled, whatever the budget
     assert not compiling.decide("off", config(), 8, CPU, "bf16", 3600).compile
-    assert compiling.decide("on", config(), 8, CPU, "bf16", 1).compile
+    assert all(compiling.decide("on", config(arch=arch), 8, CPU, "bf16", 1).compile for arch in ("gpt", "bert", "t5"))
     decision.cache.note_speed(compiled=False, tokens_per_s=1000)
     decision.cache.note_speed(compiled=True, tokens_per_s=900)
     decision = compiling.decide("auto", config(), 8, CPU, "bf16", 3600)
@@ -79,8 +86,7 @@ def test_the_regionally_compiled_model_trains_as_the_eager_one_with_one_graph_fo
     torch.manual_seed(0)
     eager = GPT(config(n_layer=3))
     model = copy.deepcopy(eager)
-    # Inductor's cache kept between test runs (only its record is fresh): a cold compile takes 20-50 s here
-    cache = compiling.CompileCache(Path(tempfile.gettempdir()) / "budgetlm-tests-compile")
+    cache = compiling.CompileCache(TEST_CACHE)
     (cache.path / compiling.RECORD).unlink(missing_ok=True)
     graphs = counters["stats"]["unique_graphs"]
     seconds = compiling.compile_language_model(model, cache, 2, 16, contextlib.nullcontext)
@@ -100,3 +106,37 @@ def test_the_regionally_compiled_model_trains_as_the_eager_one_with_one_graph_fo
         assert torch.allclose(model(x), eager(x), atol=1e-5)
         assert not torch.allclose(average(x), model(x), atol=1e-3)
     assert counters["stats"]["unique_graphs"] == graphs + 1
+
+
+@pytest.mark.parametrize("arch", ["bert", "t5"])
+def test_an_encoder_compiles_on_its_own_objectives_batch_and_trains_as_eager_without_recompiling(compiler, arch):
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    tokens = np.random.default_rng(0).integers(0, 48, 2000).astype(np.uint16)
+    task = (MaskedLMTask(tokens, tokens, 16, 2, CPU, mask_rate=0.25, mask_id=63, random_below=48) if arch == "bert"
+            else SpanCorruptionTask(tokens, tokens, 16, 2, CPU, sentinels=np.arange(48, 58), start_id=63))
+    eager = ARCHS[arch][0](config(arch=arch))
+    model = copy.deepcopy(eager)
+    graphs = counters["stats"]["unique_graphs"]
+    compiling.compile_training_step(model, compiling.CompileCache(TEST_CACHE), task.batch(0, 0), task.loss,
+                                    contextlib.nullcontext)
+    # one graph for every block (T5: its encoder's and its decoder's, which reads the encoder's output)
+    assert counters["stats"]["unique_graphs"] == graphs + (1 if arch == "bert" else 2)
+    assert all(p.grad is None for p in model.parameters())
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, eager)]
+    counted = set()
+    for step in range(1, 5):  # a BERT's batches mask other numbers of positions: the blocks' shape stays
+        batch = task.batch(step, 0)
+        counted.add(task.count(batch))
+        losses = [task.loss(m, batch) / task.count(batch) for m in (model, eager)]  # per unit, as the loop's
+        for loss in losses:
+            loss.backward()
+        assert torch.allclose(*losses, rtol=1e-5), step
+        for (name, p), q in zip(model.named_parameters(), eager.parameters()):  # (the two drift apart a little)
+            assert torch.allclose(p.grad, q.grad, atol=1e-4, rtol=1e-3), (step, name)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    assert len(counted) > 1 or arch == "t5"
+    assert counters["stats"]["unique_graphs"] == graphs + (1 if arch == "bert" else 2)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from budgetlm.models.config import ModelConfig
+from budgetlm.models.loss import linear_cross_entropy
 
 
 def built_config(config: ModelConfig, name: str) -> ModelConfig:
@@ -40,10 +41,13 @@ class LanguageModel(nn.Module):
     def loss(self, h: torch.Tensor, targets: torch.Tensor, *, reduction: str = "mean",
              label_smoothing: float = 0.0) -> torch.Tensor:
         """Cross-entropy over the positions with a target (not -100), gathered before the head: only they reach
-        the vocabulary projection (a masked or span model predicts a small share of its positions)."""
+        the vocabulary projection (a masked or span model predicts a small share of its positions). Block-wise
+        (models/loss.py: no logits of every row at once) except for per-position losses with gradients."""
         picked = targets != -100
-        return F.cross_entropy(self.logits(h[picked]).float(), targets[picked], reduction=reduction,
-                               label_smoothing=label_smoothing)
+        h, targets = h[picked], targets[picked]
+        if reduction in ("mean", "sum") or not torch.is_grad_enabled():
+            return linear_cross_entropy(h, self.embed.weight, targets, reduction, label_smoothing)
+        return F.cross_entropy(self.logits(h).float(), targets, reduction=reduction, label_smoothing=label_smoothing)
 
     def num_params(self, embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -1,8 +1,11 @@
 """torch.compile for training, and whether it pays within a budget.
 
 Regional compilation: only the repeated Transformer block is compiled, once; every layer (and every model of the
-same shape in the process) runs the same compiled graph, so a cold compile costs about one layer's. Evaluation,
-decoding and anything run without gradients stay eager (a second graph would cost a second compile).
+same shape in the process) runs the same compiled graph, so a cold compile costs about one layer's (a T5's: two
+graphs, its encoder's block and its decoder's, which reads the encoder's output). The block sees every position of
+the batch whatever the objective, so its shape is the same at every step: a BERT's masked positions, a different
+number in each batch, are gathered after it, by the eager head. Evaluation, decoding and anything run without
+gradients stay eager (a second graph would cost a second compile).
 
 Inductor's caches (its FX graph cache and AOTAutograd's) live in budgetlm's cache folder, one folder per shape,
 torch version, device and precision, so the second run of a shape on this machine compiles in seconds. Each folder
@@ -158,9 +161,6 @@ def decide(mode: str, config: ModelConfig, micro_batch: int, device: torch.devic
     if processes > 1:
         return CompileDecision(False, "eager: compiling under torchrun is not built yet (each process would compile "
                                "its own copy)", cache)
-    if config.arch != "gpt":
-        return CompileDecision(False, f"eager: regional compilation is built for the GPT's training step, not --arch "
-                               f"{config.arch}'s", cache)
     reason = can_compile()
     if reason:
         return CompileDecision(False, f"eager: {reason}", cache)
@@ -231,18 +231,27 @@ def timed_first_step(step: Callable[[], None], cache: CompileCache | None) -> fl
     return seconds
 
 
-def compile_language_model(model: nn.Module, cache: CompileCache | None, micro_batch: int, context: int,
-                           autocast: Callable) -> float:
-    """Compile `model`'s blocks and compile them now, on a forward and backward of one batch of the training shape
-    (its gradients dropped), so the compile is timed and recorded apart from training. Returns the seconds."""
+def compile_training_step(model: nn.Module, cache: CompileCache | None, batch: tuple[torch.Tensor, ...],
+                          loss: Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor],
+                          autocast: Callable) -> float:
+    """Compile `model`'s blocks and compile them now, on a forward and backward of `batch` (one of the training
+    shape, on the model's device) through `loss(model, batch)`, the training objective's own (a task's `loss`),
+    its gradients dropped: the compile is timed and recorded apart from training. Returns the seconds."""
     compile_blocks(model, cache)
-    device = next(model.parameters()).device
-    tokens = torch.zeros(micro_batch, context, dtype=torch.long, device=device)
 
     def step():
         with autocast():
-            loss = model(tokens, tokens)
-        loss.backward()
+            value = loss(model, batch)
+        value.backward()
         model.zero_grad(set_to_none=True)
 
     return timed_first_step(step, cache)
+
+
+def compile_language_model(model: nn.Module, cache: CompileCache | None, micro_batch: int, context: int,
+                           autocast: Callable) -> float:
+    """`compile_training_step` on a next-token batch of zeros of the training shape: a GPT's, where no task
+    gives a batch (the benchmarks). Returns the seconds."""
+    device = next(model.parameters()).device
+    tokens = torch.zeros(micro_batch, context, dtype=torch.long, device=device)
+    return compile_training_step(model, cache, (tokens, tokens), lambda forward, batch: forward(*batch), autocast)

@@ -19,7 +19,7 @@ from budgetlm.report import prepare_out, say, say_done
 from budgetlm.plan import plan_text
 from budgetlm.pretraining import set_up
 from budgetlm.train.checkpoint import atomic_write_bytes, save_model
-from budgetlm.train.compile import compile_language_model
+from budgetlm.train.compile import compile_training_step
 from budgetlm.train.objectives import VALIDATION_METRICS, objective, pretraining_task
 from budgetlm.train.loop import FitConfig, fit
 from budgetlm.train.metrics import RunLog, plot_losses
@@ -32,6 +32,7 @@ from budgetlm.train.runtime import (
     pick_device,
     pick_precision,
     set_threads,
+    to_device,
 )
 from budgetlm.train.schedule import Schedule
 from budgetlm.train.signals import GracefulStop
@@ -79,9 +80,14 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
     goal = objective(cfg.model.arch)
     budget.flops_per_token = model.flops_per_token()
     runtime = Runtime(device, precision, compiled=compiling.compile)
+    task = pretraining_task(mc, tokenizer, setup.train_tokens, val_tokens, val_bytes, micro_batch, device,
+                            seed=t.seed, label_smoothing=t.label_smoothing, mask_rate=t.mask_rate)
+    task.micro_steps = micro_steps
     say(compiling.reason)
     if compiling.compile:
-        seconds = compile_language_model(model, compiling.cache, micro_batch, mc.context, runtime.autocast)
+        # on the objective's own first batch (a BERT's masked, a T5's corrupted): the graphs compiled are those trained
+        first = tuple(to_device(x, device) for x in task.batch(0, 0))
+        seconds = compile_training_step(model, compiling.cache, first, task.loss, runtime.autocast)
         say(f"  compiled the Transformer block in {seconds:.1f}s")
     trained = model if parallel is None else parallel.wrap(model, t.strategy, precision)
     if parallel is not None:
@@ -109,9 +115,6 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
                         ema=ema,
                         final_eval=not calibrate, reserve_evals=CALIBRATION_EVALS if calibrate else 1)
 
-    task = pretraining_task(mc, tokenizer, setup.train_tokens, val_tokens, val_bytes, micro_batch, device,
-                            seed=t.seed, label_smoothing=t.label_smoothing, mask_rate=t.mask_rate)
-    task.micro_steps = micro_steps
     if parallel is not None:
         task.rank, task.world = parallel.rank, parallel.world
     if stopping.metric not in VALIDATION_METRICS[goal]:
