@@ -19,7 +19,7 @@ from typing import Any
 
 import tomli_w
 
-from budgetlm.budget import EarlyStop, Every, format_duration
+from budgetlm.budget import EarlyStop, Every, format_duration, seconds_text
 from budgetlm.errors import UserError
 from budgetlm.models.config import SIZES, ModelConfig
 from budgetlm.settings import Section, _base_type, _coerce, _hints, count_or_auto, duration, flag_name, opt
@@ -216,7 +216,7 @@ def plain(config: Any) -> dict:
         if dataclasses.is_dataclass(value) and not isinstance(value, (Every, EarlyStop)):
             out[f.name] = plain(value)
         elif f.name == "budget" and value is not None:
-            out[f.name] = format_duration(value) if value == round(value) else f"{value:g}s"
+            out[f.name] = format_duration(value) if value == round(value) else seconds_text(value)
         else:
             out[f.name] = _written(value)
     return out
