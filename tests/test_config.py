@@ -5,8 +5,12 @@ import tomllib
 
 import pytest
 
+from budgetlm.cli import main
 from budgetlm.config import RUN_SECTIONS, FinetuneConfig, FinetuneRunConfig, RunConfig, apply, resolve, to_toml
 from budgetlm.errors import UserError
+
+TINY = ["--max-steps", "1", "--n-layer", "1", "--d-model", "32", "--n-head", "1", "--context", "32", "--vocab-size", "300",
+        "--compile", "off", "--quiet", "--no-calibrate"]  # a short run, should a flag be accepted
 
 def refused(tmp_path, toml: str, run_cls=RunConfig, sections=RUN_SECTIONS) -> str:
     path = tmp_path / "c.toml"
@@ -71,3 +75,34 @@ def round_trip(run_cls, table, key, value):
 def test_an_accepted_value_comes_back_exactly_from_the_saved_toml(key, value):
     stored, again = round_trip(RunConfig, "train", key, value)
     assert again == stored
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--tokenizer", ""], "tokenizer: '' is blank"),    # was: silently trained a tokenizer
+    (["--resume", " "], "resume: ' ' is blank"),        # was: silently a fresh start
+    (["--tracking-uri", ""], "tracking_uri: '' is blank"),  # was: an MLflow database in the working folder
+    (["--data", ""], "data: '' is blank"),
+    (["--seed", str(2 ** 64)], "seed: 18446744073709551616 is out of range; it must be >= 0 and <= 9223372036854775807"),
+    (["--micro-batch", "0"], "micro_batch: 0 is out of range; it must be >= 1"),
+    (["--batch-tokens", "-1"], "give a positive number of tokens or auto"),
+    (["--lr", "0"], "lr: 0.0 is out of range; it must be > 0"),
+    (["--warmup", "-5"], "warmup: -5.0 is out of range; it must be >= 0"),
+    (["--lr", "nan"], "lr: nan is not a finite number; give a number > 0"),
+    (["--budget", "0"], "budget: duration '0' must be positive"),
+])
+def test_a_blank_or_out_of_range_flag_is_one_line_before_any_work(play_file, tmp_path, capsys, args, fragment):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--data", str(play_file), *TINY, "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and fragment in err
+    assert not out.exists()
+
+
+def test_text_where_empty_means_none_may_be_empty():
+    run = RunConfig()
+    apply(run.train, {"report_to": "", "optim_args": ""})
+    assert (run.train.report_to, run.train.optim_args) == ("", "")
+    finetune = FinetuneConfig()
+    apply(finetune, {"augment": ""})
+    with pytest.raises(UserError, match="split_seed: -1 is out of range"):
+        apply(finetune, {"split_seed": -1})

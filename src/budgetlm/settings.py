@@ -18,11 +18,12 @@ from budgetlm.errors import UserError
 
 def opt(default: Any = None, help: str = "", choices: tuple | None = None, factory=None, flag: str | bool | None = None,
         low: float | None = None, high: float | None = None, above: float | None = None,
-        parse: Callable[[Any], Any] | None = None):
+        parse: Callable[[Any], Any] | None = None, empty: bool = False):
     """A config field with its help text, its allowed values (choices, or numbers in [low, high] or
-    above `above`), a parser for values written as text, and (rarely) a flag name of its own
-    (`flag=False`: settable from TOML and Python only)."""
-    meta = {"help": help, "choices": choices, "flag": flag, "low": low, "high": high, "above": above, "parse": parse}
+    above `above`; text that is not blank unless `empty`, where "" means none), a parser for values written
+    as text, and (rarely) a flag name of its own (`flag=False`: settable from TOML and Python only)."""
+    meta = {"help": help, "choices": choices, "flag": flag, "low": low, "high": high, "above": above, "parse": parse,
+            "empty": empty}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -86,9 +87,8 @@ _KINDS = {int: "int (a whole number)", float: "float (a number)", str: "str (tex
 def _bounds(f: dataclasses.Field) -> str:
     """" > 0 and <= 1": the range a number field allows, as a sentence ends."""
     low, high, above = f.metadata.get("low"), f.metadata.get("high"), f.metadata.get("above")
-    allowed = " and ".join(x for x in (f"> {above:g}" if above is not None else "",
-                                       f">= {low:g}" if low is not None else "",
-                                       f"<= {high:g}" if high is not None else "") if x)
+    allowed = " and ".join(f"{sign} {bound if isinstance(bound, int) else f'{bound:g}'}"
+                           for sign, bound in ((">", above), (">=", low), ("<=", high)) if bound is not None)
     return f" {allowed}" if allowed else ""
 
 
@@ -122,6 +122,8 @@ def _coerce(cls, name: str, value: Any, where: str) -> Any:
             raise UserError(f"{where}{name}: expected {_KINDS.get(tp, tp.__name__)}, got {v!r}")
         if choices and v not in choices:
             raise UserError(f"{where}{name}: {v!r} is not allowed; choose one of {', '.join(map(str, choices))}")
+        if tp is str and not v.strip() and not f.metadata.get("empty"):  # e.g. `--tokenizer "$UNSET"`
+            raise UserError(f"{where}{name}: {v!r} is blank; give a value, or leave the setting out for its default")
         if tp is float and not math.isfinite(v):
             raise UserError(f"{where}{name}: {v!r} is not a finite number; give a number{_bounds(f)}")
         if tp in (int, float):
