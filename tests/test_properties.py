@@ -3,6 +3,7 @@ clean one-line UserError, never another exception; and what is accepted keeps it
 survives a TOML round trip, a duration its formatting)."""
 
 import json
+import math
 import string
 
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +14,8 @@ import tomllib
 from budgetlm.budget import format_duration, parse_duration
 from budgetlm.config import (
     DataConfig,
+    FinetuneConfig,
+    FinetuneRunConfig,
     ModelConfig,
     RunConfig,
     TrainConfig,
@@ -76,26 +79,36 @@ def test_tables_with_odd_columns(tmp_path_factory, header, rows, sep, column):
     outcome(load_corpus, [str(path)], text_column=column)
 
 
-scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=10),
-                   st.lists(st.text(max_size=5), max_size=3))
+duration_like = st.builds("{}{}".format, st.one_of(st.integers(0, 10**20), st.floats(0, 1e20).map(repr)),
+                          st.sampled_from(["", "s", "m", "h", "ms", "h30m"]))
+scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(10**300, 10**400), st.floats(allow_nan=True),
+                   st.text(max_size=10), st.lists(st.text(max_size=5), max_size=3), st.lists(st.floats(), max_size=2),
+                   st.dates(), st.dictionaries(st.text(max_size=2), st.integers(), max_size=2), duration_like,
+                   st.builds("val_loss,{},{}".format, st.integers(-1, 10**20), st.floats(allow_nan=True)))
+RUNS = {**{table: (RunConfig, cls) for table, cls in SECTIONS.items()}, "finetune": (FinetuneRunConfig, FinetuneConfig)}
 
 
 @FAST
-@given(table=st.sampled_from(list(SECTIONS)), key=st.one_of(st.sampled_from(
-    [f for cls in SECTIONS.values() for f in cls.__dataclass_fields__]), st.text(max_size=10)), value=scalar)
-def test_config_values(table, key, value):
-    run = RunConfig()
+@given(table_key=st.sampled_from([(table, f) for table, (_, cls) in RUNS.items() for f in cls.__dataclass_fields__]),
+       other_key=st.text(max_size=10), use_other=st.booleans(), value=scalar)
+def test_config_values(table_key, other_key, use_other, value):
+    table, key = table_key
+    key = other_key if use_other else key
+    run_cls, _ = RUNS[table]
+    run = run_cls()
     before = to_toml(run)
     result = outcome(apply, getattr(run, table), {key: value})
     if isinstance(result, UserError):
+        assert str(result).startswith(f"{key}:") or "unknown key" in str(result)  # it names the setting
         assert to_toml(run) == before  # a refused value changes nothing
         return
-    # an accepted value is stored typed and comes back the same from the TOML the run would save
-    path_text = to_toml(run)
-    again = RunConfig()
-    for name, values in tomllib.loads(path_text).items():
+    # an accepted value is stored typed and comes back exactly from the TOML the run would save
+    stored = getattr(getattr(run, table), key)
+    assert not any(isinstance(v, float) and not math.isfinite(v) for v in (stored if isinstance(stored, list) else [stored]))
+    again = run_cls()
+    for name, values in tomllib.loads(to_toml(run)).items():
         apply(getattr(again, name), values)
-    assert getattr(getattr(again, table), key) == getattr(getattr(run, table), key)
+    assert getattr(getattr(again, table), key) == stored
 
 
 @FAST

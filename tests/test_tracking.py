@@ -1,6 +1,7 @@
 import json
 import os
 import sys
+import types
 
 import pytest
 
@@ -96,3 +97,111 @@ def test_records_become_metrics_against_their_step():
     assert tracking.metrics_of({"kind": "eval", "step": 3, "tokens": 96, "val_bpb": 1.5}) == (3, {"val_bpb": 1.5})
     assert tracking.metrics_of({"kind": "fault", "step": 4, "loss": float("nan"), "skipped_steps": 1}) == \
         (4, {"fault/skipped_steps": 1.0})
+
+
+def test_a_run_that_raises_midway_ends_its_tracker_runs_as_failed(play_file, tmp_path):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from budgetlm.config import RUN_SECTIONS, RunConfig, resolve
+    from budgetlm.workflows import pretrain
+
+    flags = {"data": [str(play_file)], "max_steps": 20, "eval_every": "5", "report_to": "tensorboard,mlflow",
+             "n_layer": 1, "d_model": 32, "n_head": 1, "context": 32, "micro_batch": 4, "compile": "off",
+             "calibrate": False, "vocab_size": 300}
+    cfg = resolve(RunConfig, RUN_SECTIONS, None, flags)
+
+    def fail_at_step_5(entry):
+        if entry["step"] >= 5:
+            raise UserError("stopped midway on purpose")
+        return False
+
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="on purpose"):
+        pretrain.run(cfg, out, quiet=True, on_eval=fail_at_step_5)
+    client = MlflowClient((out / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("budgetlm").experiment_id])
+    assert run.info.status == "FAILED" and run.info.end_time is not None
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()  # the writer was closed, so what it logged before the error is on disk
+    assert [s.step for s in events.Scalars("val_bpb")] == [0, 5]
+
+
+class FakeSink:
+    def __init__(self, log: list, name: str, fail_on: str = ""):
+        self.log, self.name, self.fail_on = log, name, fail_on
+
+    def start(self, params):
+        pass
+
+    def finish(self, summary, artifacts):
+        if self.fail_on == "finish":
+            raise OSError("disk full")
+        self.log.append((self.name, "FINISHED by finish"))
+
+    def close(self, status):
+        self.log.append((self.name, status))
+
+
+def test_every_exit_of_a_workflow_closes_what_it_left_open(monkeypatch, tmp_path):
+    log = []
+    monkeypatch.setattr(tracking, "require", lambda report_to: ["tensorboard", "mlflow"])
+    monkeypatch.setattr(tracking, "TensorBoardSink", lambda where, own: FakeSink(log, "tb"))
+    monkeypatch.setattr(tracking, "MlflowSink", lambda where, uri: FakeSink(log, "mlflow", fail_on="finish"))
+
+    @tracking.closes_runs
+    def workflow(error=None, finish=False):
+        tracker = tracking.start("tensorboard,mlflow", None, tmp_path, {})
+        if finish:
+            tracker.finish({}, [])
+        if error is not None:
+            raise error
+        return "done"
+
+    assert workflow() == "done" and sorted(log) == [("mlflow", "FINISHED"), ("tb", "FINISHED")]
+    log.clear()
+    with pytest.raises(UserError):
+        workflow(UserError("bad value midway"))
+    assert sorted(log) == [("mlflow", "FAILED"), ("tb", "FAILED")]
+    log.clear()
+    with pytest.raises(KeyboardInterrupt):
+        workflow(KeyboardInterrupt())
+    assert sorted(log) == [("mlflow", "KILLED"), ("tb", "KILLED")]
+    log.clear()
+    with pytest.raises(OSError):  # one tracker's finish fails: it and those after it are closed as failed
+        workflow(finish=True)
+    assert log == [("tb", "FINISHED by finish"), ("mlflow", "FAILED")]
+    log.clear()
+
+    def unreachable(where, uri):
+        raise ConnectionError("no MLflow server at the tracking URI")
+
+    monkeypatch.setattr(tracking, "MlflowSink", unreachable)
+    with pytest.raises(ConnectionError):  # the runs opened before the failing tracker end, outside a workflow too
+        tracking.start("tensorboard,mlflow", None, tmp_path, {})
+    assert log == [("tb", "FAILED")]
+
+
+def test_wandb_marks_a_run_that_raised_as_failed(monkeypatch, tmp_path):
+    finished = []
+
+    class FakeRun:
+        def define_metric(self, *args, **kwargs):
+            pass
+
+        def finish(self, exit_code=None):
+            finished.append(exit_code)
+
+    fake = types.SimpleNamespace(init=lambda **kwargs: FakeRun(), Settings=lambda **kwargs: None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+
+    @tracking.closes_runs
+    def workflow():
+        tracking.start("wandb", None, tmp_path, {})
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        workflow()
+    assert finished == [1]

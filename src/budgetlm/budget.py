@@ -5,32 +5,61 @@ on it reaches its end exactly when the first limit is hit (as Cramming does for 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
+from fractions import Fraction
 
 from budgetlm.errors import UserError
 
-_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|h|m|s)")
+# in exact fractions, so hours, minutes and seconds add up to the very float a duration was written from
+_UNITS = {"h": Fraction(3600), "m": Fraction(60), "s": Fraction(1), "ms": Fraction(1, 1000)}
+_NUMBER = r"[0-9]+(?:\.[0-9]+)?"
+_PART = re.compile(rf"({_NUMBER})\s*(ms|h|m|s)")
+_HOW = "write it like 90s, 5m, 1h30m or 2.5h"
+
+
+def _seconds(parts: list[tuple[str, str]]) -> float:
+    """The float nearest the sum of (number, unit) parts; inf past a float's range (or Python's 4300 digits)."""
+    try:
+        return float(sum(Fraction(n) * _UNITS[u] for n, u in parts))
+    except (OverflowError, ValueError):
+        return math.inf
 
 
 def parse_duration(text: str | float | int) -> float:
-    """Seconds in "90s", "5m", "1h30m", "2.5h" or a bare number of seconds."""
-    if isinstance(text, (int, float)):
-        seconds = float(text)
-    else:
+    """Seconds in "90s", "5m", "1h30m", "2.5h" or a bare number of seconds: finite and positive."""
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise UserError(f"cannot read the duration {text!r}: {_HOW}")
+    if isinstance(text, str):
         s = text.strip().lower().replace(" ", "")
-        if re.fullmatch(r"\d+(\.\d+)?", s):
-            seconds = float(s)
+        if re.fullmatch(_NUMBER, s):
+            seconds = _seconds([(s, "s")])
         elif s and _PART.sub("", s) == "":
-            seconds = sum(float(n) * _UNITS[u] for n, u in _PART.findall(s))
+            seconds = _seconds(_PART.findall(s))
         else:
-            raise UserError(f"cannot read the duration {text!r}: write it like 90s, 5m, 1h30m or 2.5h")
-    if seconds <= 0:
-        raise UserError(f"duration {text!r} must be positive")
+            raise UserError(f"cannot read the duration {text!r}: {_HOW}")
+    else:
+        try:
+            seconds = float(text)
+        except OverflowError:
+            seconds = math.inf
+    if not 0 < seconds < math.inf:
+        raise UserError(f"duration {text!r} must be positive and finite: {_HOW}")
     return seconds
+
+
+def exact_text(number: float) -> str:
+    """The shortest plain decimal ("0.001", "90") that reads back as exactly `number`."""
+    return format(Decimal(repr(float(number))).normalize(), "f")
+
+
+def seconds_text(seconds: float) -> str:
+    """"90s", "0.25s": a duration as text that parse_duration reads back as exactly `seconds`."""
+    return exact_text(seconds) + "s"
 
 
 def process_age() -> float:
@@ -64,14 +93,14 @@ class Every:
             text = str(text)
         if not isinstance(text, str):
             raise UserError(f"an interval must be a number of steps or a duration like 30s, not {text!r}")
-        if text.strip().isdigit():
+        if re.fullmatch(r"[0-9]+", text.strip()):
             if int(text) < 1:
                 raise UserError(f"an interval of {text} steps must be at least 1")
             return cls(steps=int(text))
         return cls(seconds=parse_duration(text))
 
     def __str__(self) -> str:
-        return str(self.steps) if self.steps else f"{self.seconds:g}s"
+        return str(self.steps) if self.steps else seconds_text(self.seconds)
 
 
 @dataclass(frozen=True)
@@ -98,12 +127,13 @@ class EarlyStop:
             rule = cls(parts[0], int(parts[1]), float(parts[2]) if len(parts) == 3 else 0.0)
         except ValueError:
             raise UserError(f"--early-stop {text!r}: write metric,patience[,min_delta], e.g. val_bpb,3,0.001") from None
-        if rule.patience < 0 or not rule.min_delta >= 0:
-            raise UserError(f"--early-stop {text!r}: patience and min_delta must not be negative")
+        if rule.patience < 0 or not 0 <= rule.min_delta < math.inf:
+            raise UserError(f"--early-stop {text!r}: patience must not be negative and min_delta must be a finite "
+                            "number >= 0")
         return rule
 
     def __str__(self) -> str:
-        return f"{self.metric},{self.patience},{self.min_delta:g}"
+        return f"{self.metric},{self.patience},{exact_text(self.min_delta)}"
 
 
 def format_duration(seconds: float) -> str:

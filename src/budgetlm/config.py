@@ -19,7 +19,7 @@ from typing import Any
 
 import tomli_w
 
-from budgetlm.budget import EarlyStop, Every, format_duration
+from budgetlm.budget import EarlyStop, Every, format_duration, seconds_text
 from budgetlm.errors import UserError
 from budgetlm.models.config import SIZES, ModelConfig
 from budgetlm.settings import Section, _base_type, _coerce, _hints, count_or_auto, duration, flag_name, opt
@@ -27,6 +27,7 @@ from budgetlm.settings import Section, _base_type, _coerce, _hints, count_or_aut
 # Names only: train/optim.py and train/schedule.py build them (a test checks both lists agree).
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adafactor", "lamb", "muon")
 SCHEDULES = ("wsd", "cosine", "linear", "constant", "step", "exponential", "inverse-sqrt", "plateau")
+SEED_MAX = 2 ** 63 - 1  # torch takes seeds below 2**64; a margin for the seed+k of ensemble members
 
 
 @dataclass
@@ -54,7 +55,7 @@ class TrainingSettings(Section):
                                "preparation, evaluation and saving count)")
     max_steps: int | None = opt(None, low=1, help="stop after this many optimizer steps")
     optim: str | None = opt("muon", help="optimizer", choices=OPTIMIZERS)
-    optim_args: str | None = opt(None, help="extra optimizer arguments, e.g. momentum=0.9,nesterov=false")
+    optim_args: str | None = opt(None, empty=True, help="extra optimizer arguments, e.g. momentum=0.9,nesterov=false")
     lr: float | None = opt(None, above=0, help="peak learning rate (default: from the model width and optimizer)")
     min_lr_ratio: float = opt(0.0, low=0, high=1, help="learning-rate floor as a fraction of the peak")
     warmup: float = opt(0.02, low=0, help="linear warmup: a fraction of the budget (<1) or a number of steps (>=1)")
@@ -85,9 +86,9 @@ class TrainingSettings(Section):
     keep_checkpoints: int = opt(2, low=1, help="how many of the latest checkpoints to keep")
     resume: str | None = opt(None, help="auto: the newest valid checkpoint in --out (a fresh start when none); "
                              "or a checkpoint folder")
-    seed: int = opt(0, low=0, help="seed for initialization and data order")
+    seed: int = opt(0, low=0, high=SEED_MAX, help="seed for initialization and data order")
     threads: int | None = opt(None, low=1, help="CPU threads for PyTorch (default: the machine's cores)")
-    report_to: str | None = opt(None, help="trackers to report to, comma-separated: tensorboard, mlflow, wandb "
+    report_to: str | None = opt(None, empty=True, help="trackers to report to, comma-separated: tensorboard, mlflow, wandb "
                                 "(pip install 'budgetlm[tracking]'; default: none)")
     tracking_uri: str | None = opt(None, help="MLflow tracking server (default: a file store in the run folder)")
 
@@ -216,7 +217,7 @@ def plain(config: Any) -> dict:
         if dataclasses.is_dataclass(value) and not isinstance(value, (Every, EarlyStop)):
             out[f.name] = plain(value)
         elif f.name == "budget" and value is not None:
-            out[f.name] = format_duration(value) if value == round(value) else f"{value:g}s"
+            out[f.name] = format_duration(value) if value == round(value) else seconds_text(value)
         else:
             out[f.name] = _written(value)
     return out
@@ -318,7 +319,7 @@ class FinetuneConfig(TrainingSettings):
                                    "(default: label, else the only other column)")
     header: bool = opt(True, help="the CSV/TSV files' first row names the columns; --no-header: it is an example, "
                        "and the columns are named by position (--text-column 0 --label-column 1)")
-    augment: str | None = opt(None, help="EDA on the training split only, e.g. sr=0.1,ri=0.1,rs=0.1,rd=0.1,n=4")
+    augment: str | None = opt(None, empty=True, help="EDA on the training split only, e.g. sr=0.1,ri=0.1,rs=0.1,rd=0.1,n=4")
     synonyms: str | None = opt(None, help="thesaurus for --augment: a WordNet database folder or a JSON file "
                                "(default: NLTK's WordNet, else /usr/share/wordnet)")
     tokenizer: str | None = opt(None, help="scratch lstm: a word vocabulary (default) or BPE trained on the data",
@@ -361,8 +362,8 @@ class FinetuneConfig(TrainingSettings):
                                        "val_loss,3: keep the best weights by that metric and stop after patience "
                                        "evaluations without improvement (default: keep the best val_accuracy, never "
                                        "stop early)")
-    seed: int = opt(0, low=0, help="seed for initialization, data order and augmentation")
-    split_seed: int | None = opt(None, help="seed of the stratified --val-fraction split (default: --seed)")
+    seed: int = opt(0, low=0, high=SEED_MAX, help="seed for initialization, data order and augmentation")
+    split_seed: int | None = opt(None, low=0, high=SEED_MAX, help="seed of the stratified --val-fraction split (default: --seed)")
     members: int | str = opt("auto", parse=count_or_auto("--members", "members"), help="fine-tune this many times with seeds --seed, --seed+1, ... and keep, as one "
                        "model, the ensemble of those that raise its validation score (auto: a budgetlm GPT body "
                        "trains another member while the time left is at least 3/4 of the first member's, up to 4; "

@@ -18,11 +18,12 @@ from budgetlm.errors import UserError
 
 def opt(default: Any = None, help: str = "", choices: tuple | None = None, factory=None, flag: str | bool | None = None,
         low: float | None = None, high: float | None = None, above: float | None = None,
-        parse: Callable[[Any], Any] | None = None):
+        parse: Callable[[Any], Any] | None = None, empty: bool = False):
     """A config field with its help text, its allowed values (choices, or numbers in [low, high] or
-    above `above`), a parser for values written as text, and (rarely) a flag name of its own
-    (`flag=False`: settable from TOML and Python only)."""
-    meta = {"help": help, "choices": choices, "flag": flag, "low": low, "high": high, "above": above, "parse": parse}
+    above `above`; text that is not blank unless `empty`, where "" means none), a parser for values written
+    as text, and (rarely) a flag name of its own (`flag=False`: settable from TOML and Python only)."""
+    meta = {"help": help, "choices": choices, "flag": flag, "low": low, "high": high, "above": above, "parse": parse,
+            "empty": empty}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -35,7 +36,7 @@ def count_or_auto(flag: str, unit: str) -> Callable[[Any], int | str]:
             return "auto"
         try:
             number = int(value) if not isinstance(value, bool) and float(value) == int(float(value)) else 0
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             number = 0
         if number < 1:
             raise UserError(f"{flag} {value!r}: give a positive number of {unit} or auto")
@@ -79,14 +80,26 @@ def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
 
+_KINDS = {int: "int (a whole number)", float: "float (a number)", str: "str (text, in quotes in TOML)",
+          bool: "bool (true or false)"}
+
+
+def _bounds(f: dataclasses.Field) -> str:
+    """" > 0 and <= 1": the range a number field allows, as a sentence ends."""
+    low, high, above = f.metadata.get("low"), f.metadata.get("high"), f.metadata.get("above")
+    allowed = " and ".join(f"{sign} {bound if isinstance(bound, int) else f'{bound:g}'}"
+                           for sign, bound in ((">", above), (">=", low), ("<=", high)) if bound is not None)
+    return f" {allowed}" if allowed else ""
+
+
 def _coerce(cls, name: str, value: Any, where: str) -> Any:
     f = next(x for x in fields(cls) if x.name == name)
     tp, is_list = _base_type(_hints(cls)[name])
     choices = f.metadata.get("choices")
     parse = f.metadata.get("parse")
 
-    hint = _hints(cls)[name]
-    optional = type(None) in typing.get_args(hint)
+    # None is "unset", where that is the default: what a saved TOML's `# key = (auto)` reads back as
+    optional = f.default is None
 
     def one(v):
         if v is None:
@@ -99,28 +112,31 @@ def _coerce(cls, name: str, value: Any, where: str) -> Any:
             except UserError as e:
                 raise UserError(f"{where}{name}: {e}") from None
         if tp is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if tp is str and isinstance(v, (int, float)) and not isinstance(v, bool):
-            v = str(v)
+            try:
+                v = float(v)
+            except OverflowError:
+                v = math.inf  # refused below
+        if tp is str and isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)  # a column named by its position
         if not isinstance(v, tp) or (tp is int and isinstance(v, bool)):
-            raise UserError(f"{where}{name}: expected {tp.__name__}, got {v!r}")
+            raise UserError(f"{where}{name}: expected {_KINDS.get(tp, tp.__name__)}, got {v!r}")
         if choices and v not in choices:
             raise UserError(f"{where}{name}: {v!r} is not allowed; choose one of {', '.join(map(str, choices))}")
+        if tp is str and not v.strip() and not f.metadata.get("empty"):  # e.g. `--tokenizer "$UNSET"`
+            raise UserError(f"{where}{name}: {v!r} is blank; give a value, or leave the setting out for its default")
+        if tp is float and not math.isfinite(v):
+            raise UserError(f"{where}{name}: {v!r} is not a finite number; give a number{_bounds(f)}")
         if tp in (int, float):
             low, high, above = f.metadata.get("low"), f.metadata.get("high"), f.metadata.get("above")
-            if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high) or \
-                    (above is not None and v <= above):
-                allowed = " and ".join(x for x in (f"> {above:g}" if above is not None else "",
-                                                   f">= {low:g}" if low is not None else "",
-                                                   f"<= {high:g}" if high is not None else "") if x)
-                raise UserError(f"{where}{name}: {v!r} is out of range; it must be {allowed or 'finite'}")
+            if (low is not None and v < low) or (high is not None and v > high) or (above is not None and v <= above):
+                raise UserError(f"{where}{name}: {v!r} is out of range; it must be{_bounds(f)}")
         return v
 
     if is_list:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list):
-            raise UserError(f"{where}{name}: expected a list of {tp.__name__}, got {value!r}")
+            raise UserError(f"{where}{name}: expected a list of {_KINDS.get(tp, tp.__name__)}, got {value!r}")
         return [one(v) for v in value]
     return one(value)
 

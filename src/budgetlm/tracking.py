@@ -6,11 +6,14 @@ metrics against its step, with the tokens or examples seen as a metric of their 
 (the summary and the plots as artifacts). Local stores go in the run folder: OUT/tensorboard,
 OUT/mlruns (MLflow's file store; --tracking-uri names a server instead) and OUT/wandb (offline
 unless the user has logged in). `compare` and `tune` open a `scope` around each variant or trial,
-so every one becomes its own run under one experiment, stored in the comparison's folder."""
+so every one becomes its own run under one experiment, stored in the comparison's folder. A workflow's `run`
+decorated with `closes_runs` ends the runs it started however it exits: a run it did not finish (an exception,
+a UserError midway, Ctrl-C) is closed as failed (killed) where the tracker keeps a status."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import math
@@ -143,6 +146,9 @@ class TensorBoardSink:
             self.writer.add_image(path.stem, matplotlib.image.imread(path)[..., :3], step, dataformats="HWC")
         self.writer.close()
 
+    def close(self, status: str) -> None:
+        self.writer.close()  # flushes what was logged; TensorBoard keeps no run status
+
 
 class MlflowSink:
     def __init__(self, where: Scope, uri: str | None):
@@ -178,6 +184,9 @@ class MlflowSink:
             self.client.log_artifact(self.run_id, str(path))
         self.client.set_terminated(self.run_id, "FINISHED")
 
+    def close(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
+
 
 def _wandb_logged_in() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -212,9 +221,14 @@ class WandbSink:
                           **{path.stem: self.wandb.Image(str(path)) for path in artifacts}})
         self.run.finish()
 
+    def close(self, status: str) -> None:
+        if hasattr(self, "run"):  # started
+            self.run.finish(exit_code=0 if status == "FINISHED" else 1)  # W&B shows a non-zero exit as failed
+
 
 class Tracker:
-    """The sinks of one run: `log` takes each metrics.jsonl record, `finish` the summary and the plots."""
+    """The sinks of one run: `log` takes each metrics.jsonl record, `finish` the summary and the plots;
+    `close` ends the runs still open without them."""
 
     def __init__(self, sinks: list):
         self.sinks = sinks
@@ -227,8 +241,46 @@ class Tracker:
 
     def finish(self, summary: dict, artifacts: list[Path]) -> None:
         present = [Path(p) for p in artifacts if Path(p).is_file()]
-        for sink in self.sinks:
-            sink.finish(summary, present)
+        try:
+            while self.sinks:
+                self.sinks[0].finish(summary, present)
+                self.sinks.pop(0)
+        except BaseException:
+            self.close("FAILED")
+            raise
+
+    def close(self, status: str) -> None:
+        """End the runs still open as `status` (FINISHED, FAILED or KILLED) where the tracker keeps one."""
+        while self.sinks:
+            sink = self.sinks.pop()
+            with contextlib.suppress(Exception):  # the error that ended the run is the one to report
+                sink.close(status)
+
+
+# the trackers started inside the innermost `closes_runs` workflow
+_started: ContextVar[list[Tracker] | None] = ContextVar("budgetlm_started_trackers", default=None)
+
+
+def closes_runs(workflow):
+    """Decorate a workflow's `run`: the tracker runs it started and did not finish are closed when it returns
+    or raises, as FAILED (KILLED on Ctrl-C) when it raised; the exception goes on."""
+    @functools.wraps(workflow)
+    def run(*args, **kwargs):
+        started: list[Tracker] = []
+        token = _started.set(started)
+        status = "FAILED"
+        try:
+            result = workflow(*args, **kwargs)
+            status = "FINISHED"
+            return result
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            _started.reset(token)
+            for tracker in started:
+                tracker.close(status)
+    return run
 
 
 def start(report_to: str | None, tracking_uri: str | None, out: Path, params: dict) -> Tracker | None:
@@ -240,17 +292,23 @@ def start(report_to: str | None, tracking_uri: str | None, out: Path, params: di
     own_folder = where is None
     if where is None:
         where = Scope(Path(out), "budgetlm", Path(out).resolve().name)
-    sinks = []
-    for name in names:
-        if name == "tensorboard":
-            sinks.append(TensorBoardSink(where, own_folder))
-        elif name == "mlflow":
-            sinks.append(MlflowSink(where, tracking_uri))
-        else:
-            sinks.append(WandbSink(where))
-    for sink in sinks:
-        sink.start(params)
-    return Tracker(sinks)
+    tracker = Tracker([])
+    try:
+        for name in names:
+            if name == "tensorboard":
+                tracker.sinks.append(TensorBoardSink(where, own_folder))
+            elif name == "mlflow":
+                tracker.sinks.append(MlflowSink(where, tracking_uri))
+            else:
+                tracker.sinks.append(WandbSink(where))
+        for sink in tracker.sinks:
+            sink.start(params)
+    except BaseException:  # e.g. an MLflow server that cannot be reached: the runs opened before it end
+        tracker.close("FAILED")
+        raise
+    if _started.get() is not None:
+        _started.get().append(tracker)
+    return tracker
 
 
 def finish(tracker: Tracker | None, summary: dict, artifacts: list[Path]) -> None:

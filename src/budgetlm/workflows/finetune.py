@@ -181,6 +181,7 @@ def defaults(c: FinetuneConfig, body: torch.nn.Module) -> dict:
     }
 
 
+@tracking.closes_runs  # a run that raises still ends its tracker runs, as failed
 def run(cfg: FinetuneConfig, out: Path, *, quiet: bool = False, prior: tuple[np.ndarray, int] | None = None) -> dict:
     """Train, keep the best weights, report; `prior`: see ClassificationTask (an ensemble's later members)."""
     tracking.require(cfg.report_to)  # a missing tracker package stops the run before anything else

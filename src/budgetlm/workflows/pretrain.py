@@ -44,6 +44,7 @@ from budgetlm.train.signals import GracefulStop
 CALIBRATION_EVALS = 1.5
 
 
+@tracking.closes_runs  # a run that raises still ends its tracker runs, as failed
 def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_startup: bool = False) -> dict:
     """Train, save the best weights and the run's files in `out`; return the summary.
     `on_eval(entry) -> bool` sees each periodic evaluation and may stop the run (see loop.fit).
