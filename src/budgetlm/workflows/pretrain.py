@@ -82,7 +82,7 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
     say(compiling.reason)
     if compiling.compile:
         seconds = compile_language_model(model, compiling.cache, micro_batch, mc.context, runtime.autocast)
-        say(f"  compiled the Transformer block in {seconds:.1f}s")
+        say(f"  compiled the Transformer block and the loss in {seconds:.1f}s")
     trained = model if parallel is None else parallel.wrap(model, t.strategy, precision)
     if parallel is not None:
         parallel.refuse_unsupported(ema=t.ema or 0.0, l1=t.l1)
