@@ -3,8 +3,8 @@
     .venv/bin/python bench/step_profile.py [--shape 4x128] [--vocab 4096] [--micro-batch 8] [--steps 10]
 
 Builds the GPT budgetlm plans at that shape (as pretrain builds it: SwiGLU, the CPU kernels applied, Muon), times
-`--steps` training steps eager and then with the Transformer block compiled (a fresh cache folder, so the compile
-is cold and not counted), and profiles a few steps of each with torch.profiler, splitting the time of the ops
+`--steps` training steps eager and then compiled as pretrain compiles (the Transformer block and the block-wise
+loss's step, train/compile.compile_language_model; a fresh cache folder, so the compile is cold and not counted), and profiles a few steps of each with torch.profiler, splitting the time of the ops
 into matrix products (aten::mm, bmm, addmm, linear's and sdpa's products, and Inductor's calls to them) and the
 rest. Compiling fuses and removes the rest; it does not make a matrix product faster, so eager step time × the
 products' share bounds what compiling can gain: eager ÷ (eager × products' share) is the speed-up if everything
@@ -43,7 +43,7 @@ def build(shape: str, vocab: int, micro_batch: int, precision: str, compiled: bo
     if compiled:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
         seconds = compile_language_model(model, None, micro_batch, config.context, run_autocast)
-        print(f"compiled the block in {seconds:.1f}s (cold)")
+        print(f"compiled the block and the loss in {seconds:.1f}s (cold)")
     optimizer = build_optimizer(model, "muon", lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), device=device,
                                 precision=precision)
     x = torch.randint(0, vocab, (micro_batch, config.context), device=device)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from budgetlm.data.tokens import cache_dir
+from budgetlm.models import loss
 from budgetlm.models.config import ModelConfig
 from budgetlm.models.gpt import GPT
 from budgetlm.models.registry import ARCHS
@@ -80,9 +81,10 @@ def test_measured_compile_times_are_used_at_other_shapes_of_the_device(compiler)
     assert seconds == 3.0 and "other shapes" in source
 
 
-def test_the_regionally_compiled_model_trains_as_the_eager_one_with_one_graph_for_all_layers(compiler):
+def test_the_regionally_compiled_model_trains_as_the_eager_one_with_one_graph_for_all_layers(compiler, monkeypatch):
     from torch._dynamo.utils import counters
 
+    monkeypatch.setattr(loss, "BLOCK_ELEMENTS", 12 * 64)  # the loss's 32 rows in blocks of 12, 12 and 8
     torch.manual_seed(0)
     eager = GPT(config(n_layer=3))
     model = copy.deepcopy(eager)
@@ -91,7 +93,8 @@ def test_the_regionally_compiled_model_trains_as_the_eager_one_with_one_graph_fo
     graphs = counters["stats"]["unique_graphs"]
     seconds = compiling.compile_language_model(model, cache, 2, 16, contextlib.nullcontext)
     assert seconds > 0 and cache.record()["compile_s"]["cold"] == [round(seconds, 2)] and cache.is_warm()
-    assert counters["stats"]["unique_graphs"] == graphs + 1  # one graph, run by each of the 3 blocks
+    # one graph run by each of the 3 blocks, and the loss's step for a block of rows and for the shorter last one
+    assert counters["stats"]["unique_graphs"] == graphs + 3
     assert all(p.grad is None for p in model.parameters())  # the compiling pass leaves no gradients
     x = torch.randint(0, 64, (2, 16))
     for m in (model, eager):
@@ -99,13 +102,18 @@ def test_the_regionally_compiled_model_trains_as_the_eager_one_with_one_graph_fo
     for (name, p), q in zip(model.named_parameters(), eager.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
     assert set(model.state_dict()) == set(eager.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):  # training steps on new batches and weights compile nothing more
+        model(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))).backward()
+        optimizer.step()
+        optimizer.zero_grad()
     with torch.no_grad():  # evaluation and a copy (the moving average's) run eagerly, each with its own weights
         average = copy.deepcopy(model)
         for p in average.parameters():
             p.mul_(0.5)
-        assert torch.allclose(model(x), eager(x), atol=1e-5)
+        assert not torch.allclose(model(x), eager(x), atol=1e-3)  # trained
         assert not torch.allclose(average(x), model(x), atol=1e-3)
-    assert counters["stats"]["unique_graphs"] == graphs + 1
+    assert counters["stats"]["unique_graphs"] == graphs + 3
 
 
 @pytest.mark.parametrize("arch", ["bert", "t5"])
@@ -130,8 +138,8 @@ def test_an_encoder_compiles_on_its_own_objectives_batch_and_trains_as_eager_wit
         batch = task.batch(step, 0)
         counted.add(task.count(batch))
         losses = [task.loss(m, batch) / task.count(batch) for m in (model, eager)]  # per unit, as the loop's
-        for loss in losses:
-            loss.backward()
+        for value in losses:
+            value.backward()
         assert torch.allclose(*losses, rtol=1e-5), step
         for (name, p), q in zip(model.named_parameters(), eager.parameters()):  # (the two drift apart a little)
             assert torch.allclose(p.grad, q.grad, atol=1e-4, rtol=1e-3), (step, name)
@@ -140,3 +148,23 @@ def test_an_encoder_compiles_on_its_own_objectives_batch_and_trains_as_eager_wit
             optimizer.zero_grad(set_to_none=True)
     assert len(counted) > 1 or arch == "t5"
     assert counters["stats"]["unique_graphs"] == graphs + (1 if arch == "bert" else 2)
+
+
+def test_the_compiled_loss_step_gives_the_eager_loss_and_gradients(compiler, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(loss, "BLOCK_ELEMENTS", 7 * 50)  # blocks of 7 rows: the last one shorter
+    torch.manual_seed(0)
+    hidden = torch.randn(24, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (24,))
+    targets[:3] = -100
+    results = []
+    graphs = counters["stats"]["unique_graphs"]
+    for blocks in (loss.block_gradients, compiling.compiled_loss_blocks()):
+        value = loss.linear_cross_entropy(hidden, weight, targets, "mean", 0.1, blocks)
+        results.append((value, *torch.autograd.grad(value, (hidden, weight))))
+    for eager, compiled in zip(*results):
+        assert torch.allclose(compiled, eager, atol=1e-6, rtol=1e-5)
+    assert not results[1][1][:3].any()  # no gradient from ignored rows
+    assert counters["stats"]["unique_graphs"] == graphs + 2  # blocks of 7 rows, and the last of 3

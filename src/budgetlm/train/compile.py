@@ -4,8 +4,10 @@ Regional compilation: only the repeated Transformer block is compiled, once; eve
 same shape in the process) runs the same compiled graph, so a cold compile costs about one layer's (a T5's: two
 graphs, its encoder's block and its decoder's, which reads the encoder's output). The block sees every position of
 the batch whatever the objective, so its shape is the same at every step: a BERT's masked positions, a different
-number in each batch, are gathered after it, by the eager head. Evaluation, decoding and anything run without
-gradients stay eager (a second graph would cost a second compile).
+number in each batch, are gathered after it, by the eager head. A GPT's block-wise training loss (models/loss.py) is
+a second region: its step over a block of rows (the head's products, softmax and gradient) is compiled once for the
+block shape, and once more for a shorter last block. Evaluation, decoding and anything run without gradients stay
+eager (a second graph would cost a second compile).
 
 Inductor's caches (its FX graph cache and AOTAutograd's) live in budgetlm's cache folder, one folder per shape,
 torch version, device and precision, so the second run of a shape on this machine compiles in seconds. Each folder
@@ -14,6 +16,7 @@ and `decide` compiles when the tokens a faster step gains over the budget exceed
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -29,6 +32,7 @@ from torch import nn
 from budgetlm.data.tokens import cache_dir, remember
 from budgetlm.models.blocks import Block
 from budgetlm.models.config import ModelConfig
+from budgetlm.models.loss import BlockGradients, block_gradients
 from budgetlm.train.runtime import can_compile
 
 # What compiling costs and buys where nothing has been measured on this machine yet. Seconds to compile the block
@@ -219,6 +223,21 @@ def compile_blocks(model: nn.Module, cache: CompileCache | None = None) -> int:
     return len(blocks)
 
 
+@functools.cache
+def compiled_loss_blocks() -> BlockGradients:
+    """The block-wise loss's step (models/loss.block_gradients) compiled, one copy for the process: a second
+    torch.compile of it would compile its graphs again."""
+    # dynamic=False: static graphs, one for the run's block of rows and one for a shorter last block if the rows
+    # do not divide evenly (compiled once, as a padded block would cost its padding every step)
+    return torch.compile(block_gradients, dynamic=False)
+
+
+def compile_loss(model: nn.Module) -> None:
+    """Give `model` the compiled step of its block-wise training loss, where it has one (models/gpt.py)."""
+    if hasattr(model, "loss_blocks"):
+        model.loss_blocks = compiled_loss_blocks()
+
+
 def timed_first_step(step: Callable[[], None], cache: CompileCache | None) -> float:
     """Run `step` (a forward and backward on a batch of the training shape, which compiles), record how long it
     took in `cache` (warm or cold), and return the seconds."""
@@ -236,8 +255,10 @@ def compile_training_step(model: nn.Module, cache: CompileCache | None, batch: t
                           autocast: Callable) -> float:
     """Compile `model`'s blocks and compile them now, on a forward and backward of `batch` (one of the training
     shape, on the model's device) through `loss(model, batch)`, the training objective's own (a task's `loss`),
-    its gradients dropped: the compile is timed and recorded apart from training. Returns the seconds."""
+    its gradients dropped: the compile is timed and recorded apart from training. The GPT's loss step is compiled
+    too. Returns the seconds."""
     compile_blocks(model, cache)
+    compile_loss(model)
 
     def step():
         with autocast():
