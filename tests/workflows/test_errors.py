@@ -109,3 +109,12 @@ def test_a_diverging_run_keeps_its_best_weights_and_exits_3(tmp_path, play_text)
     assert "Traceback" not in done.stderr
     assert "non-finite" in done.stderr
     assert (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0])
+def test_generate_refuses_a_temperature_that_is_not_zero_or_a_finite_positive_number(temperature):
+    from budgetlm.errors import UserError
+    from budgetlm.workflows import generate
+
+    with pytest.raises(UserError, match="--temperature"):  # checked before the model folder is read
+        generate.run("no-such-folder", "x", temperature=temperature)

@@ -5,6 +5,7 @@ Only the prompt and its continuation go to stdout, so the output can be piped.""
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -23,8 +24,8 @@ def run(model_dir: str, prompt: str, *, max_new_tokens: int = 200, temperature: 
         precision: str = "auto", out=None, stream: bool = True) -> str:
     if max_new_tokens < 0:
         raise UserError("--max-new-tokens must be 0 or more")
-    if temperature < 0:
-        raise UserError("--temperature must be 0 (greedy) or more")
+    if not 0 <= temperature < math.inf:  # also refuses nan
+        raise UserError(f"--temperature {temperature}: give 0 (greedy) or a finite number above it")
     if top_p is not None and not 0 < top_p <= 1:
         raise UserError("--top-p must be in (0, 1]")
     out = out or sys.stdout  # looked up per call: a default bound at import keeps whatever stdout was then
