@@ -89,7 +89,8 @@ def run(cfg: RunConfig, out: Path, *, quiet: bool = False, on_eval=None, count_s
         # on the objective's own first batch (a BERT's masked, a T5's corrupted): the graphs compiled are those trained
         first = tuple(to_device(x, device) for x in task.batch(0, 0))
         seconds = compile_training_step(model, compiling.cache, first, task.loss, runtime.autocast)
-        say(f"  compiled the Transformer block and the loss in {seconds:.1f}s")
+        regions = "the Transformer block and the loss" if hasattr(model, "loss_blocks") else "the Transformer block"
+        say(f"  compiled {regions} in {seconds:.1f}s")
     trained = model if parallel is None else parallel.wrap(model, t.strategy, precision)
     if parallel is not None:
         parallel.refuse_unsupported(ema=t.ema or 0.0, l1=t.l1)
