@@ -39,6 +39,8 @@ class Regression:
     def count(self, batch):
         return batch[0].shape[0]
 
+    consumed = count
+
     def loss(self, forward, batch):
         x, y, step = batch
         if int(step) in self.oom_steps:

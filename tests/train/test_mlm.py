@@ -43,3 +43,4 @@ def test_the_task_draws_the_same_batch_again_on_resume():
     a, b = make().batch(12, 1), make().batch(12, 1)
     assert all(torch.equal(p, q) for p, q in zip(a, b))
     assert make().count(a) == int((a[1] != -100).sum()) > 0
+    assert make().consumed(a) == 4 * 32  # budgets count the text read, masked or not

@@ -38,6 +38,15 @@ def test_pretraining_writes_its_objective_and_its_own_validation_figure(runs, ar
     evals = [e for e in evals if e["kind"] == "eval"]
     assert s["val_loss"] == s["best_val_loss"] < evals[0]["val_loss"] - 0.5
     assert "val_bpb" not in evals[-1]
+
+
+@pytest.mark.parametrize("arch", ["bert", "t5"])
+def test_tokens_seen_and_flops_count_the_text_read_not_only_the_tokens_that_carry_a_loss(runs, arch):
+    s = json.loads((runs / arch / "summary.json").read_text())
+    batch = json.loads((runs / arch / "plan.json").read_text())["training"]["batch_tokens"]
+    assert s["tokens_seen"] == s["steps"] * batch  # whole windows of 48; a BERT masks a quarter, a T5 drops 15%
+    assert s["flops"] == pytest.approx(s["tokens_seen"] * s["flops_per_token"])
+    assert s["model_flops_per_s"] == pytest.approx(s["tokens_per_s"] * s["flops_per_token"], rel=1e-3)
     tokenizer = json.loads((runs / arch / "tokenizer.json").read_text())
     specials = {t["content"] for t in tokenizer["added_tokens"]}
     assert ({"[MASK]", "[CLS]", "[SEP]", "[PAD]"} if arch == "bert" else {"[PAD]", "<extra_id_0>", "<extra_id_99>"}) <= specials

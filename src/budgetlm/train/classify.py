@@ -215,6 +215,8 @@ class ClassificationTask:
     def count(self, batch: tuple[torch.Tensor, ...]) -> int:
         return len(batch[2])
 
+    consumed = count  # every example carries a loss
+
     def loss(self, forward: Callable, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         ids, mask, labels = batch
         if not self.lm_weight:

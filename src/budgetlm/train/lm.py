@@ -97,6 +97,12 @@ class WindowBatches:
     sampler: WindowSampler
     _eval_micro_batch: int
 
+    context: int
+
+    def consumed(self, batch) -> int:
+        """Tokens of text read: whole windows, whatever share of them carries a loss."""
+        return len(batch[0]) * self.context
+
     def halve_micro_batch(self) -> bool:
         if self.micro_batch < 2:
             return False

@@ -34,10 +34,13 @@ MAX_ROLLBACKS = 3
 
 
 class Task(Protocol):
-    unit: str  # what `count` counts: "tokens" or "examples"
+    unit: str  # what `consumed` counts: "tokens" or "examples"
 
     def batch(self, step: int, micro: int) -> tuple[torch.Tensor, ...]: ...
-    def count(self, batch: tuple[torch.Tensor, ...]) -> int: ...
+    def count(self, batch: tuple[torch.Tensor, ...]) -> int:
+        """The batch's units that carry a loss (a BERT's masked tokens, a T5's targets): what the loss is divided by."""
+    def consumed(self, batch: tuple[torch.Tensor, ...]) -> int:
+        """The units of data the batch read (tokens of text, examples): what budgets, rates and epochs count."""
     def loss(self, forward: Callable, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Summed (not averaged) loss over the batch's `count` units."""
     def evaluate(self, forward: Callable, max_batches: int | None) -> dict[str, float]:
@@ -73,7 +76,7 @@ class FitConfig:
 class LoopState:
     """The loop's own state, JSON-able so that a checkpoint can carry it."""
     step: int = 0
-    seen: int = 0                      # training units (tokens or examples)
+    seen: int = 0                      # training data read (tokens of text or examples)
     micro_steps: int = 0               # micro-batches per step (doubled after running out of memory)
     train_s: float = 0.0               # time in training steps (evaluation and saving excluded)
     steady_seen: int = 0               # units and time after the warm-up steps of each session
@@ -143,7 +146,8 @@ class FitResult:
 class StepOutcome:
     """One optimizer step's summed loss and gradient norm, left on the device until `read`: reading
     waits for the step to finish, so the loop reads a step only after queueing the next."""
-    units: int
+    units: int                           # that carry a loss
+    consumed: int                        # of data read
     loss: torch.Tensor
     grad_norm: torch.Tensor | None       # None under the fp16 scaler, whose own skips are no faults
     step: int = 0                        # the loop's count after this step, and what it logs with it
@@ -387,7 +391,7 @@ class Trainer:
                 self.log.message(f"warning: out of memory; retrying with micro-batch {self.task.micro_batch} × "
                                  f"{st.micro_steps}")
         st.step += 1
-        st.seen += outcome.units
+        st.seen += outcome.consumed
         outcome.step, outcome.seen, outcome.progress, outcome.lr = st.step, st.seen, progress, lr
         if self.averaged is not None and st.step % self.cfg.ema_every == 0:
             self.averaged.update_parameters(self.model)  # a skipped step left the weights as they were
@@ -398,7 +402,7 @@ class Trainer:
         st.train_s += duration
         self.session_steps += 1
         if self.session_steps > WARMUP_STEPS:
-            st.steady_seen += outcome.units
+            st.steady_seen += outcome.consumed
             st.steady_s += duration
         warm = st.step_s is not None and self.session_steps > WARMUP_STEPS
         st.step_s = 0.8 * st.step_s + 0.2 * duration if warm else duration
@@ -602,6 +606,7 @@ def _train_step(model, forward, task, optimizer, cfg: FitConfig, runtime: Runtim
     batches = [task.batch(step, m) for m in range(micro_steps)]
     world = parallel.world if parallel is not None else 1
     units = sum(task.count(b) for b in batches) * world
+    consumed = sum(task.consumed(b) for b in batches) * world
     step_loss = torch.zeros((), device=runtime.device)
     if cfg.l1 > 0:
         # added once per step, so its weight does not depend on the number of micro-batches
@@ -635,7 +640,7 @@ def _train_step(model, forward, task, optimizer, cfg: FitConfig, runtime: Runtim
     elif math.isfinite(float(step_loss)) and math.isfinite(float(grad_norm)):  # the others decide on the host
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(units, step_loss, grad_norm)
+    return StepOutcome(units, consumed, step_loss, grad_norm)
 
 
 def decides_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> bool:

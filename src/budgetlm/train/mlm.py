@@ -49,7 +49,7 @@ EVAL_SEED = 1234  # validation masks: fixed, the same at every evaluation of eve
 
 
 class MaskedLMTask(WindowBatches):
-    unit = "tokens"  # the masked tokens, the ones that carry a loss
+    unit = "tokens"  # of text read; `count`: the masked ones, which carry the loss
 
     def __init__(self, train_tokens: np.ndarray, val_tokens: np.ndarray, context: int, micro_batch: int,
                  device: torch.device, *, mask_rate: float, mask_id: int, random_below: int,

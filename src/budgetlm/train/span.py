@@ -62,7 +62,7 @@ EVAL_SEED = 1234
 
 
 class SpanCorruptionTask(WindowBatches):
-    unit = "tokens"  # the decoder's target tokens, the ones that carry a loss
+    unit = "tokens"  # of text read; `count`: the decoder's targets, which carry the loss
 
     def __init__(self, train_tokens: np.ndarray, val_tokens: np.ndarray, context: int, micro_batch: int,
                  device: torch.device, *, sentinels: np.ndarray, start_id: int, seed: int = 0,
