@@ -94,6 +94,7 @@ def test_finetune_starts_from_a_pretrained_encoder(runs, tmp_path, arch):
                          max_steps=25, threads=1, members=1, lr=3e-3)
     summary = finetune.run(cfg, tmp_path / "ft", quiet=True)
     assert summary["body"] == arch and summary["best_val_accuracy"] >= 0.8
+    assert summary["settings"]["ema"] == finetune.EMA_DECAY  # a budgetlm encoder averages its weights, as a GPT does
     # the saved classifier rebuilds (the encoder alone for a T5) and predicts as it was scored, padding and all
     predict.run(tmp_path / "ft", data=dev, out=tmp_path / "preds.jsonl")
     preds = [json.loads(line)["label"] for line in (tmp_path / "preds.jsonl").read_text().splitlines()]

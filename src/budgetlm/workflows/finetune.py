@@ -174,9 +174,10 @@ def defaults(c: FinetuneConfig, body: torch.nn.Module) -> dict:
         "weight_decay": c.weight_decay if c.weight_decay is not None else (0.0 if lstm else 0.01),
         "pooling": c.pooling or ("last" if lstm else "mean"),
         "dropout": c.dropout if c.dropout is not None else (0.5 if lstm else 0.1),
-        # a GPT body: the average of the last ~1,000 steps led its raw weights at every evaluation on SST-2; MiniLM
-        # gained nothing from it (and, updated every step then, lost 18% of its speed; docs/finetune.md)
-        "ema": c.ema if c.ema is not None else (EMA_DECAY if body.kind == "gpt" else 0.0),
+        # a budgetlm body: the average of the last ~1,000 steps led a GPT's raw weights at every evaluation on SST-2
+        # (a BERT's: see docs/architectures.md); MiniLM gained nothing from it (and, updated every step then, lost
+        # 18% of its speed; docs/finetune.md)
+        "ema": c.ema if c.ema is not None else (EMA_DECAY if body.kind in ("gpt", "bert", "t5") else 0.0),
         "lm_weight": c.lm_weight or 0.0,
     }
 
