@@ -80,6 +80,22 @@ def test_cpu_dropout_follows_the_seed_keeps_dtype_and_shape_and_is_identity_in_e
     assert torch.equal(FastCPUDropout(1.0).train()(x), torch.zeros_like(x))
 
 
+def test_cpu_dropout_inside_a_compiled_graph_draws_its_own_mask_by_the_seed():
+    drop = FastCPUDropout(0.1).train()
+    compiled = torch.compile(lambda x: drop(x) * 2, dynamic=False)
+    x = torch.ones(40_000, requires_grad=True)
+    torch.manual_seed(3)
+    y = compiled(x)
+    torch.manual_seed(3)
+    assert torch.equal(compiled(x), y)  # the mask follows the seed, as eager's does
+    torch.manual_seed(3)
+    assert torch.equal(drop(x) * 2, y)  # and is the eager mask: the op runs as it is inside the graph
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.006
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept)
+
+
 
 
 def test_kernels_are_applied_from_outside_and_only_on_a_cpu():

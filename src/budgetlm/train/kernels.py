@@ -37,22 +37,34 @@ def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     return probs.to(v.dtype) @ v
 
 
+@torch.library.custom_op("budgetlm::keep_lanes", mutates_args=())
+def keep_lanes(x: torch.Tensor, threshold: int) -> torch.Tensor:
+    """Which elements of `x` dropout keeps: 64 random bits cut into four 16-bit lanes, each kept where it reads
+    at least `threshold` of 65536. An opaque op, so a compiled graph calls it as it is: Inductor's own
+    per-element draw made a compiled dropout 2.6x slower (docs/performance.md)."""
+    words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64, device=x.device)
+    return words.view(torch.int16)[: x.numel()].view(x.shape) >= threshold - 32768
+
+
+@keep_lanes.register_fake
+def _keep_lanes_shape(x: torch.Tensor, threshold: int) -> torch.Tensor:
+    return torch.empty(x.shape, dtype=torch.bool, device=x.device)
+
+
 class FastCPUDropout(nn.Dropout):
-    """nn.Dropout with a mask drawn four elements at a time on a CPU in eager mode.
+    """nn.Dropout with a mask drawn four elements at a time on a CPU, eager or compiled.
 
     PyTorch's CPU dropout draws one random number per element (bernoulli_, about 8 ns each here: 14 ms of a
     130 ms training step of a 4×128 GPT); this draws 64 random bits and cuts them into four 16-bit lanes, each
     compared with the rate, so the rate is rounded to a multiple of 1/65536 and the kept values are scaled
     by that rate's 1/(1-p). About half the time of F.dropout, forward and backward (docs/performance.md).
-    Elsewhere (GPU, torch.compile, which draws its own masks inside fused kernels) it is nn.Dropout."""
+    On a GPU it is nn.Dropout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not self.training or not 0 < self.p < 1 or x.device.type != "cpu" or self.inplace
-                or torch.compiler.is_compiling()):
+        if not self.training or not 0 < self.p < 1 or x.device.type != "cpu" or self.inplace:
             return super().forward(x)
         threshold = round(self.p * 65536)  # drop a lane when its 16 bits, read as 0..65535, fall below this
-        words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64, device=x.device)
-        keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= threshold - 32768
+        keep = keep_lanes(x.detach(), threshold)
         return x * keep.to(x.dtype).mul_(1 / (1 - threshold / 65536))
 
 
@@ -65,8 +77,7 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: 
 
 
 def apply_kernels(model: nn.Module, device: torch.device) -> nn.Module:
-    """Give `model` the kernels that run fastest on `device`; a no-op off the CPU. Inside a compiled block
-    (train/compile.py) the dropout is PyTorch's: Inductor draws its masks inside fused kernels."""
+    """Give `model` the kernels that run fastest on `device`; a no-op off the CPU."""
     if device.type != "cpu":
         return model
     for module in list(model.modules()):
