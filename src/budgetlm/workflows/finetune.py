@@ -72,6 +72,7 @@ PRETRAINED_EPOCHS = 3.0
 MIN_PRETRAINED_STEPS = 500
 EMA_DECAY = 0.999
 MONITORS = ("val_accuracy", "val_macro_f1", "val_loss")
+PRETRAINED_ARCHS = ("gpt", "bert", "t5")  # the budgetlm pretrain folders a body is built from
 WORD_VOCAB = 20000
 
 
@@ -120,7 +121,7 @@ def build_body(c: FinetuneConfig, train_texts: list[str]) -> tuple[torch.nn.Modu
         raise UserError(f"--model {source}: no such folder; give a budgetlm pretrain folder, hf:PATH for a Hugging "
                         "Face encoder, or scratch")
     arch = read_config(folder).get("arch")
-    if arch not in ("gpt", "bert", "t5"):
+    if arch not in PRETRAINED_ARCHS:
         raise UserError(f"--model {source}: finetune starts from a pretrained GPT, BERT or T5 (config.json arch "
                         f"'gpt', 'bert' or 't5'), not arch {arch!r}")
     pretrained, _, tok = load_model(folder)
@@ -177,7 +178,7 @@ def defaults(c: FinetuneConfig, body: torch.nn.Module) -> dict:
         # a budgetlm body: the average of the last ~1,000 steps led a GPT's raw weights at every evaluation on SST-2
         # (a BERT's: see docs/architectures.md); MiniLM gained nothing from it (and, updated every step then, lost
         # 18% of its speed; docs/finetune.md)
-        "ema": c.ema if c.ema is not None else (EMA_DECAY if body.kind in ("gpt", "bert", "t5") else 0.0),
+        "ema": c.ema if c.ema is not None else (EMA_DECAY if body.kind in PRETRAINED_ARCHS else 0.0),
         "lm_weight": c.lm_weight or 0.0,
     }
 
